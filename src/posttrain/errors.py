@@ -1,0 +1,66 @@
+"""The one user-facing error type.
+
+Anything the user can fix (a config value, a missing file) raises `PosttrainError` with a
+one-paragraph message that names the offending key or file and says what would be valid.
+Entry points catch it once and print the paragraph without a traceback; every other
+exception is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class PosttrainError(Exception):
+    """A problem with the user's input, explained in one paragraph."""
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise `PosttrainError(message)` unless `condition` holds."""
+    if not condition:
+        raise PosttrainError(message)
+
+
+def require_positive(key: str, value: float | int | None, *, allow_none: bool = False) -> None:
+    """Check that a size/count config value is > 0, naming the key when it is not."""
+    if value is None and allow_none:
+        return
+    require(
+        isinstance(value, int | float) and not isinstance(value, bool) and value > 0,
+        f"Config key `{key}` must be a positive number, got {value!r}.",
+    )
+
+
+def require_fraction(key: str, value: float) -> None:
+    """Check that a split fraction lies in [0, 1)."""
+    require(
+        isinstance(value, int | float) and 0 <= value < 1,
+        f"Config key `{key}` must be a fraction in [0, 1), got {value!r}.",
+    )
+
+
+def require_choice(key: str, value: object, choices: Iterable[object]) -> None:
+    """Check that `value` is one of `choices`, listing them when it is not."""
+    options = list(choices)
+    require(
+        value in options,
+        f"Config key `{key}` is {value!r}; valid values: {', '.join(map(str, options))}.",
+    )
+
+
+def require_known_options(function: object, options: dict[str, object], key: str) -> None:
+    """Check `options` against `function`'s keyword parameters before calling it.
+
+    A typo such as `model.widht=64` then names the key and the valid spellings instead of
+    surfacing as a TypeError from deep inside a constructor.
+    """
+    import inspect
+
+    parameters = inspect.signature(function).parameters  # type: ignore[arg-type]
+    accepted = [n for n, p in parameters.items() if p.kind is not p.VAR_POSITIONAL]
+    unknown = sorted(set(options) - set(accepted))
+    require(
+        not unknown,
+        f"Config key `{key}` has unknown option(s) {', '.join(unknown)}; "
+        f"valid: {', '.join(accepted)}.",
+    )

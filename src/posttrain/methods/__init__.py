@@ -1,0 +1,1 @@
+"""Methods: one LightningModule per family, sharing optimizer, schedule and metric helpers."""

@@ -1,0 +1,93 @@
+"""Classification metrics shared by every method: one torchmetrics collection per split."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassCalibrationError,
+    MulticlassConfusionMatrix,
+    MulticlassF1Score,
+)
+
+SPLITS = ("train", "val", "test")
+
+
+def classification_metrics(num_classes: int, prefix: str) -> MetricCollection:
+    """Top-1 accuracy, macro-F1 and expected calibration error, named `<split>/<metric>`."""
+    return MetricCollection(
+        {
+            "acc": MulticlassAccuracy(num_classes, average="micro"),
+            "f1_macro": MulticlassF1Score(num_classes, average="macro"),
+            "ece": MulticlassCalibrationError(num_classes, n_bins=15),
+        },
+        prefix=prefix,
+    )
+
+
+class SplitMetrics(nn.Module):
+    """Metric collections for train/val/test plus the test confusion matrix."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.by_split = nn.ModuleDict(
+            # `train` would clash with nn.Module.train, hence the suffix.
+            {f"{split}_metrics": classification_metrics(num_classes, f"{split}/") for split in SPLITS}
+        )
+        self.confusion = MulticlassConfusionMatrix(num_classes)
+
+    def update(self, split: str, logits: Tensor, targets: Tensor) -> None:
+        probabilities = logits.detach().float().softmax(dim=-1)
+        self.by_split[f"{split}_metrics"].update(probabilities, targets)
+        if split == "test":
+            self.confusion.update(probabilities, targets)
+
+    def compute_and_reset(self, split: str) -> dict[str, Tensor]:
+        collection = self.by_split[f"{split}_metrics"]
+        values = collection.compute()
+        collection.reset()
+        return values
+
+
+def confusion_figure(matrix: Tensor, class_names: list[str] | None = None) -> Any:
+    """A matplotlib figure of a row-normalized confusion matrix, counts written in the cells."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts = matrix.cpu()
+    rates = counts / counts.sum(dim=1, keepdim=True).clamp_min(1)
+    size = len(counts)
+    names = class_names if class_names and len(class_names) == size else list(map(str, range(size)))
+    figure, axes = plt.subplots(figsize=(2 + 0.5 * size, 2 + 0.5 * size))
+    axes.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
+    if size <= 30:
+        for row in range(size):
+            for col in range(size):
+                color = "white" if rates[row, col] > 0.5 else "black"
+                value = int(counts[row, col])
+                axes.text(col, row, value, ha="center", va="center", fontsize=7, color=color)
+        axes.set_xticks(range(size), names, rotation=90, fontsize=7)
+        axes.set_yticks(range(size), names, fontsize=7)
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("true")
+    figure.tight_layout()
+    return figure
+
+
+def to_floats(values: dict[str, Any]) -> dict[str, float]:
+    """Plain floats of scalar tensors/numbers, for metrics.json and TensorBoard hparams."""
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, Tensor) and value.numel() == 1:
+            out[key] = float(value.item())
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            out[key] = float(value)
+    return out
+
+
+__all__ = ["SplitMetrics", "classification_metrics", "confusion_figure", "to_floats"]

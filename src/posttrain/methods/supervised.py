@@ -1,0 +1,97 @@
+"""Supervised classification: training from scratch, and the base of fine-tuning.
+
+The loop reads top to bottom: a shared step computes logits and loss, metrics accumulate
+per split, and epoch hooks log them together with `val/acc_best` (the default sweep
+objective) and `val/acc_gap` (train minus val accuracy: the over-fitting signal).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+from torch import Tensor, nn
+from torchmetrics import MaxMetric
+
+from posttrain.methods.metrics import SplitMetrics, confusion_figure
+from posttrain.methods.optim import build_optimizer, build_scheduler, schedule_lengths
+
+
+class SupervisedClassifier(L.LightningModule):
+    """Cross-entropy classification of any `ImageClassifier` with configurable optimization."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: dict[str, Any],
+        scheduler: dict[str, Any],
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["model"])
+        self.model = model
+        self.criterion = nn.CrossEntropyLoss()
+        self.metrics = SplitMetrics(num_classes=model.head.out_features)
+        self.val_acc_best = MaxMetric()
+        self.last_val_acc: float | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
+    def shared_step(self, batch: tuple[Tensor, Tensor], split: str) -> Tensor:
+        images, targets = batch
+        logits = self(images)
+        loss = self.criterion(logits, targets)
+        self.metrics.update(split, logits, targets)
+        on_step = split == "train"
+        self.log(f"{split}/loss", loss, on_step=on_step, on_epoch=True, sync_dist=True)
+        return loss
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self.shared_step(batch, "train")
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self.shared_step(batch, "val")
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self.shared_step(batch, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        values = self.metrics.compute_and_reset("val")
+        if self.trainer.sanity_checking:
+            return
+        self.val_acc_best.update(values["val/acc"])
+        values["val/acc_best"] = self.val_acc_best.compute()
+        self.last_val_acc = float(values["val/acc"])
+        self.log_dict(values, prog_bar=True)
+
+    def on_train_epoch_end(self) -> None:
+        values = self.metrics.compute_and_reset("train")
+        if self.last_val_acc is not None:
+            values["val/acc_gap"] = values["train/acc"] - self.last_val_acc
+        self.log_dict(values)
+
+    def on_test_epoch_end(self) -> None:
+        self.log_dict(self.metrics.compute_and_reset("test"))
+        matrix = self.metrics.confusion.compute()
+        self.metrics.confusion.reset()
+        self.log_confusion_matrix(matrix)
+
+    def log_confusion_matrix(self, matrix: Tensor) -> None:
+        """Add the test confusion matrix as an image to every TensorBoard logger."""
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        if self.trainer.is_global_zero:
+            names = getattr(self.trainer.datamodule, "class_names", None)
+            for logger in self.loggers:
+                if isinstance(logger, TensorBoardLogger):
+                    figure = confusion_figure(matrix, names)
+                    logger.experiment.add_figure("test/confusion_matrix", figure, self.global_step)
+
+    def configure_optimizers(self) -> Any:
+        optimizer = build_optimizer(self.named_parameters(), self.hparams.optimizer)
+        total_steps, steps_per_epoch = schedule_lengths(self.trainer)
+        scheduler = build_scheduler(optimizer, self.hparams.scheduler, total_steps, steps_per_epoch)
+        if scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+

@@ -1,0 +1,96 @@
+"""Backbones as `(feature_extractor, feature_dim)` pairs, built by name.
+
+Every model posttrain trains is `ImageClassifier(features, head)`: the head is a plain
+`nn.Linear` sized to the task, so replacing it (fine-tuning) or putting dropout in front of
+it (regularization) works the same for every backbone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+from torch import Tensor, nn
+
+from posttrain.errors import require_choice, require_known_options, require_positive
+
+
+def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
+    """3x3 conv -> BatchNorm -> ReLU: the unit every small backbone here stacks."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+def small_cnn(in_channels: int, width: int = 32) -> tuple[nn.Module, int]:
+    """A 5-conv VGG-style net with global pooling: any input size >= 4 pixels, trains in seconds."""
+    require_positive("model.width", width)
+    features = nn.Sequential(
+        conv_block(in_channels, width),
+        conv_block(width, width),
+        nn.MaxPool2d(2),
+        conv_block(width, 2 * width),
+        conv_block(2 * width, 2 * width),
+        nn.MaxPool2d(2),
+        conv_block(2 * width, 4 * width),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+    )
+    return features, 4 * width
+
+
+TORCHVISION_RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+
+
+def torchvision_resnet(
+    arch: str, in_channels: int, small_input: bool = False
+) -> tuple[nn.Module, int]:
+    """A torchvision ResNet without its `fc`, its stem adapted to the data.
+
+    `in_channels != 3` (e.g. grayscale digits) gets a fresh first conv of the right width;
+    `small_input=True` swaps the 7x7/stride-2 stem and max-pool for a 3x3/stride-1 conv, the
+    usual choice for 32x32 inputs.
+    """
+    from torchvision import models
+
+    network = models.get_model(arch, weights=None)
+    if small_input:
+        network.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
+        network.maxpool = nn.Identity()
+    elif in_channels != 3:
+        network.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
+    feature_dim = network.fc.in_features
+    network.fc = nn.Identity()
+    return network, feature_dim
+
+
+BACKBONES: dict[str, Callable[..., tuple[nn.Module, int]]] = {
+    "small_cnn": small_cnn,
+    **{arch: partial(torchvision_resnet, arch) for arch in TORCHVISION_RESNETS},
+}
+
+
+class ImageClassifier(nn.Module):
+    """features -> optional dropout -> linear head."""
+
+    def __init__(self, features: nn.Module, feature_dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.features = features
+        self.feature_dim = feature_dim
+        self.head = nn.Linear(feature_dim, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
+
+
+def build_classifier(
+    arch: str, num_classes: int, in_channels: int, **backbone_options: object
+) -> ImageClassifier:
+    """The model factory every config in `conf/model/` points at."""
+    require_choice("model.arch", arch, BACKBONES)
+    factory = BACKBONES[arch]
+    require_known_options(factory, {"in_channels": in_channels, **backbone_options}, "model")
+    features, feature_dim = factory(in_channels, **backbone_options)
+    return ImageClassifier(features, feature_dim, num_classes)
