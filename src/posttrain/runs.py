@@ -99,6 +99,17 @@ class ConfigInCheckpoint(Callback):
         checkpoint[CONFIG_KEY] = self.config
 
 
+def build_components(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule]:
+    """DataModule and method from `cfg.data`, `cfg.model`, `cfg.method`; the model is sized to
+    the data (classes, input channels) here, so no config has to repeat those numbers."""
+    datamodule = instantiate(cfg.data)
+    model = instantiate(
+        cfg.model, num_classes=datamodule.num_classes, in_channels=datamodule.in_channels
+    )
+    method = instantiate(cfg.method, model=model, _convert_="all")
+    return datamodule, method
+
+
 def build_trainer(cfg: DictConfig, extra_callbacks: list[Callback]) -> L.Trainer:
     """The Trainer from `cfg.trainer` with `cfg.callbacks` and `cfg.logger` attached."""
     loggers = instantiate_named(cfg.get("logger"))
@@ -148,3 +159,22 @@ def print_summary(output_dir: Path, metrics: dict[str, float], log_root: str) ->
 
 def resolved_config(cfg: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def epoch_metrics(values: dict[str, Any]) -> dict[str, float]:
+    """Scalar metrics as floats, without Lightning's per-step duplicates (`*_step`)."""
+    from posttrain.methods.metrics import to_floats
+
+    return {k: v for k, v in to_floats(values).items() if not k.endswith("_step")}
+
+
+def record_run(
+    trainer: L.Trainer, cfg: DictConfig, config: dict[str, Any], metrics: dict[str, float]
+) -> None:
+    """metrics.json, TensorBoard hparams with the final metrics, and the printed summary."""
+    if not trainer.is_global_zero:
+        return
+    output_dir = Path(cfg.paths.output_dir)
+    write_json(output_dir / "metrics.json", {"status": "completed", **metrics})
+    log_hparams(trainer, config, metrics)
+    print_summary(output_dir, metrics, cfg.paths.log_dir)

@@ -17,42 +17,31 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train, test the best checkpoint, write metrics.json; returns the flat metrics."""
     import lightning as L
-    from hydra.utils import instantiate
 
     from posttrain.checkpoints import load_checkpoint
-    from posttrain.methods.metrics import to_floats
     from posttrain.runs import (
         ConfigInCheckpoint,
+        build_components,
         build_trainer,
-        log_hparams,
-        print_summary,
+        epoch_metrics,
+        record_run,
         resolved_config,
-        write_json,
     )
 
     L.seed_everything(cfg.seed, workers=True)
     if cfg.get("ckpt_path"):
         load_checkpoint(cfg.ckpt_path, key="ckpt_path")  # fail before any work is done
     config = resolved_config(cfg)
-    datamodule = instantiate(cfg.data)
-    model = instantiate(
-        cfg.model, num_classes=datamodule.num_classes, in_channels=datamodule.in_channels
-    )
-    method = instantiate(cfg.method, model=model, _convert_="all")
+    datamodule, method = build_components(cfg)
     trainer = build_trainer(cfg, extra_callbacks=[ConfigInCheckpoint(config)])
 
     trainer.fit(method, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    metrics = to_floats(trainer.callback_metrics)
+    metrics = epoch_metrics(trainer.callback_metrics)
     best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
     for result in trainer.test(method, datamodule=datamodule, ckpt_path=best):
-        metrics.update(to_floats(result))
+        metrics.update(epoch_metrics(result))
     metrics.update({"epoch": float(trainer.current_epoch), "global_step": float(trainer.global_step)})
-
-    output_dir = Path(cfg.paths.output_dir)
-    if trainer.is_global_zero:
-        write_json(output_dir / "metrics.json", {"status": "completed", **metrics})
-        log_hparams(trainer, config, metrics)
-        print_summary(output_dir, metrics, cfg.paths.log_dir)
+    record_run(trainer, cfg, config, metrics)
     return metrics
 
 

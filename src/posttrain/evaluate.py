@@ -1,0 +1,52 @@
+"""Evaluate a checkpoint on its test split: `python eval.py ckpt_path=<run>/checkpoints/best.ckpt`.
+
+The data, model and method are rebuilt from the config the training run stored in the
+checkpoint, so evaluation needs nothing but the file; trainer/logger/paths come from
+`conf/eval.yaml` (e.g. run it on another device).
+"""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from posttrain.train import CONFIG_DIR
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    """Test the checkpoint; writes metrics.json in the eval run folder."""
+    import lightning as L
+    from omegaconf import OmegaConf
+
+    from posttrain.checkpoints import load_checkpoint, stored_config
+    from posttrain.runs import (
+        build_components,
+        build_trainer,
+        epoch_metrics,
+        record_run,
+        resolved_config,
+    )
+
+    L.seed_everything(cfg.seed, workers=True)
+    checkpoint = load_checkpoint(cfg.ckpt_path, key="ckpt_path")
+    trained = OmegaConf.create(stored_config(checkpoint, cfg.ckpt_path, key="ckpt_path"))
+    datamodule, method = build_components(trained)
+    trainer = build_trainer(cfg, extra_callbacks=[])
+    metrics: dict[str, float] = {}
+    for result in trainer.test(method, datamodule=datamodule, ckpt_path=cfg.ckpt_path):
+        metrics.update(epoch_metrics(result))
+    config = {**resolved_config(cfg), "trained": OmegaConf.to_container(trained)}
+    record_run(trainer, cfg, config, metrics)
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
+def main(cfg: DictConfig) -> float | None:
+    """`python eval.py ckpt_path=...`"""
+    from posttrain.runs import guarded
+
+    return guarded(evaluate, cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""Shared test helpers: compose the real configs, run the real CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+
+def compose_config(
+    output_dir: Path, overrides: list[str] | tuple[str, ...] = (), name: str = "train"
+) -> DictConfig:
+    """The composed project config, as `python train.py <overrides>` would see it."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose(name, overrides=list(overrides), return_hydra_config=True)
+    HydraConfig().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+        cfg.paths.log_dir = str(output_dir)
+        cfg.paths.data_dir = str(output_dir / "data")
+        del cfg["hydra"]
+    return cfg
+
+
+@pytest.fixture
+def make_config(tmp_path: Path):
+    def make(*overrides: str, name: str = "train") -> DictConfig:
+        return compose_config(tmp_path / "run", overrides, name)
+
+    return make
+
+
+def run_cli(script: str, *args: str, cwd: Path | None = None, timeout: int = 300):
+    """Run `python <script> <args>` from the repository root, as a user would."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *args],
+        cwd=cwd or ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

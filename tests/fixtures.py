@@ -1,0 +1,66 @@
+"""Small datasets in the real on-disk formats, generated so the loaders are tested offline."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def write_cifar(root: Path, classes: int = 10, train_per_batch: int = 20, test: int = 20) -> Path:
+    """A miniature CIFAR-10/100 folder in the original python-pickle batch format."""
+    rng = np.random.default_rng(0)
+
+    def batch(count: int, label_key: str) -> dict:
+        labels = [int(i % classes) for i in range(count)]
+        data = rng.integers(0, 256, size=(count, 3 * 32 * 32), dtype=np.uint8)
+        return {"batch_label": "fixture", label_key: labels, "data": data}
+
+    def dump(path: Path, payload: dict) -> None:
+        with path.open("wb") as handle:
+            pickle.dump(payload, handle, protocol=2)
+
+    if classes == 10:
+        folder = root / "cifar-10-batches-py"
+        folder.mkdir(parents=True)
+        for index in range(1, 6):
+            dump(folder / f"data_batch_{index}", batch(train_per_batch, "labels"))
+        dump(folder / "test_batch", batch(test, "labels"))
+        dump(folder / "batches.meta", {"label_names": [f"name{i}" for i in range(10)]})
+    else:
+        folder = root / "cifar-100-python"
+        folder.mkdir(parents=True)
+        dump(folder / "train", batch(train_per_batch * 5, "fine_labels"))
+        dump(folder / "test", batch(test, "fine_labels"))
+        dump(folder / "meta", {"fine_label_names": [f"name{i}" for i in range(classes)]})
+    return folder
+
+
+def write_image_folder(root: Path, classes: int = 3, per_class: int = 8, size: int = 20) -> Path:
+    """root/<class>/<n>.png with a distinct colour per class, as a user would lay it out."""
+    rng = np.random.default_rng(0)
+    for label in range(classes):
+        folder = root / f"class_{label}"
+        folder.mkdir(parents=True)
+        for index in range(per_class):
+            pixels = np.full((size, size, 3), 60 * label, dtype=np.uint8)
+            pixels += rng.integers(0, 40, size=pixels.shape, dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / f"{index}.png")
+    return root
+
+
+class RunsCode:
+    """A pickle that would run code when loaded without `weights_only`."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("echo pwned",))
+
+
+def write_malicious_pickle(path: Path) -> Path:
+    with path.open("wb") as handle:
+        pickle.dump({"data": RunsCode()}, handle)
+    return path

@@ -1,0 +1,65 @@
+"""Fast runs of the real composed configs through `posttrain.train.train`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from posttrain.models import build_classifier
+from posttrain.train import train
+from tests.fixtures import write_cifar, write_image_folder
+
+FAST = ["trainer.fast_dev_run=true", "trainer.accelerator=cpu", "trainer.devices=1"]
+
+
+def data_overrides(data: str, tmp_path: Path) -> list[str]:
+    """Overrides that point each data option at a small offline dataset."""
+    if data == "cifar10":
+        write_cifar(tmp_path / "cifar")
+        return ["data=cifar10", f"data.root={tmp_path / 'cifar'}", "data.download=false"]
+    if data == "imagefolder":
+        write_image_folder(tmp_path / "images", classes=3, per_class=10)
+        return ["data=imagefolder", f"data.root={tmp_path / 'images'}", "data.options.size=32"]
+    if data == "fake":
+        return ["data=fake", "data.options.num_samples=64", "data.options.size=16"]
+    return ["data=digits"]
+
+
+@pytest.mark.parametrize("model", ["small_cnn", "resnet18", "resnet50"])
+@pytest.mark.parametrize("data", ["digits", "fake", "cifar10", "imagefolder"])
+def test_fast_dev_run_every_model_and_data(make_config, tmp_path: Path, model: str, data: str):
+    cfg = make_config(*FAST, f"model={model}", *data_overrides(data, tmp_path), "data.batch_size=4")
+    metrics = train(cfg)
+    assert 0.0 <= metrics["test/acc"] <= 1.0
+    assert torch.isfinite(torch.tensor(metrics["test/loss"]))
+    written = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
+    assert written["status"] == "completed" and written["test/acc"] == metrics["test/acc"]
+
+
+@pytest.mark.parametrize("arch", ["small_cnn", "resnet18"])
+def test_grayscale_input_and_head_size_adapt(arch: str) -> None:
+    model = build_classifier(arch, num_classes=7, in_channels=1)
+    assert model(torch.zeros(2, 1, 32, 32)).shape == (2, 7)
+    assert model.head.out_features == 7
+
+
+def test_a_few_epochs_learn_something(make_config) -> None:
+    cfg = make_config(
+        "trainer.max_epochs=3", "trainer.accelerator=cpu", "logger=csv", "trainer.devices=1"
+    )
+    metrics = train(cfg)
+    assert metrics["test/acc"] > 0.8  # digits, 3 epochs: far above the 0.1 of guessing
+    assert {"val/acc_best", "val/acc_gap", "train/acc", "test/f1_macro", "test/ece"} <= set(metrics)
+    output = Path(cfg.paths.output_dir)
+    assert (output / "checkpoints" / "best.ckpt").is_file()
+    assert (output / "checkpoints" / "last.ckpt").is_file()
+    assert (output / "csv" / "metrics.csv").is_file()
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed"])
+def test_precision_passes_through_on_cpu(make_config, precision: str) -> None:
+    cfg = make_config(*FAST, f"trainer.precision={precision}")
+    assert train(cfg)["test/acc"] >= 0.0
