@@ -64,3 +64,11 @@ def write_malicious_pickle(path: Path) -> Path:
     with path.open("wb") as handle:
         pickle.dump({"data": RunsCode()}, handle)
     return path
+
+
+def write_malicious_checkpoint(path: Path) -> Path:
+    """A torch.save checkpoint whose unpickling would run a shell command."""
+    import torch
+
+    torch.save({"state_dict": {}, "payload": RunsCode()}, path)
+    return path

@@ -47,7 +47,9 @@ def test_samples_per_class_keeps_k_of_each_class() -> None:
 
 def test_batches_are_resized_normalized_and_typed() -> None:
     datamodule = setup_module_for(dataset="digits", image_size=16, batch_size=32)
-    images, labels = datamodule.on_after_batch_transfer(next(iter(datamodule.train_dataloader())), 0)
+    images, labels = datamodule.on_after_batch_transfer(
+        next(iter(datamodule.train_dataloader())), 0
+    )
     assert images.shape == (32, 1, 16, 16) and images.dtype == torch.float32
     assert labels.dtype == torch.long
     everything = datamodule.normalize(datamodule.to_model_input(datamodule.splits["train"].images))
@@ -65,7 +67,10 @@ def test_fake_source_any_size_and_classes() -> None:
 def test_cifar_loader_reads_the_real_format(tmp_path: Path, classes: int) -> None:
     write_cifar(tmp_path, classes=classes)
     datamodule = setup_module_for(
-        dataset="cifar", root=str(tmp_path), download=False, options={"classes": classes},
+        dataset="cifar",
+        root=str(tmp_path),
+        download=False,
+        options={"classes": classes},
         test_fraction=0.0,
     )
     assert datamodule.num_classes == classes and datamodule.in_channels == 3

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +21,16 @@ def load_checkpoint(path: str | Path, key: str) -> dict[str, Any]:
     require(file.is_file(), f"Config key `{key}`: checkpoint file {file} does not exist.")
     try:
         loaded = torch.load(file, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
+    except Exception as error:  # a corrupt file surfaces as any of a dozen error types
+        if "weights only load failed" in str(error).lower():
+            raise PosttrainError(
+                f"Config key `{key}`: {file} was refused: it holds objects that only a full "
+                "unpickle could rebuild (which may run arbitrary code). posttrain only loads "
+                "tensors and plain containers (`weights_only=True`); re-save it as a state dict."
+            ) from error
         raise PosttrainError(
-            f"Config key `{key}`: {file} was refused: it holds objects that only a full "
-            "unpickle could rebuild (which may run arbitrary code). posttrain only loads "
-            "tensors and plain containers (`weights_only=True`); re-save it as a state dict."
-        ) from error
-    except (OSError, RuntimeError, EOFError, ValueError) as error:
-        raise PosttrainError(
-            f"Config key `{key}`: {file} is not a readable PyTorch checkpoint ({error}). "
+            f"Config key `{key}`: {file} is not a readable PyTorch checkpoint "
+            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). "
             "Point it at a .ckpt/.pt file written by posttrain or torch.save."
         ) from error
     require(

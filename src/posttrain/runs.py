@@ -135,11 +135,22 @@ def flat_hparams(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def log_hparams(trainer: L.Trainer, config: dict[str, Any], metrics: dict[str, float]) -> None:
-    """Log the run's config with its final metrics, so HPARAMS compares runs on real numbers."""
+    """Log the run's config with its final metrics, so HPARAMS compares runs on real numbers.
+
+    Only the hparams summaries are written: the metric curves are already in the run under
+    the same tags, and Lightning's `log_hyperparams(metrics=...)` would add a stray point to
+    each of them.
+    """
+    from torch.utils.tensorboard.summary import hparams
+
     params = flat_hparams({k: v for k, v in config.items() if k not in ("paths", "hydra")})
+    tracked = {k: v for k, v in metrics.items() if k.startswith(("train/", "val/", "test/"))}
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
-            logger.log_hyperparams(params, metrics=metrics)
+            logger.log_hyperparams(params)  # hparams.yaml beside the events
+            writer = logger.experiment._get_file_writer()
+            for summary in hparams(params, tracked):
+                writer.add_summary(summary)
             logger.finalize("success")
 
 

@@ -40,7 +40,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
     for result in trainer.test(method, datamodule=datamodule, ckpt_path=best):
         metrics.update(epoch_metrics(result))
-    metrics.update({"epoch": float(trainer.current_epoch), "global_step": float(trainer.global_step)})
+    metrics.update(
+        {"epoch": float(trainer.current_epoch), "global_step": float(trainer.global_step)}
+    )
     record_run(trainer, cfg, config, metrics)
     return metrics
 

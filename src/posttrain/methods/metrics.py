@@ -35,7 +35,10 @@ class SplitMetrics(nn.Module):
         super().__init__()
         self.by_split = nn.ModuleDict(
             # `train` would clash with nn.Module.train, hence the suffix.
-            {f"{split}_metrics": classification_metrics(num_classes, f"{split}/") for split in SPLITS}
+            {
+                f"{split}_metrics": classification_metrics(num_classes, f"{split}/")
+                for split in SPLITS
+            }
         )
         self.confusion = MulticlassConfusionMatrix(num_classes)
 
