@@ -170,3 +170,19 @@ def test_checkpoint_that_runs_code_is_refused(tmp_path: Path, writer) -> None:
     result = run_cli("eval.py", f"ckpt_path={evil}", f"hydra.run.dir={tmp_path / 'e'}")
     assert_clear_error(result, "`ckpt_path`", "refused")
     assert "pwned" not in result.stdout
+
+
+def test_failing_sweep_job_is_recorded_and_the_sweep_goes_on(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    result = run_cli(
+        "train.py",
+        "-m",
+        "data.batch_size=8,-1",
+        "debug=fast",
+        "logger=none",
+        f"hydra.sweep.dir={sweep}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert read_metrics(sweep / "0")["status"] == "completed"
+    failed = read_metrics(sweep / "1")
+    assert failed["status"] == "failed" and "data.batch_size" in failed["error"]
