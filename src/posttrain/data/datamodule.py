@@ -1,0 +1,210 @@
+"""One LightningDataModule for image classification over any source.
+
+Data lives in memory as uint8 tensors; the DataLoader slices whole batches (no per-sample
+decode or collate), and `on_after_batch_transfer` turns them into normalized float images
+of `image_size` on the training device, applying training-only batch transforms there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from posttrain.data.sources import LabelledImages, SourceInfo, make_source
+from posttrain.errors import require, require_fraction, require_positive
+
+BatchTransform = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+
+
+class InMemoryDataset(Dataset):
+    """Indexable (image, label) pairs whose `__getitems__` returns a ready batch."""
+
+    def __init__(self, data: LabelledImages) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        return self.data.images[index], self.data.labels[index]
+
+    def __getitems__(self, indices: Sequence[int]) -> tuple[Tensor, Tensor]:
+        index = torch.as_tensor(indices)
+        return self.data.images[index], self.data.labels[index]
+
+
+def keep_batch(batch: Any) -> Any:
+    """collate_fn for datasets that already return whole batches."""
+    return batch
+
+
+def stratified_split(
+    labels: Tensor, fraction: float, generator: torch.Generator
+) -> tuple[Tensor, Tensor]:
+    """Split indices into (kept, held_out) with `fraction` of every class held out."""
+    kept, held = [], []
+    for cls in labels.unique():
+        members = (labels == cls).nonzero().flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        count = round(fraction * len(members))
+        held.append(members[:count])
+        kept.append(members[count:])
+    return torch.cat(kept).sort().values, torch.cat(held).sort().values
+
+
+def per_class_subset(labels: Tensor, per_class: int, generator: torch.Generator) -> Tensor:
+    """Indices of at most `per_class` seeded examples of every class (the low-label regime)."""
+    chosen = []
+    for cls in labels.unique():
+        members = (labels == cls).nonzero().flatten()
+        chosen.append(members[torch.randperm(len(members), generator=generator)[:per_class]])
+    return torch.cat(chosen).sort().values
+
+
+class ImageClassificationDataModule(L.LightningDataModule):
+    """Seeded train/val/test splits of any registered source, served as in-memory batches."""
+
+    def __init__(
+        self,
+        dataset: str = "digits",
+        root: str | None = None,
+        download: bool = False,
+        options: dict[str, Any] | None = None,
+        image_size: int | None = None,
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.2,
+        samples_per_class: int | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        require_positive("data.batch_size", batch_size)
+        require_positive("data.eval_batch_size", eval_batch_size, allow_none=True)
+        require_positive("data.image_size", image_size, allow_none=True)
+        require_positive("data.samples_per_class", samples_per_class, allow_none=True)
+        require_fraction("data.val_fraction", val_fraction)
+        require_fraction("data.test_fraction", test_fraction)
+        require(
+            isinstance(num_workers, int) and num_workers >= 0,
+            f"Config key `data.num_workers` must be 0 or more, got {num_workers!r}.",
+        )
+        self.source = make_source(dataset, root, download, dict(options or {}))
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.val_fraction, self.test_fraction = val_fraction, test_fraction
+        self.samples_per_class = samples_per_class
+        self.num_workers, self.seed = num_workers, seed
+        self.train_transforms: list[BatchTransform] = []
+        self.splits: dict[str, LabelledImages] = {}
+        self.class_names: list[str] = []
+        self._stats: tuple[Tensor, Tensor] | None = None
+
+    @property
+    def info(self) -> SourceInfo:
+        return self.source.info()
+
+    @property
+    def num_classes(self) -> int:
+        return self.info.num_classes
+
+    @property
+    def in_channels(self) -> int:
+        return self.info.channels
+
+    def prepare_data(self) -> None:
+        self.source.prepare()
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        loaded = self.source.load()
+        generator = torch.Generator().manual_seed(self.seed)
+        pool, test = loaded.train, loaded.test
+        if test is None:
+            keep, held = stratified_split(pool.labels, self.test_fraction, generator)
+            pool, test = pool.subset(keep), pool.subset(held)
+        keep, held = stratified_split(pool.labels, self.val_fraction, generator)
+        train, val = pool.subset(keep), pool.subset(held)
+        if self.samples_per_class is not None:
+            train = train.subset(per_class_subset(train.labels, self.samples_per_class, generator))
+        self.splits = {"train": train, "val": val, "test": test}
+        self.class_names = loaded.class_names
+        self._stats = self.channel_stats(train.images, generator)
+
+    def channel_stats(
+        self, images: Tensor, generator: torch.Generator, sample: int = 2048
+    ) -> tuple[Tensor, Tensor]:
+        """Per-channel mean/std of model inputs (after resizing), from a seeded sample."""
+        chosen = torch.randperm(len(images), generator=generator)[:sample]
+        pixels = self.to_model_input(images[chosen]).transpose(0, 1).flatten(1)
+        return pixels.mean(1), pixels.std(1).clamp_min(1e-3)
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        data = self.splits[split]
+        require(
+            len(data) > 0,
+            f"The {split} split is empty: raise `data.val_fraction`/`data.test_fraction` or "
+            "use more data.",
+        )
+        return DataLoader(
+            InMemoryDataset(data),
+            batch_size=self.batch_size if split == "train" else self.eval_batch_size,
+            shuffle=shuffle,
+            collate_fn=keep_batch,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def _is_training(self) -> bool:
+        trainer = getattr(self, "trainer", None)
+        return bool(trainer is not None and trainer.training)
+
+    def to_model_input(self, images: Tensor) -> Tensor:
+        """uint8 (N, C, H, W) -> float in [0, 1] at `image_size`, before normalization."""
+        x = images.float().div(255)
+        if self.image_size is not None and tuple(x.shape[-2:]) != (self.image_size,) * 2:
+            x = F.interpolate(
+                x, size=self.image_size, mode="bilinear", align_corners=False, antialias=True
+            )
+        return x
+
+    def normalize(self, x: Tensor) -> Tensor:
+        assert self._stats is not None, "setup() computes the normalization statistics"
+        mean, std = (s.to(x.device).view(1, -1, 1, 1) for s in self._stats)
+        return (x - mean) / std
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> tuple[Tensor, Tensor]:
+        images, labels = batch
+        x = self.to_model_input(images)
+        if self._is_training():
+            for transform in self.train_transforms:
+                x, labels = transform(x, labels)
+        return self.normalize(x), labels
+
+    def state_dict(self) -> dict[str, Any]:
+        """Normalization statistics travel with checkpoints so evaluation matches training."""
+        if self._stats is None:
+            return {}
+        return {"mean": self._stats[0].tolist(), "std": self._stats[1].tolist()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict:
+            self._stats = (torch.tensor(state_dict["mean"]), torch.tensor(state_dict["std"]))

@@ -1,0 +1,337 @@
+"""Where labelled images come from: a small registry of dataset sources.
+
+Every source yields uint8 tensors (N, C, H, W) held in memory, so batches are sliced rather
+than decoded sample by sample; resizing, augmentation and normalization happen on whole
+batches on the training device (see `datamodule.py`). Adding a dataset = one class here plus
+one yaml in `conf/data/`.
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+import torch
+from torch import Tensor
+
+from posttrain.errors import (
+    PosttrainError,
+    require,
+    require_choice,
+    require_known_options,
+    require_positive,
+)
+
+
+@dataclass
+class LabelledImages:
+    """Images as uint8 (N, C, H, W) and integer labels (N,)."""
+
+    images: Tensor
+    labels: Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, indices: Tensor) -> LabelledImages:
+        return LabelledImages(self.images[indices], self.labels[indices])
+
+
+@dataclass
+class SourceData:
+    """What a source loads: a training pool and, where the dataset defines one, a test split."""
+
+    train: LabelledImages
+    test: LabelledImages | None
+    class_names: list[str]
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    """What the model needs to know before any data is loaded."""
+
+    num_classes: int
+    channels: int
+
+
+class Source(Protocol):
+    """A dataset: cheap `info()`, `prepare()` that may download (rank 0), `load()` into memory."""
+
+    def info(self) -> SourceInfo: ...
+
+    def prepare(self) -> None: ...
+
+    def load(self) -> SourceData: ...
+
+
+class DigitsSource:
+    """scikit-learn's 8x8 handwritten digits: 1,797 images, ships inside the wheel (offline)."""
+
+    def __init__(self, root: str | None = None, download: bool = False) -> None:
+        del root, download  # embedded data: nothing to find or fetch
+
+    def info(self) -> SourceInfo:
+        return SourceInfo(num_classes=10, channels=1)
+
+    def prepare(self) -> None:
+        return None
+
+    def load(self) -> SourceData:
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        # Pixel values are 0..16; scale to the 0..255 range every other source uses.
+        pixels = torch.from_numpy(digits.images * (255.0 / 16.0)).round().clamp(0, 255)
+        images = pixels.to(torch.uint8).unsqueeze(1)
+        labels = torch.from_numpy(digits.target).long()
+        return SourceData(LabelledImages(images, labels), None, [str(i) for i in range(10)])
+
+
+class FakeSource:
+    """Synthetic, learnable images of any size and class count (tests, smoke runs, benchmarks).
+
+    Each class is a fixed random pattern plus per-sample noise, so models can actually learn
+    it and accuracy is a meaningful signal.
+    """
+
+    def __init__(
+        self,
+        root: str | None = None,
+        download: bool = False,
+        num_samples: int = 1000,
+        num_test_samples: int = 200,
+        num_classes: int = 10,
+        channels: int = 3,
+        size: int = 32,
+        noise: float = 0.5,
+        generator_seed: int = 0,
+    ) -> None:
+        del root, download
+        for key, value in [
+            ("num_samples", num_samples),
+            ("num_classes", num_classes),
+            ("channels", channels),
+            ("size", size),
+        ]:
+            require_positive(f"data.options.{key}", value)
+        require(
+            num_samples >= num_classes,
+            f"`data.options.num_samples` ({num_samples}) must be at least "
+            f"`data.options.num_classes` ({num_classes}) so every class has an example.",
+        )
+        self.num_samples, self.num_test_samples = num_samples, num_test_samples
+        self.num_classes, self.channels, self.size = num_classes, channels, size
+        self.noise, self.generator_seed = noise, generator_seed
+
+    def info(self) -> SourceInfo:
+        return SourceInfo(num_classes=self.num_classes, channels=self.channels)
+
+    def prepare(self) -> None:
+        return None
+
+    def load(self) -> SourceData:
+        gen = torch.Generator().manual_seed(self.generator_seed)
+        shape = (self.num_classes, self.channels, self.size, self.size)
+        prototypes = torch.rand(shape, generator=gen)
+
+        def draw(count: int) -> LabelledImages:
+            labels = torch.arange(count) % self.num_classes
+            labels = labels[torch.randperm(count, generator=gen)]
+            noise = torch.randn((count, *shape[1:]), generator=gen) * self.noise
+            pixels = (prototypes[labels] + noise).clamp(0, 1) * 255
+            return LabelledImages(pixels.round().to(torch.uint8), labels)
+
+        test = draw(self.num_test_samples) if self.num_test_samples > 0 else None
+        names = [f"class_{i}" for i in range(self.num_classes)]
+        return SourceData(draw(self.num_samples), test, names)
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Unpickles the CIFAR batch format (dicts, lists, numpy arrays) and nothing that runs code."""
+
+    ALLOWED: ClassVar[set[tuple[str, str]]] = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),  # how protocol-2 pickles written by Python 3 store bytes
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _read_cifar_pickle(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            return _NumpyOnlyUnpickler(handle, encoding="latin1").load()
+    except (OSError, pickle.UnpicklingError, EOFError, ValueError) as error:
+        raise PosttrainError(
+            f"Cannot read CIFAR file {path} ({error}). It should be an original CIFAR python "
+            "batch; delete the folder to download it again with `data.download=true`."
+        ) from error
+
+
+class CifarSource:
+    """CIFAR-10 / CIFAR-100 in their original python-pickle batch format.
+
+    Downloading goes through torchvision (checksums included); reading is ours, so the
+    loader works on any folder in the real on-disk format and never unpickles code.
+    """
+
+    LAYOUTS: ClassVar[dict[int, dict[str, Any]]] = {
+        10: {
+            "folder": "cifar-10-batches-py",
+            "train": [f"data_batch_{i}" for i in range(1, 6)],
+            "test": ["test_batch"],
+            "meta": ("batches.meta", "label_names"),
+            "labels": "labels",
+        },
+        100: {
+            "folder": "cifar-100-python",
+            "train": ["train"],
+            "test": ["test"],
+            "meta": ("meta", "fine_label_names"),
+            "labels": "fine_labels",
+        },
+    }
+
+    def __init__(self, root: str | None, download: bool = True, classes: int = 10) -> None:
+        require_choice("data.options.classes", classes, self.LAYOUTS)
+        require(root is not None, "Config key `data.root` must name a folder for CIFAR data.")
+        self.root, self.download, self.classes = Path(str(root)), download, classes
+        self.layout = self.LAYOUTS[classes]
+
+    @property
+    def folder(self) -> Path:
+        return self.root / self.layout["folder"]
+
+    def info(self) -> SourceInfo:
+        return SourceInfo(num_classes=self.classes, channels=3)
+
+    def _files_present(self) -> bool:
+        names = [*self.layout["train"], *self.layout["test"], self.layout["meta"][0]]
+        return all((self.folder / name).is_file() for name in names)
+
+    def prepare(self) -> None:
+        if self._files_present():
+            return
+        require(
+            self.download,
+            f"CIFAR-{self.classes} is not in {self.folder} and `data.download` is false. "
+            f"Set `data.download=true` (needs internet) or point `data.root` at a folder that "
+            f"holds `{self.layout['folder']}/`.",
+        )
+        from torchvision import datasets
+
+        dataset_class = datasets.CIFAR10 if self.classes == 10 else datasets.CIFAR100
+        try:
+            dataset_class(str(self.root), train=True, download=True)
+        except Exception as error:  # network failures come in many types
+            raise PosttrainError(
+                f"Downloading CIFAR-{self.classes} into `data.root`={self.root} failed "
+                f"({error}). Check the internet connection, or place the extracted "
+                f"`{self.layout['folder']}/` folder there yourself."
+            ) from error
+
+    def _read(self, names: list[str]) -> LabelledImages:
+        batches = [_read_cifar_pickle(self.folder / name) for name in names]
+        import numpy as np
+
+        pixels = np.concatenate([batch["data"] for batch in batches])
+        labels = [label for batch in batches for label in batch[self.layout["labels"]]]
+        images = torch.from_numpy(pixels.reshape(-1, 3, 32, 32).copy())
+        return LabelledImages(images.to(torch.uint8), torch.tensor(labels, dtype=torch.long))
+
+    def load(self) -> SourceData:
+        self.prepare()
+        meta_file, meta_key = self.layout["meta"]
+        names = [str(name) for name in _read_cifar_pickle(self.folder / meta_file)[meta_key]]
+        return SourceData(self._read(self.layout["train"]), self._read(self.layout["test"]), names)
+
+
+class ImageFolderSource:
+    """The user's own images: `root/<class name>/<image files>`, decoded once into memory."""
+
+    EXTENSIONS: ClassVar[tuple[str, ...]] = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+
+    def __init__(
+        self, root: str | None, download: bool = False, channels: int = 3, size: int = 64
+    ) -> None:
+        del download
+        require(
+            root is not None,
+            "Config key `data.root` is not set: `data=imagefolder` needs the folder that holds "
+            "one sub-folder of images per class, e.g. `data.root=/path/to/images`.",
+        )
+        self.root = Path(str(root))
+        require(
+            self.root.is_dir(),
+            f"`data.root`={self.root} is not a folder: it must hold one sub-folder of images "
+            "per class.",
+        )
+        require_choice("data.options.channels", channels, [1, 3])
+        require_positive("data.options.size", size)
+        self.channels, self.size = channels, size
+        self.class_names = sorted(p.name for p in self.root.iterdir() if p.is_dir())
+        require(
+            len(self.class_names) >= 2,
+            f"`data.root`={self.root} has {len(self.class_names)} class sub-folders; "
+            "image classification needs at least 2 (one sub-folder per class).",
+        )
+
+    def info(self) -> SourceInfo:
+        return SourceInfo(num_classes=len(self.class_names), channels=self.channels)
+
+    def prepare(self) -> None:
+        return None
+
+    def _decode(self, path: Path) -> Tensor:
+        from PIL import Image, UnidentifiedImageError
+        from torchvision.transforms.v2 import functional as F
+
+        try:
+            with Image.open(path) as image:
+                image = image.convert("L" if self.channels == 1 else "RGB")
+                tensor = F.pil_to_tensor(image)
+        except (OSError, UnidentifiedImageError) as error:
+            raise PosttrainError(f"Cannot read image file {path}: {error}.") from error
+        return F.resize(tensor, [self.size, self.size], antialias=True)
+
+    def load(self) -> SourceData:
+        images, labels = [], []
+        for label, name in enumerate(self.class_names):
+            files = sorted(
+                p for p in (self.root / name).rglob("*") if p.suffix.lower() in self.EXTENSIONS
+            )
+            require(
+                bool(files),
+                f"Class folder {self.root / name} under `data.root` holds no images "
+                f"({', '.join(self.EXTENSIONS)}).",
+            )
+            images += [self._decode(path) for path in files]
+            labels += [label] * len(files)
+        data = LabelledImages(torch.stack(images), torch.tensor(labels, dtype=torch.long))
+        return SourceData(data, None, self.class_names)
+
+
+SOURCES: dict[str, type] = {
+    "digits": DigitsSource,
+    "fake": FakeSource,
+    "cifar": CifarSource,
+    "imagefolder": ImageFolderSource,
+}
+
+
+def make_source(name: str, root: str | None, download: bool, options: dict[str, Any]) -> Source:
+    """Build the source called `name`, turning bad options into an error that names them."""
+    require_choice("data.dataset", name, SOURCES)
+    source_class = SOURCES[name]
+    require_known_options(source_class, {"root": root, "download": download, **options}, "data.options")
+    return source_class(root=root, download=download, **options)
