@@ -333,5 +333,7 @@ def make_source(name: str, root: str | None, download: bool, options: dict[str, 
     """Build the source called `name`, turning bad options into an error that names them."""
     require_choice("data.dataset", name, SOURCES)
     source_class = SOURCES[name]
-    require_known_options(source_class, {"root": root, "download": download, **options}, "data.options")
+    require_known_options(
+        source_class, {"root": root, "download": download, **options}, "data.options"
+    )
     return source_class(root=root, download=download, **options)
