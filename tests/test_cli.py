@@ -124,8 +124,10 @@ def test_multirun_honours_sweep_dir(tmp_path: Path) -> None:
         "train.py", "-m", "seed=0,1", "debug=fast", "logger=none", f"hydra.sweep.dir={sweep}"
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    for job in ("0", "1"):
-        assert read_metrics(sweep / job)["status"] == "completed"
+    jobs = sorted(sweep.glob("*_*seed=*"))
+    assert [job.name.split("_")[0] for job in jobs] == ["0", "1"]
+    for job in jobs:
+        assert read_metrics(job)["status"] == "completed"
 
 
 def assert_clear_error(result, *fragments: str) -> None:
@@ -183,6 +185,8 @@ def test_failing_sweep_job_is_recorded_and_the_sweep_goes_on(tmp_path: Path) -> 
         f"hydra.sweep.dir={sweep}",
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert read_metrics(sweep / "0")["status"] == "completed"
-    failed = read_metrics(sweep / "1")
+    (completed,) = sweep.glob("0_*")
+    (failed_job,) = sweep.glob("1_*")
+    assert read_metrics(completed)["status"] == "completed"
+    failed = read_metrics(failed_job)
     assert failed["status"] == "failed" and "data.batch_size" in failed["error"]

@@ -100,13 +100,20 @@ class ConfigInCheckpoint(Callback):
 
 
 def build_components(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule]:
-    """DataModule and method from `cfg.data`, `cfg.model`, `cfg.method`; the model is sized to
-    the data (classes, input channels) here, so no config has to repeat those numbers."""
+    """DataModule and method from `cfg.data`, `cfg.model`, `cfg.reg`, `cfg.method`.
+
+    The model is sized to the data (classes, input channels) here, so no config repeats
+    those numbers; the selected regularizers are attached to model, data and method.
+    """
+    from posttrain.regularizers import RegularizerSet
+
     datamodule = instantiate(cfg.data)
     model = instantiate(
         cfg.model, num_classes=datamodule.num_classes, in_channels=datamodule.in_channels
     )
-    method = instantiate(cfg.method, model=model, _convert_="all")
+    regularizers = RegularizerSet(instantiate_named(cfg.get("reg")))
+    regularizers.attach(model, datamodule)
+    method = instantiate(cfg.method, model=model, regularizers=regularizers, _convert_="all")
     return datamodule, method
 
 

@@ -10,11 +10,15 @@ from __future__ import annotations
 from typing import Any
 
 import lightning as L
+import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 from torchmetrics import MaxMetric
 
+from posttrain.errors import PosttrainError
 from posttrain.methods.metrics import SplitMetrics, confusion_figure
 from posttrain.methods.optim import build_optimizer, build_scheduler, schedule_lengths
+from posttrain.regularizers import RegularizerSet
 
 
 class SupervisedClassifier(L.LightningModule):
@@ -25,25 +29,36 @@ class SupervisedClassifier(L.LightningModule):
         model: nn.Module,
         optimizer: dict[str, Any],
         scheduler: dict[str, Any],
+        regularizers: RegularizerSet | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["model"])
+        self.save_hyperparameters(ignore=["model", "regularizers"])
         self.model = model
-        self.criterion = nn.CrossEntropyLoss()
+        self.regularizers = regularizers or RegularizerSet()
         self.metrics = SplitMetrics(num_classes=model.head.out_features)
         self.val_acc_best = MaxMetric()
         self.last_val_acc: float | None = None
+        self.nonfinite_loss = False
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
 
     def shared_step(self, batch: tuple[Tensor, Tensor], split: str) -> Tensor:
+        """Loss and metrics for one batch; targets may be soft (mixup/cutmix) in training."""
         images, targets = batch
         logits = self(images)
-        loss = self.criterion(logits, targets)
-        self.metrics.update(split, logits, targets)
-        on_step = split == "train"
-        self.log(f"{split}/loss", loss, on_step=on_step, on_epoch=True, sync_dist=True)
+        training = split == "train"
+        smoothing = self.regularizers.label_smoothing if training else 0.0
+        loss = F.cross_entropy(logits, targets, label_smoothing=smoothing)
+        hard_targets = targets.argmax(dim=-1) if targets.is_floating_point() else targets
+        self.metrics.update(split, logits, hard_targets)
+        self.log(f"{split}/loss", loss, on_step=training, on_epoch=True, sync_dist=True)
+        if training:
+            penalty = self.regularizers.penalty(self.model)
+            if penalty is not None:
+                self.log("train/penalty", penalty, on_step=False, on_epoch=True, sync_dist=True)
+                loss = loss + penalty
+            self.nonfinite_loss |= not bool(torch.isfinite(loss.detach()))
         return loss
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
@@ -65,6 +80,12 @@ class SupervisedClassifier(L.LightningModule):
         self.log_dict(values, prog_bar=True)
 
     def on_train_epoch_end(self) -> None:
+        if self.nonfinite_loss:
+            raise PosttrainError(
+                f"Training diverged: the loss became NaN/inf in epoch {self.current_epoch}. "
+                "Lower `optimizer.lr` or the regularization strengths (`reg.*`); "
+                "checkpoints of earlier epochs are kept in the run folder."
+            )
         values = self.metrics.compute_and_reset("train")
         if self.last_val_acc is not None:
             values["val/acc_gap"] = values["train/acc"] - self.last_val_acc
@@ -86,6 +107,9 @@ class SupervisedClassifier(L.LightningModule):
                 if isinstance(logger, TensorBoardLogger):
                     figure = confusion_figure(matrix, names)
                     logger.experiment.add_figure("test/confusion_matrix", figure, self.global_step)
+
+    def configure_callbacks(self) -> list[Any]:
+        return self.regularizers.callbacks()
 
     def configure_optimizers(self) -> Any:
         optimizer = build_optimizer(self.named_parameters(), self.hparams.optimizer)

@@ -73,16 +73,17 @@ BACKBONES: dict[str, Callable[..., tuple[nn.Module, int]]] = {
 
 
 class ImageClassifier(nn.Module):
-    """features -> optional dropout -> linear head."""
+    """features -> head_dropout (identity unless a regularizer sets it) -> linear head."""
 
     def __init__(self, features: nn.Module, feature_dim: int, num_classes: int) -> None:
         super().__init__()
         self.features = features
         self.feature_dim = feature_dim
+        self.head_dropout: nn.Module = nn.Identity()
         self.head = nn.Linear(feature_dim, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.features(x))
+        return self.head(self.head_dropout(self.features(x)))
 
 
 def build_classifier(

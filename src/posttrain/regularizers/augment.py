@@ -1,0 +1,92 @@
+"""Data augmentation on whole training batches, on the training device.
+
+Every image in a batch draws its own random parameters: translation and flips are
+vectorized (one `grid_sample` call), the RandAugment/TrivialAugment policies of torchvision
+transforms v2 run image by image because v2 shares one random draw across a batch tensor.
+Validation and test batches are never augmented (the DataModule only applies training
+transforms while the trainer is training).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from posttrain.errors import require, require_choice
+
+
+def random_translate_flip(images: Tensor, translate: float, flip: bool) -> Tensor:
+    """Shift each image by up to `translate` x size pixels (zero fill) and maybe mirror it."""
+    batch = images.shape[0]
+    height, width = images.shape[-2:]
+    theta = torch.zeros(batch, 2, 3, device=images.device)
+    theta[:, 0, 0] = 1.0
+    theta[:, 1, 1] = 1.0
+    if flip:
+        mirrored = torch.rand(batch, device=images.device) < 0.5
+        theta[:, 0, 0] = torch.where(mirrored, -1.0, 1.0)
+    if translate > 0:
+        # Whole-pixel shifts, expressed in the [-1, 1] grid coordinates of grid_sample.
+        for axis, size in ((0, width), (1, height)):
+            limit = round(translate * size)
+            shift = torch.randint(-limit, limit + 1, (batch,), device=images.device)
+            theta[:, axis, 2] = shift.float() * 2 / size
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+
+
+class Augment:
+    """`policy`: basic (translate + optional flip), randaugment or trivialaugment on top."""
+
+    POLICIES: ClassVar[tuple[str, ...]] = ("basic", "randaugment", "trivialaugment")
+    stage = 0  # before mixing regularizers
+
+    def __init__(
+        self,
+        policy: str = "basic",
+        translate: float = 0.125,
+        flip: bool = False,
+        magnitude: int = 9,
+        num_ops: int = 2,
+    ) -> None:
+        require_choice("reg.augment.policy", policy, self.POLICIES)
+        require(
+            0 <= translate < 0.5,
+            f"Config key `reg.augment.translate` must be in [0, 0.5), got {translate!r}.",
+        )
+        require(
+            0 <= magnitude <= 30,
+            f"Config key `reg.augment.magnitude` must be in [0, 30], got {magnitude!r}.",
+        )
+        self.policy, self.translate, self.flip = policy, translate, flip
+        self.magnitude, self.num_ops = magnitude, num_ops
+
+    def _policy_transform(self):
+        from torchvision.transforms import v2
+
+        if self.policy == "randaugment":
+            return v2.RandAugment(num_ops=self.num_ops, magnitude=self.magnitude)
+        if self.policy == "trivialaugment":
+            return v2.TrivialAugmentWide()
+        return None
+
+    def batch_transform(self, num_classes: int):
+        policy = self._policy_transform()
+
+        def transform(images: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+            if policy is not None:
+                as_bytes = images.mul(255).round().clamp(0, 255).to(torch.uint8)
+                images = torch.stack([policy(image) for image in as_bytes]).float().div(255)
+            return random_translate_flip(images, self.translate, self.flip), targets
+
+        return transform
+
+    def describe(self) -> str:
+        extra = {"randaugment": f" (magnitude {self.magnitude}, {self.num_ops} ops)"}
+        return (
+            f"augment {self.policy}{extra.get(self.policy, '')}: translate ±{self.translate:g} "
+            f"of the size, flip {'on' if self.flip else 'off'}; training batches only"
+        )

@@ -1,0 +1,213 @@
+"""Sweep report: `python -m posttrain.report <multirun folder>`.
+
+Reads every job folder of a Hydra multirun (its `.hydra/overrides.yaml` and `metrics.json`)
+and writes `report.md`, `report.csv` and `report.png` beside them: one row per job with its
+overrides, best validation and test metrics, train/val gap and status; the plot shows the
+metric and the gap against the swept value. It also runs by itself at the end of every
+sweep (`SweepReportCallback`, registered in `conf/hydra/default.yaml`).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+log = logging.getLogger("posttrain")
+
+COLUMNS = ("val/acc_best", "test/acc", "val/acc_gap", "train/acc", "test/f1_macro", "test/ece")
+
+
+@dataclass
+class JobRow:
+    """One sweep job: where it ran, what it overrode, how it ended."""
+
+    folder: str
+    overrides: dict[str, str]
+    status: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    error: str = ""
+
+
+def read_overrides(job_dir: Path) -> dict[str, str]:
+    import yaml
+
+    lines = yaml.safe_load((job_dir / ".hydra" / "overrides.yaml").read_text()) or []
+    pairs = (line.split("=", 1) for line in lines if "=" in line)
+    return {key.lstrip("+~"): value for key, value in pairs if not key.startswith("hydra.")}
+
+
+def read_job(job_dir: Path, sweep_dir: Path) -> JobRow:
+    """A job folder -> row; a job with no metrics.json was interrupted or never started."""
+    overrides = read_overrides(job_dir)
+    folder = str(job_dir.relative_to(sweep_dir))
+    metrics_file = job_dir / "metrics.json"
+    if not metrics_file.is_file():
+        return JobRow(folder, overrides, "missing")
+    data = json.loads(metrics_file.read_text())
+    numbers = {k: float(v) for k, v in data.items() if isinstance(v, int | float)}
+    error = str(data.get("error", "")).strip().splitlines()
+    return JobRow(
+        folder, overrides, str(data.get("status", "unknown")), numbers, error[-1] if error else ""
+    )
+
+
+def collect(sweep_dir: Path) -> list[JobRow]:
+    jobs = sorted({p.parent.parent for p in sweep_dir.glob("**/.hydra/overrides.yaml")})
+    rows = [read_job(job, sweep_dir) for job in jobs]
+    return sorted(rows, key=lambda row: job_number(row.folder))
+
+
+def job_number(folder: str) -> tuple[int, str]:
+    head = folder.split("_", 1)[0]
+    return (int(head), folder) if head.isdigit() else (sys.maxsize, folder)
+
+
+def swept_keys(rows: list[JobRow]) -> list[str]:
+    """Override keys whose value differs between jobs, in the order they appear."""
+    keys: dict[str, set[str]] = {}
+    for row in rows:
+        for key, value in row.overrides.items():
+            keys.setdefault(key, set()).add(value)
+    return [key for key, values in keys.items() if len(values) > 1]
+
+
+def as_number(value: str) -> float | None:
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def format_cell(value: float | None) -> str:
+    return "" if value is None else f"{value:.4f}"
+
+
+def write_tables(rows: list[JobRow], keys: list[str], sweep_dir: Path) -> None:
+    header = ["job", *keys, "status", *COLUMNS, "overrides", "error"]
+    records = [
+        [
+            row.folder,
+            *(row.overrides.get(k, "") for k in keys),
+            row.status,
+            *(format_cell(row.metrics.get(c)) for c in COLUMNS),
+            " ".join(f"{k}={v}" for k, v in row.overrides.items()),
+            row.error,
+        ]
+        for row in rows
+    ]
+    with (sweep_dir / "report.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(records)
+    done = sum(row.status == "completed" for row in rows)
+    lines = [
+        f"# Sweep report: {sweep_dir}",
+        "",
+        f"{len(rows)} jobs, {done} completed, {len(rows) - done} failed or missing.",
+        "",
+        "| " + " | ".join(header[:-2]) + " |",
+        "|" + "---|" * (len(header) - 2),
+        *("| " + " | ".join(record[:-2]) + " |" for record in records),
+    ]
+    failures = [(r.folder, r.error) for r in rows if r.status != "completed"]
+    if failures:
+        lines += [
+            "",
+            "Failed jobs:",
+            *(f"- {folder}: {error or 'no metrics.json'}" for folder, error in failures),
+        ]
+    (sweep_dir / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def plot(rows: list[JobRow], keys: list[str], sweep_dir: Path, metric: str) -> bool:
+    """Metric and train/val gap against the first numeric swept key (mean ± std over repeats)."""
+    numeric = [k for k in keys if all(as_number(r.overrides.get(k, "")) is not None for r in rows)]
+    if not numeric:
+        return False
+    key = numeric[0]
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    completed = [r for r in rows if r.status == "completed"]
+    xs = sorted({as_number(r.overrides[key]) for r in completed})
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for name, style in ((metric, "o-"), ("val/acc_gap", "s--")):
+        means, stds = [], []
+        for x in xs:
+            values = [
+                r.metrics[name]
+                for r in completed
+                if as_number(r.overrides[key]) == x and name in r.metrics
+            ]
+            means.append(np.mean(values) if values else np.nan)
+            stds.append(np.std(values) if values else np.nan)
+        axes.errorbar(xs, means, yerr=stds, fmt=style, capsize=3, label=name)
+    positive = [x for x in xs if x > 0]
+    if len(positive) == len(xs) and positive and max(positive) / min(positive) >= 100:
+        axes.set_xscale("log")
+    elif positive and min(positive) > 0 and max(positive) / min(positive) >= 100:
+        axes.set_xscale("symlog", linthresh=min(positive))
+    axes.set_xlabel(key)
+    axes.set_title(f"{sweep_dir.name}: {metric} and train/val gap")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(sweep_dir / "report.png", dpi=120)
+    plt.close(figure)
+    return True
+
+
+def write_report(sweep_dir: str | Path, metric: str = "test/acc") -> list[JobRow]:
+    """Write report.md/csv/png for the multirun in `sweep_dir`; returns the rows."""
+    sweep = Path(sweep_dir)
+    rows = collect(sweep)
+    if not rows:
+        raise SystemExit(
+            f"posttrain.report: no Hydra job folders (.hydra/overrides.yaml) under {sweep}"
+        )
+    keys = swept_keys(rows)
+    write_tables(rows, keys, sweep)
+    plot(rows, keys, sweep, metric)
+    return rows
+
+
+class SweepReportCallback(Callback):
+    """Hydra callback: write the report when a multirun ends; never fails the sweep."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = config.hydra.sweep.dir
+        try:
+            rows = write_report(sweep_dir)
+        except Exception as error:  # a report problem must not hide the sweep's results
+            log.warning("sweep report for %s failed: %s", sweep_dir, error)
+            return
+        failed = sum(row.status != "completed" for row in rows)
+        log.info("sweep report: %s/report.md (%d jobs, %d failed)", sweep_dir, len(rows), failed)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m posttrain.report", description=__doc__)
+    parser.add_argument("sweep_dir", help="a Hydra multirun folder")
+    parser.add_argument("--metric", default="test/acc", help="metric to plot (default test/acc)")
+    args = parser.parse_args(argv)
+    rows = write_report(args.sweep_dir, args.metric)
+    print(f"{len(rows)} jobs -> {Path(args.sweep_dir) / 'report.md'}")
+
+
+if __name__ == "__main__":
+    main()

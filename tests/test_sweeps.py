@@ -1,0 +1,108 @@
+"""Multirun sweeps over regularization strengths, the sweep report, the optuna sweeper."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from posttrain.report import write_report
+from tests.conftest import run_cli
+
+
+def fake_job(sweep: Path, name: str, overrides: list[str], metrics: dict | None) -> None:
+    job = sweep / name
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    if metrics is not None:
+        (job / "metrics.json").write_text(json.dumps(metrics))
+
+
+def test_report_tables_and_plot(tmp_path: Path) -> None:
+    for index, weight in enumerate(["1e-5", "1e-4", "1e-3"]):
+        metrics = {"status": "completed", "test/acc": 0.9 - index / 10, "val/acc_gap": 0.01 * index}
+        fake_job(tmp_path, f"{index}_w={weight}", ["reg=l2", f"reg.l2.weight={weight}"], metrics)
+    fake_job(
+        tmp_path,
+        "3_w=1",
+        ["reg=l2", "reg.l2.weight=1"],
+        {"status": "failed", "error": "Traceback...\nPosttrainError: diverged"},
+    )
+    fake_job(tmp_path, "4_w=2", ["reg=l2", "reg.l2.weight=2"], None)
+    rows = write_report(tmp_path)
+    assert [row.status for row in rows] == ["completed"] * 3 + ["failed", "missing"]
+    with (tmp_path / "report.csv").open() as handle:
+        table = list(csv.DictReader(handle))
+    assert [r["reg.l2.weight"] for r in table] == ["1e-5", "1e-4", "1e-3", "1", "2"]
+    assert table[0]["test/acc"] == "0.9000" and table[3]["error"] == "PosttrainError: diverged"
+    report = (tmp_path / "report.md").read_text()
+    assert "5 jobs, 3 completed, 2 failed or missing" in report
+    assert (tmp_path / "report.png").stat().st_size > 1000
+
+
+def test_report_command_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from posttrain.report import main
+
+    fake_job(tmp_path, "0_p=0.1", ["reg.dropout.p=0.1"], {"status": "completed", "test/acc": 0.5})
+    main([str(tmp_path)])
+    assert "1 jobs" in capsys.readouterr().out
+    assert (tmp_path / "report.md").is_file()
+
+
+def test_report_refuses_a_folder_without_jobs(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="no Hydra job folders"):
+        write_report(tmp_path)
+
+
+@pytest.mark.slow
+def test_strength_sweep_with_a_failing_job_reports_three_rows(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    result = run_cli(
+        "train.py",
+        "-m",
+        "reg=dropout",
+        "reg.dropout.p=0.0,0.5,1.5",
+        "debug=limit",
+        f"hydra.sweep.dir={sweep}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = sorted(p for p in sweep.iterdir() if (p / ".hydra").is_dir())
+    assert len(jobs) == 3
+    statuses = [json.loads((job / "metrics.json").read_text())["status"] for job in jobs]
+    assert statuses == ["completed", "completed", "failed"]
+    assert all((job / "tensorboard").is_dir() for job in jobs[:2])
+    with (sweep / "report.csv").open() as handle:
+        table = list(csv.DictReader(handle))
+    assert [row["reg.dropout.p"] for row in table] == ["0.0", "0.5", "1.5"]
+    assert table[2]["status"] == "failed" and "reg.dropout.p" in table[2]["error"]
+    assert (sweep / "report.png").is_file() and (sweep / "report.md").is_file()
+
+
+@pytest.mark.slow
+def test_optuna_sweeper_runs_three_trials_into_a_resumable_study(tmp_path: Path) -> None:
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    common = [
+        "hparams_search=reg_optuna",
+        "debug=limit",
+        "logger=none",
+        f"hydra.sweeper.storage={storage}",
+    ]
+    result = run_cli(
+        "train.py", *common, "hydra.sweeper.n_trials=3", f"hydra.sweep.dir={tmp_path / 'a'}"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    best = yaml.safe_load((tmp_path / "a" / "optimization_results.yaml").read_text())
+    assert set(best["best_params"]) == {"reg.dropout.p", "reg.l2.weight"}
+    assert 0.0 < best["best_value"] <= 1.0
+    import optuna
+
+    study = optuna.load_study(study_name="reg_search", storage=storage)
+    assert len(study.trials) == 3
+    result = run_cli(
+        "train.py", *common, "hydra.sweeper.n_trials=1", f"hydra.sweep.dir={tmp_path / 'b'}"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(optuna.load_study(study_name="reg_search", storage=storage).trials) == 4
