@@ -106,3 +106,23 @@ def test_optuna_sweeper_runs_three_trials_into_a_resumable_study(tmp_path: Path)
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(optuna.load_study(study_name="reg_search", storage=storage).trials) == 4
+
+
+@pytest.mark.slow
+def test_joblib_launcher_runs_jobs_in_parallel_processes(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    result = run_cli(
+        "train.py",
+        "-m",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        "reg=l2",
+        "reg.l2.weight=0,1e-3",
+        "debug=fast",
+        "logger=none",
+        f"hydra.sweep.dir={sweep}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Joblib.Parallel" in result.stdout + result.stderr
+    with (sweep / "report.csv").open() as handle:
+        assert [row["status"] for row in csv.DictReader(handle)] == ["completed", "completed"]

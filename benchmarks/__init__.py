@@ -1,0 +1,1 @@
+"""Measured comparisons (`make bench`): tables printed, JSON under outputs/bench/."""
