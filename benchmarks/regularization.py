@@ -49,24 +49,21 @@ def run_family(label: str, overrides: list[str], seeds: str, extra: list[str], s
     subprocess.run(command, cwd=ROOT, check=True, capture_output=True, text=True)
 
 
-def setting_name(overrides: list[str]) -> str:
+def setting_name(overrides: dict[str, str]) -> str:
     """The reg part of a job's overrides, e.g. `l2 weight=1e-3` (seed excluded)."""
-    reg = next((o.split("=", 1)[1] for o in overrides if o.startswith("reg=")), "none")
-    knobs = [o.split(".", 2)[-1] for o in overrides if o.startswith("reg.")]
-    return " ".join([reg, *knobs])
+    knobs = [f"{k.split('.', 2)[-1]}={v}" for k, v in overrides.items() if k.startswith("reg.")]
+    return " ".join([overrides.get("reg", "none"), *knobs])
 
 
 def collect(sweep: Path) -> dict[str, list[dict[str, float]]]:
-    import yaml
+    """Completed jobs' metrics grouped by regularization setting, over every family sweep."""
+    from posttrain.report import collect as collect_jobs
 
     results: dict[str, list[dict[str, float]]] = {}
-    for overrides_file in sorted(sweep.glob("*/*/.hydra/overrides.yaml")):
-        job = overrides_file.parent.parent
-        metrics = json.loads((job / "metrics.json").read_text())
-        if metrics.get("status") != "completed":
-            continue
-        name = setting_name(yaml.safe_load(overrides_file.read_text()))
-        results.setdefault(name, []).append(metrics)
+    for family in sorted(p for p in sweep.iterdir() if p.is_dir()):
+        for row in collect_jobs(family):
+            if row.status == "completed":
+                results.setdefault(setting_name(row.overrides), []).append(row.metrics)
     return results
 
 

@@ -67,6 +67,16 @@ def per_class_subset(labels: Tensor, per_class: int, generator: torch.Generator)
     return torch.cat(chosen).sort().values
 
 
+def keep_classes(data: LabelledImages | None, classes: list[int]) -> LabelledImages | None:
+    """Only the images of `classes`, relabelled 0..len(classes)-1 in the order given."""
+    if data is None:
+        return None
+    mapping = torch.full((int(data.labels.max()) + 1,), -1, dtype=torch.long)
+    mapping[torch.tensor(classes)] = torch.arange(len(classes))
+    kept = mapping[data.labels] >= 0
+    return LabelledImages(data.images[kept], mapping[data.labels[kept]])
+
+
 class ImageClassificationDataModule(L.LightningDataModule):
     """Seeded train/val/test splits of any registered source, served as in-memory batches."""
 
@@ -84,6 +94,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
         samples_per_class: int | None = None,
         num_workers: int = 0,
         seed: int = 0,
+        classes: list[int] | None = None,
     ) -> None:
         super().__init__()
         require_positive("data.batch_size", batch_size)
@@ -97,6 +108,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
             f"Config key `data.num_workers` must be 0 or more, got {num_workers!r}.",
         )
         self.source = make_source(dataset, root, download, dict(options or {}))
+        self.classes = self.check_classes(classes)
         self.image_size = image_size
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
@@ -108,13 +120,27 @@ class ImageClassificationDataModule(L.LightningDataModule):
         self.class_names: list[str] = []
         self._stats: tuple[Tensor, Tensor] | None = None
 
+    def check_classes(self, classes: list[int] | None) -> list[int] | None:
+        if classes is None:
+            return None
+        total = self.source.info().num_classes
+        chosen = list(classes)
+        require(
+            len(chosen) >= 2
+            and len(set(chosen)) == len(chosen)
+            and all(isinstance(c, int) and 0 <= c < total for c in chosen),
+            f"Config key `data.classes` must list at least 2 distinct class indices in "
+            f"[0, {total - 1}], got {classes!r}.",
+        )
+        return chosen
+
     @property
     def info(self) -> SourceInfo:
         return self.source.info()
 
     @property
     def num_classes(self) -> int:
-        return self.info.num_classes
+        return len(self.classes) if self.classes is not None else self.info.num_classes
 
     @property
     def in_channels(self) -> int:
@@ -129,6 +155,10 @@ class ImageClassificationDataModule(L.LightningDataModule):
         loaded = self.source.load()
         generator = torch.Generator().manual_seed(self.seed)
         pool, test = loaded.train, loaded.test
+        class_names = loaded.class_names
+        if self.classes is not None:
+            pool, test = (keep_classes(part, self.classes) for part in (pool, test))
+            class_names = [class_names[c] for c in self.classes]
         if test is None:
             keep, held = stratified_split(pool.labels, self.test_fraction, generator)
             pool, test = pool.subset(keep), pool.subset(held)
@@ -137,7 +167,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
         if self.samples_per_class is not None:
             train = train.subset(per_class_subset(train.labels, self.samples_per_class, generator))
         self.splits = {"train": train, "val": val, "test": test}
-        self.class_names = loaded.class_names
+        self.class_names = class_names
         self._stats = self.channel_stats(train.images, generator)
 
     def channel_stats(

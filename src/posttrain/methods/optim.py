@@ -7,40 +7,49 @@ sweepable name (`optimizer.lr=...`) and bad values are reported by key.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
 
-from posttrain.errors import require, require_choice, require_positive
+from posttrain.errors import PosttrainError, require, require_choice, require_positive
 
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 SCHEDULERS = ("cosine", "step", "none")
 
 
-def split_decay_groups(
-    named_parameters: Iterable[tuple[str, nn.Parameter]], weight_decay: float, decay_1d: bool
+def param_groups(
+    named_parameters: Iterable[tuple[str, nn.Parameter]],
+    lr: float,
+    weight_decay: float,
+    decay_1d: bool,
+    lr_scale: Callable[[str], float] | None = None,
 ) -> list[dict[str, Any]]:
-    """Put biases and norm weights (1-D tensors) in a no-decay group unless `decay_1d`.
+    """Trainable parameters grouped by (decayed?, learning-rate scale).
 
-    Decaying BatchNorm scales and biases hurts accuracy and buys no regularization (timm's
-    default); only trainable parameters are handed to the optimizer.
+    Biases and norm weights (1-D tensors) are not decayed unless `decay_1d`: decaying them
+    hurts accuracy and buys no regularization (timm's default). `lr_scale(name)` gives
+    discriminative learning rates, e.g. backbone = 0.1 x head.
     """
-    decay, no_decay = [], []
-    for _, parameter in named_parameters:
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
+    for name, parameter in named_parameters:
         if not parameter.requires_grad:
             continue
-        (decay if decay_1d or parameter.ndim > 1 else no_decay).append(parameter)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return groups
+        decayed = decay_1d or parameter.ndim > 1
+        scale = lr_scale(name) if lr_scale else 1.0
+        groups.setdefault((decayed, scale), []).append(parameter)
+    return [
+        {"params": params, "weight_decay": weight_decay if decayed else 0.0, "lr": lr * scale}
+        for (decayed, scale), params in groups.items()
+    ]
 
 
 def build_optimizer(
-    named_parameters: Iterable[tuple[str, nn.Parameter]], config: dict[str, Any]
+    named_parameters: Iterable[tuple[str, nn.Parameter]],
+    config: dict[str, Any],
+    lr_scale: Callable[[str], float] | None = None,
 ) -> torch.optim.Optimizer:
     """Optimizer from `{name, lr, weight_decay, decay_1d, momentum, nesterov, betas}`."""
     settings = dict(config)
@@ -49,7 +58,9 @@ def build_optimizer(
     require_positive("optimizer.lr", settings.get("lr"))
     weight_decay = float(settings.pop("weight_decay", 0.0))
     require(weight_decay >= 0, f"`optimizer.weight_decay` must be >= 0, got {weight_decay}.")
-    groups = split_decay_groups(named_parameters, weight_decay, settings.pop("decay_1d", False))
+    decay_1d = settings.pop("decay_1d", False)
+    groups = param_groups(named_parameters, settings["lr"], weight_decay, decay_1d, lr_scale)
+    require(bool(groups), "Every parameter is frozen: there is nothing for the optimizer to train.")
     if name != "sgd":
         settings.pop("momentum", None)
         settings.pop("nesterov", None)
@@ -60,8 +71,6 @@ def build_optimizer(
     try:
         return OPTIMIZERS[name](groups, **settings)
     except (TypeError, ValueError) as error:
-        from posttrain.errors import PosttrainError
-
         raise PosttrainError(f"Config group `optimizer` ({name}) is invalid: {error}.") from error
 
 

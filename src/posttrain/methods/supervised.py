@@ -16,6 +16,7 @@ from torch.nn import functional as F
 from torchmetrics import MaxMetric
 
 from posttrain.errors import PosttrainError
+from posttrain.methods.finetune import FinetuneSettings, FreezeSchedule, keep_frozen_norms_in_eval
 from posttrain.methods.metrics import SplitMetrics, confusion_figure
 from posttrain.methods.optim import build_optimizer, build_scheduler, schedule_lengths
 from posttrain.regularizers import RegularizerSet
@@ -30,11 +31,13 @@ class SupervisedClassifier(L.LightningModule):
         optimizer: dict[str, Any],
         scheduler: dict[str, Any],
         regularizers: RegularizerSet | None = None,
+        finetune: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["model", "regularizers"])
         self.model = model
         self.regularizers = regularizers or RegularizerSet()
+        self.finetune = FinetuneSettings(**(finetune or {}))
         self.metrics = SplitMetrics(num_classes=model.head.out_features)
         self.val_acc_best = MaxMetric()
         self.last_val_acc: float | None = None
@@ -42,6 +45,13 @@ class SupervisedClassifier(L.LightningModule):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
+
+    def train(self, mode: bool = True) -> SupervisedClassifier:
+        """Train mode, except frozen BatchNorm layers (fine-tuning), which keep running stats."""
+        super().train(mode)
+        if mode:
+            keep_frozen_norms_in_eval(self.model.features, self.finetune.freeze_bn_stats)
+        return self
 
     def shared_step(self, batch: tuple[Tensor, Tensor], split: str) -> Tensor:
         """Loss and metrics for one batch; targets may be soft (mixup/cutmix) in training."""
@@ -109,10 +119,17 @@ class SupervisedClassifier(L.LightningModule):
                     logger.experiment.add_figure("test/confusion_matrix", figure, self.global_step)
 
     def configure_callbacks(self) -> list[Any]:
-        return self.regularizers.callbacks()
+        schedule = [FreezeSchedule(self.finetune)] if self.finetune.starts_frozen else []
+        return [*schedule, *self.regularizers.callbacks()]
+
+    def backbone_lr_scale(self, name: str) -> float:
+        """Discriminative learning rates: backbone parameters get `backbone_lr_factor`."""
+        return self.finetune.backbone_lr_factor if name.startswith("model.features.") else 1.0
 
     def configure_optimizers(self) -> Any:
-        optimizer = build_optimizer(self.named_parameters(), self.hparams.optimizer)
+        optimizer = build_optimizer(
+            self.named_parameters(), self.hparams.optimizer, lr_scale=self.backbone_lr_scale
+        )
         total_steps, steps_per_epoch = schedule_lengths(self.trainer)
         scheduler = build_scheduler(optimizer, self.hparams.scheduler, total_steps, steps_per_epoch)
         if scheduler is None:

@@ -87,11 +87,25 @@ class ImageClassifier(nn.Module):
 
 
 def build_classifier(
-    arch: str, num_classes: int, in_channels: int, **backbone_options: object
+    arch: str,
+    num_classes: int,
+    in_channels: int,
+    pretrained: str | None = None,
+    pretrained_head: bool = False,
+    **backbone_options: object,
 ) -> ImageClassifier:
-    """The model factory every config in `conf/model/` points at."""
+    """The model factory every config in `conf/model/` points at.
+
+    `pretrained` (torchvision weights name, posttrain checkpoint or state-dict file) is
+    loaded into the backbone; the head stays sized to `num_classes`.
+    """
     require_choice("model.arch", arch, BACKBONES)
     factory = BACKBONES[arch]
     require_known_options(factory, {"in_channels": in_channels, **backbone_options}, "model")
     features, feature_dim = factory(in_channels, **backbone_options)
-    return ImageClassifier(features, feature_dim, num_classes)
+    model = ImageClassifier(features, feature_dim, num_classes)
+    if pretrained:
+        from posttrain.models.pretrained import load_pretrained
+
+        load_pretrained(model, pretrained, arch, keep_head=pretrained_head)
+    return model

@@ -58,3 +58,47 @@ class L2Penalty:
 
     def describe(self) -> str:
         return f"l2 penalty, weight {self.weight:g}{one_d_note(self.include_1d)}"
+
+
+class L2SP:
+    """L2-SP (Li et al. 2018): `alpha/2 ||w - w_pretrained||^2` on the backbone plus
+    `beta/2 ||w||^2` on the new head, so fine-tuning stays near the starting point.
+
+    The reference is the backbone as it is when the regularizer is attached, i.e. right
+    after `model.pretrained` was loaded.
+    """
+
+    def __init__(self, alpha: float = 0.01, beta: float = 0.01, include_1d: bool = False) -> None:
+        self.alpha = check_weight("reg.l2sp.alpha", alpha)
+        self.beta = check_weight("reg.l2sp.beta", beta)
+        self.include_1d = include_1d
+        self.reference: dict[str, Tensor] = {}
+
+    def modify_model(self, model: nn.Module) -> None:
+        """Snapshot the starting backbone weights (nothing in the network changes)."""
+        self.reference = {
+            name: p.detach().clone()
+            for name, p in model.features.named_parameters()
+            if self.include_1d or p.ndim > 1
+        }
+
+    def penalty(self, model: nn.Module) -> Tensor:
+        require(bool(self.reference), "L2-SP needs its reference weights: attach it to a model.")
+        drift = []
+        for name, p in model.features.named_parameters():
+            if name in self.reference and p.requires_grad:
+                start = self.reference[name]
+                if start.device != p.device:
+                    start = self.reference[name] = start.to(p.device)
+                drift.append((p - start).pow(2).sum())
+        head = [p.pow(2).sum() for p in penalized_parameters(model.head, self.include_1d)]
+        zero = model.head.weight.new_zeros(())
+        backbone_term = torch.stack(drift).sum() if drift else zero
+        head_term = torch.stack(head).sum() if head else zero
+        return 0.5 * self.alpha * backbone_term + 0.5 * self.beta * head_term
+
+    def describe(self) -> str:
+        return (
+            f"l2sp: alpha={self.alpha:g} pulls {len(self.reference)} backbone tensors toward "
+            f"their starting (pretrained) values, beta={self.beta:g} L2 on the head"
+        )

@@ -1,0 +1,102 @@
+"""Fine-tuning policies: which backbone layers train, when, and at what learning rate.
+
+- `full`: every layer trains from the start.
+- `linear_probe`: the backbone is frozen (weights and BatchNorm statistics); only the head
+  trains.
+- `gradual`: the backbone starts frozen and unfreezes at `unfreeze_at_epoch`, split into
+  `unfreeze_groups` layer groups released one per epoch from the top (closest to the head).
+
+The optimizer holds every parameter from the start (frozen ones simply get no gradient,
+and torch optimizers skip those), so unfreezing is only `requires_grad=True`: learning-rate
+schedules keep working and a resumed run re-applies the schedule for its epoch.
+`backbone_lr_factor` gives discriminative learning rates (backbone lr = factor x head lr);
+`freeze_bn_stats` keeps every backbone BatchNorm in inference mode (pretrained statistics),
+and frozen layers always keep theirs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+
+from posttrain.errors import require, require_choice, require_positive
+
+POLICIES = ("full", "linear_probe", "gradual")
+
+
+@dataclass(frozen=True)
+class FinetuneSettings:
+    """`method.finetune.*`, validated."""
+
+    policy: str = "full"
+    unfreeze_at_epoch: int = 0
+    unfreeze_groups: int = 1
+    backbone_lr_factor: float = 1.0
+    freeze_bn_stats: bool = False
+
+    def __post_init__(self) -> None:
+        require_choice("method.finetune.policy", self.policy, POLICIES)
+        require(
+            isinstance(self.unfreeze_at_epoch, int) and self.unfreeze_at_epoch >= 0,
+            f"`method.finetune.unfreeze_at_epoch` must be >= 0, got {self.unfreeze_at_epoch!r}.",
+        )
+        require_positive("method.finetune.unfreeze_groups", self.unfreeze_groups)
+        require_positive("method.finetune.backbone_lr_factor", self.backbone_lr_factor)
+
+    @property
+    def starts_frozen(self) -> bool:
+        return self.policy in ("linear_probe", "gradual")
+
+
+def layer_groups(backbone: nn.Module, count: int) -> list[list[nn.Module]]:
+    """The backbone's parameterized top-level layers in `count` contiguous groups, top first."""
+    layers = [m for m in backbone.children() if any(True for _ in m.parameters())]
+    layers = layers or [backbone]
+    count = min(count, len(layers))
+    size = -(-len(layers) // count)
+    groups = [layers[i : i + size] for i in range(0, len(layers), size)]
+    return list(reversed(groups))
+
+
+def set_trainable(module: nn.Module, trainable: bool) -> None:
+    for parameter in module.parameters():
+        parameter.requires_grad_(trainable)
+
+
+def keep_frozen_norms_in_eval(backbone: nn.Module, all_norms: bool) -> None:
+    """BatchNorm layers that are frozen (or all, with `freeze_bn_stats`) use running stats."""
+    for module in backbone.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            frozen = not any(p.requires_grad for p in module.parameters(recurse=False))
+            if all_norms or frozen:
+                module.eval()
+
+
+class FreezeSchedule(Callback):
+    """Freezes the backbone when fitting starts and releases it on the policy's schedule."""
+
+    def __init__(self, settings: FinetuneSettings) -> None:
+        self.settings = settings
+
+    def released_groups(self, epoch: int, total: int) -> int:
+        """How many layer groups (from the top) train in `epoch`."""
+        if self.settings.policy != "gradual":
+            return 0
+        return max(0, min(total, epoch - self.settings.unfreeze_at_epoch + 1))
+
+    def apply(self, pl_module: Any, epoch: int) -> None:
+        groups = layer_groups(pl_module.model.features, self.settings.unfreeze_groups)
+        released = self.released_groups(epoch, len(groups))
+        for index, group in enumerate(groups):
+            for layer in group:
+                set_trainable(layer, index < released)
+        pl_module.train(pl_module.training)  # re-applies the BatchNorm modes
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        self.apply(pl_module, trainer.current_epoch)
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        self.apply(pl_module, trainer.current_epoch)

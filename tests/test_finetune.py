@@ -1,0 +1,277 @@
+"""Pretrained weights from every source, fine-tuning policies, discriminative LRs, L2-SP."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from posttrain.errors import PosttrainError
+from posttrain.methods.finetune import FinetuneSettings
+from posttrain.models import build_classifier
+from posttrain.models.pretrained import load_pretrained
+from posttrain.regularizers.penalties import L2SP
+from posttrain.train import train
+from tests.fixtures import write_cifar, write_malicious_checkpoint
+
+CPU = ["trainer.accelerator=cpu", "logger=none", "callbacks.progress_bar=null"]
+
+
+def place_torchvision_weights(torch_home: Path, arch: str, monkeypatch) -> dict:
+    """Put a state dict where torchvision's download would cache `arch`'s DEFAULT weights."""
+    from torchvision import models
+
+    monkeypatch.setenv("TORCH_HOME", str(torch_home))
+    weights = models.get_model_weights(arch).DEFAULT
+    torch.manual_seed(123)
+    state = models.get_model(arch, weights=None).state_dict()
+    cache = torch_home / "hub" / "checkpoints"
+    cache.mkdir(parents=True, exist_ok=True)
+    torch.save(state, cache / Path(weights.url).name)
+    return state
+
+
+def test_imagenet_name_loads_from_the_torch_hub_cache(tmp_path, monkeypatch, caplog) -> None:
+    state = place_torchvision_weights(tmp_path / "torch", "resnet18", monkeypatch)
+    with caplog.at_level(logging.INFO, logger="posttrain"):
+        model = build_classifier("resnet18", num_classes=7, in_channels=3, pretrained="imagenet")
+    assert torch.equal(model.features.layer4[1].conv2.weight, state["layer4.1.conv2.weight"])
+    assert model.head.out_features == 7
+    assert "head replaced" in caplog.text and "(1000, 512)" in caplog.text
+
+
+def test_grayscale_model_adapts_the_rgb_stem(tmp_path, monkeypatch, caplog) -> None:
+    state = place_torchvision_weights(tmp_path / "torch", "resnet18", monkeypatch)
+    with caplog.at_level(logging.INFO, logger="posttrain"):
+        model = build_classifier("resnet18", num_classes=3, in_channels=1, pretrained="imagenet")
+    expected = state["conv1.weight"].sum(dim=1, keepdim=True)
+    assert torch.allclose(model.features.conv1.weight, expected)
+    assert "3 -> 1 input channels" in caplog.text
+
+
+def test_unknown_weights_name_and_missing_file_are_clear() -> None:
+    with pytest.raises(PosttrainError, match="valid names: imagenet, IMAGENET1K_V1"):
+        build_classifier("resnet18", 10, 3, pretrained="imagenet22k")
+    with pytest.raises(PosttrainError, match="does not exist"):
+        build_classifier("resnet18", 10, 3, pretrained="/no/such/weights.pt")
+
+
+def test_plain_state_dicts_in_both_layouts(tmp_path) -> None:
+    from torchvision import models
+
+    source = build_classifier("small_cnn", num_classes=10, in_channels=1)
+    torch.save(source.state_dict(), tmp_path / "ours.pt")
+    model = build_classifier("small_cnn", 4, 1, pretrained=str(tmp_path / "ours.pt"))
+    assert torch.equal(model.features[0][0].weight, source.features[0][0].weight)
+    resnet = models.resnet18().state_dict()
+    torch.save(resnet, tmp_path / "tv.pth")
+    model = build_classifier("resnet18", 4, 3, pretrained=str(tmp_path / "tv.pth"))
+    assert torch.equal(model.features.conv1.weight, resnet["conv1.weight"])
+
+
+def test_key_mismatches_are_reported_not_ignored(tmp_path, caplog) -> None:
+    source = build_classifier("small_cnn", num_classes=10, in_channels=1).state_dict()
+    del source["features.6.0.weight"]
+    source["features.99.weight"] = torch.zeros(3)
+    torch.save(source, tmp_path / "partial.pt")
+    with caplog.at_level(logging.INFO, logger="posttrain"):
+        load_pretrained(
+            build_classifier("small_cnn", 10, 1), str(tmp_path / "partial.pt"), "small_cnn"
+        )
+    assert "missing from the source" in caplog.text and "features.6.0.weight" in caplog.text
+    assert "not in the model" in caplog.text and "features.99.weight" in caplog.text
+
+
+def test_weights_of_another_architecture_are_refused(tmp_path) -> None:
+    from torchvision import models
+
+    torch.save(models.resnet18().state_dict(), tmp_path / "resnet.pt")
+    with pytest.raises(PosttrainError, match="shares no backbone weights"):
+        build_classifier("small_cnn", 10, 3, pretrained=str(tmp_path / "resnet.pt"))
+
+
+def test_pickle_that_runs_code_is_refused(tmp_path) -> None:
+    evil = write_malicious_checkpoint(tmp_path / "evil.pt")
+    with pytest.raises(PosttrainError, match=r"model\.pretrained.*refused"):
+        build_classifier("small_cnn", 10, 1, pretrained=str(evil))
+
+
+@pytest.fixture(scope="module")
+def pretrained_digits(tmp_path_factory) -> Path:
+    """A real posttrain checkpoint: the small CNN after 2 short epochs on digits 0-4."""
+    from tests.conftest import compose_config
+
+    out = tmp_path_factory.mktemp("pretrain") / "run"
+    train(compose_config(out, ["experiment=digits_pretrain", "debug=limit", *CPU]))
+    return out / "checkpoints" / "best.ckpt"
+
+
+def test_posttrain_checkpoint_is_a_pretrained_source(pretrained_digits: Path) -> None:
+    checkpoint = torch.load(pretrained_digits, weights_only=True)
+    model = build_classifier("small_cnn", 5, 1, pretrained=str(pretrained_digits))
+    expected = checkpoint["state_dict"]["model.features.0.0.weight"]
+    assert torch.equal(model.features[0][0].weight, expected)
+    assert not torch.equal(model.head.weight, checkpoint["state_dict"]["model.head.weight"])
+    kept = build_classifier(
+        "small_cnn", 5, 1, pretrained=str(pretrained_digits), pretrained_head=True
+    )
+    assert torch.equal(kept.head.weight, checkpoint["state_dict"]["model.head.weight"])
+
+
+class Recorder:
+    """Snapshots of backbone state per epoch, read by the freezing tests."""
+
+    def __new__(cls):
+        from lightning.pytorch.callbacks import Callback
+
+        class _Recorder(Callback):
+            def __init__(self) -> None:
+                self.trainable: list[bool] = []
+
+            def on_train_epoch_end(self, trainer, pl_module) -> None:
+                features = pl_module.model.features
+                self.trainable.append(any(p.requires_grad for p in features.parameters()))
+
+        return _Recorder()
+
+
+def transfer_run(make_config, pretrained: Path, *overrides: str):
+    from posttrain.runs import build_components, build_trainer
+
+    cfg = make_config(
+        "experiment=digits_transfer",
+        f"model.pretrained={pretrained}",
+        "debug=limit",
+        *CPU,
+        *overrides,
+    )
+    datamodule, method = build_components(cfg)
+    recorder = Recorder()
+    trainer = build_trainer(cfg, extra_callbacks=[recorder])
+    before = {k: v.clone() for k, v in method.model.state_dict().items()}
+    trainer.fit(method, datamodule=datamodule)
+    return method, before, recorder.trainable
+
+
+def test_linear_probe_really_freezes(make_config, pretrained_digits) -> None:
+    method, before, trainable = transfer_run(
+        make_config,
+        pretrained_digits,
+        "method.finetune.policy=linear_probe",
+        "trainer.max_epochs=2",
+    )
+    after = method.model.state_dict()
+    backbone = [k for k in after if k.startswith("features.")]
+    assert all(torch.equal(before[k], after[k]) for k in backbone)  # weights and BN statistics
+    assert not torch.equal(before["head.weight"], after["head.weight"])
+    assert trainable == [False, False]
+
+
+def test_full_finetuning_changes_the_backbone(make_config, pretrained_digits) -> None:
+    method, before, trainable = transfer_run(
+        make_config, pretrained_digits, "method.finetune.policy=full"
+    )
+    after = method.model.state_dict()
+    assert not all(torch.equal(before[k], after[k]) for k in after if k.startswith("features."))
+    assert trainable == [True, True]
+
+
+def test_gradual_unfreezing_happens_at_the_right_epoch(make_config, pretrained_digits) -> None:
+    _, _, trainable = transfer_run(
+        make_config,
+        pretrained_digits,
+        "method.finetune.policy=gradual",
+        "method.finetune.unfreeze_at_epoch=2",
+        "trainer.max_epochs=4",
+    )
+    assert trainable == [False, False, True, True]
+
+
+def test_gradual_unfreezes_layer_groups_from_the_top() -> None:
+    from posttrain.methods.finetune import FreezeSchedule, layer_groups
+
+    model = build_classifier("small_cnn", 5, 1)
+    module = nn.Module()
+    module.model = model
+    schedule = FreezeSchedule(
+        FinetuneSettings(policy="gradual", unfreeze_at_epoch=1, unfreeze_groups=3)
+    )
+    groups = layer_groups(model.features, 3)
+    states = []
+    for epoch in range(5):
+        schedule.apply(module, epoch)
+        states.append([all(p.requires_grad for m in g for p in m.parameters()) for g in groups])
+    assert states == [
+        [False] * 3,
+        [True, False, False],
+        [True, True, False],
+        [True] * 3,
+        [True] * 3,
+    ]
+    assert groups[0][-1] is model.features[-3]  # the top conv block is released first
+
+
+def test_discriminative_learning_rates(make_config, pretrained_digits) -> None:
+    from posttrain.runs import build_components
+
+    cfg = make_config(
+        "experiment=digits_transfer",
+        f"model.pretrained={pretrained_digits}",
+        "method.finetune.backbone_lr_factor=0.1",
+        "optimizer.lr=0.01",
+        *CPU,
+    )
+    _, method = build_components(cfg)
+    from posttrain.methods.optim import build_optimizer
+
+    built = build_optimizer(
+        method.named_parameters(), method.hparams.optimizer, lr_scale=method.backbone_lr_scale
+    )
+    head_ids = {id(p) for p in method.model.head.parameters()}
+    for group in built.param_groups:
+        is_head = all(id(p) in head_ids for p in group["params"])
+        assert group["lr"] == pytest.approx(0.01 if is_head else 0.001)
+
+
+def test_l2sp_is_zero_at_the_start_and_grows_away() -> None:
+    model = build_classifier("small_cnn", 5, 1)
+    l2sp = L2SP(alpha=1.0, beta=0.0)
+    l2sp.modify_model(model)
+    assert float(l2sp.penalty(model)) == 0.0
+    distances = []
+    for step in (0.01, 0.1):
+        with torch.no_grad():
+            for name, p in model.features.named_parameters():
+                if name in l2sp.reference:
+                    p.copy_(l2sp.reference[name] + step)
+        distances.append(float(l2sp.penalty(model)))
+    assert 0 < distances[0] < distances[1]
+    assert distances[1] == pytest.approx(100 * distances[0], rel=1e-4)
+    with_head = L2SP(alpha=0.0, beta=1.0)
+    with_head.modify_model(model)
+    assert float(with_head.penalty(model)) == pytest.approx(
+        0.5 * float(model.head.weight.pow(2).sum()), rel=1e-5
+    )
+
+
+@pytest.mark.slow
+def test_cifar10_resnet50_recipe_runs_offline(make_config, tmp_path, monkeypatch) -> None:
+    place_torchvision_weights(tmp_path / "torch", "resnet50", monkeypatch)
+    write_cifar(tmp_path / "cifar")
+    cfg = make_config(
+        "experiment=cifar10_resnet50_finetune",
+        "trainer=cpu",
+        "trainer.precision=32-true",
+        "trainer.fast_dev_run=true",
+        f"data.root={tmp_path / 'cifar'}",
+        "data.download=false",
+        "data.image_size=64",
+        "data.batch_size=4",
+        "logger=none",
+    )
+    assert cfg.model.pretrained == "imagenet" and cfg.reg.augment.flip
+    metrics = train(cfg)
+    assert 0.0 <= metrics["test/acc"] <= 1.0
