@@ -11,15 +11,10 @@ to `reg=none` in units of its std. Writes outputs/bench/regularization.json.
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "outputs" / "bench"
+from benchmarks.common import OUT, QUIET, grouped_metrics, mean_std, run_train, write_result
 
 # One multirun per setting family: (label, overrides). Strength lists sweep inside a family.
 SETTINGS: list[tuple[str, list[str]]] = [
@@ -33,42 +28,14 @@ SETTINGS: list[tuple[str, list[str]]] = [
 
 
 def run_family(label: str, overrides: list[str], seeds: str, extra: list[str], sweep: Path) -> None:
-    command = [
-        sys.executable,
-        str(ROOT / "train.py"),
-        "-m",
-        "experiment=digits_lowdata",
-        f"seed={seeds}",
-        *overrides,
-        *extra,
-        "logger=none",
-        "callbacks.progress_bar=null",
-        f"hydra.sweep.dir={sweep / label}",
-    ]
-    print(f"[{label}] {' '.join(command[2:])}", flush=True)
-    subprocess.run(command, cwd=ROOT, check=True, capture_output=True, text=True)
+    args = ["-m", "experiment=digits_lowdata", f"seed={seeds}", *overrides, *extra, *QUIET]
+    run_train([*args, f"hydra.sweep.dir={sweep / label}"], label)
 
 
 def setting_name(overrides: dict[str, str]) -> str:
     """The reg part of a job's overrides, e.g. `l2 weight=1e-3` (seed excluded)."""
     knobs = [f"{k.split('.', 2)[-1]}={v}" for k, v in overrides.items() if k.startswith("reg.")]
     return " ".join([overrides.get("reg", "none"), *knobs])
-
-
-def collect(sweep: Path) -> dict[str, list[dict[str, float]]]:
-    """Completed jobs' metrics grouped by regularization setting, over every family sweep."""
-    from posttrain.report import collect as collect_jobs
-
-    results: dict[str, list[dict[str, float]]] = {}
-    for family in sorted(p for p in sweep.iterdir() if p.is_dir()):
-        for row in collect_jobs(family):
-            if row.status == "completed":
-                results.setdefault(setting_name(row.overrides), []).append(row.metrics)
-    return results
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def summarize(results: dict[str, list[dict[str, float]]]) -> list[dict[str, float | str]]:
@@ -119,9 +86,8 @@ def main(argv: list[str] | None = None) -> None:
     for label, overrides in SETTINGS:
         if not args.collect_only and (args.only is None or label in args.only):
             run_family(label, overrides, args.seeds, args.extra, sweep)
-    rows = summarize(collect(sweep))
+    rows = summarize(grouped_metrics(sweep, setting_name))
     print_table(rows)
-    OUT.mkdir(parents=True, exist_ok=True)
     payload = {
         "sweep_dir": str(sweep),
         "seeds": args.seeds,
@@ -129,8 +95,7 @@ def main(argv: list[str] | None = None) -> None:
         "wall_seconds": round(time.time() - started, 1),
         "rows": rows,
     }
-    (OUT / "regularization.json").write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"\nwrote {OUT / 'regularization.json'} (jobs in {sweep})")
+    print(f"\nwrote {write_result('regularization', payload)} (jobs in {sweep})")
 
 
 if __name__ == "__main__":

@@ -72,3 +72,20 @@ def write_malicious_checkpoint(path: Path) -> Path:
 
     torch.save({"state_dict": {}, "payload": RunsCode()}, path)
     return path
+
+
+def write_omniglot(root: Path, alphabets: int = 2, characters: int = 4, drawers: int = 6) -> Path:
+    """omniglot-py/images_{background,evaluation}/<alphabet>/<character>/<n>.png, 105x105."""
+    rng = np.random.default_rng(0)
+    for part in ("images_background", "images_evaluation"):
+        for a in range(alphabets):
+            for c in range(characters):
+                folder = root / "omniglot-py" / part / f"Alphabet_{a}" / f"character{c + 1:02d}"
+                folder.mkdir(parents=True)
+                stroke = rng.integers(10, 95, size=4)
+                for d in range(drawers):
+                    pixels = np.full((105, 105), 255, dtype=np.uint8)
+                    pixels[stroke[0] : stroke[1], stroke[2] : stroke[3]] = 0
+                    pixels[rng.integers(0, 105), :] = 0
+                    Image.fromarray(pixels, mode="L").save(folder / f"{d}.png")
+    return root

@@ -13,10 +13,10 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor
-from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from posttrain.data.sources import LabelledImages, SourceInfo, make_source
+from posttrain.data.transforms import channel_stats, normalize, to_model_input
 from posttrain.errors import require, require_fraction, require_positive
 
 BatchTransform = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
@@ -168,15 +168,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
             train = train.subset(per_class_subset(train.labels, self.samples_per_class, generator))
         self.splits = {"train": train, "val": val, "test": test}
         self.class_names = class_names
-        self._stats = self.channel_stats(train.images, generator)
-
-    def channel_stats(
-        self, images: Tensor, generator: torch.Generator, sample: int = 2048
-    ) -> tuple[Tensor, Tensor]:
-        """Per-channel mean/std of model inputs (after resizing), from a seeded sample."""
-        chosen = torch.randperm(len(images), generator=generator)[:sample]
-        pixels = self.to_model_input(images[chosen]).transpose(0, 1).flatten(1)
-        return pixels.mean(1), pixels.std(1).clamp_min(1e-3)
+        self._stats = channel_stats(train.images, self.image_size, generator)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         data = self.splits[split]
@@ -208,18 +200,11 @@ class ImageClassificationDataModule(L.LightningDataModule):
         return bool(trainer is not None and trainer.training)
 
     def to_model_input(self, images: Tensor) -> Tensor:
-        """uint8 (N, C, H, W) -> float in [0, 1] at `image_size`, before normalization."""
-        x = images.float().div(255)
-        if self.image_size is not None and tuple(x.shape[-2:]) != (self.image_size,) * 2:
-            x = F.interpolate(
-                x, size=self.image_size, mode="bilinear", align_corners=False, antialias=True
-            )
-        return x
+        return to_model_input(images, self.image_size)
 
     def normalize(self, x: Tensor) -> Tensor:
         assert self._stats is not None, "setup() computes the normalization statistics"
-        mean, std = (s.to(x.device).view(1, -1, 1, 1) for s in self._stats)
-        return (x - mean) / std
+        return normalize(x, self._stats)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> tuple[Tensor, Tensor]:
         images, labels = batch

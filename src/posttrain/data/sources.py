@@ -292,17 +292,19 @@ class ImageFolderSource:
     def prepare(self) -> None:
         return None
 
-    def _decode(self, path: Path) -> Tensor:
+    @staticmethod
+    def decode_file(path: Path, channels: int, size: int) -> Tensor:
+        """One image file -> uint8 (channels, size, size)."""
         from PIL import Image, UnidentifiedImageError
         from torchvision.transforms.v2 import functional as F
 
         try:
             with Image.open(path) as image:
-                image = image.convert("L" if self.channels == 1 else "RGB")
+                image = image.convert("L" if channels == 1 else "RGB")
                 tensor = F.pil_to_tensor(image)
         except (OSError, UnidentifiedImageError) as error:
             raise PosttrainError(f"Cannot read image file {path}: {error}.") from error
-        return F.resize(tensor, [self.size, self.size], antialias=True)
+        return F.resize(tensor, [size, size], antialias=True)
 
     def load(self) -> SourceData:
         images, labels = [], []
@@ -315,10 +317,78 @@ class ImageFolderSource:
                 f"Class folder {self.root / name} under `data.root` holds no images "
                 f"({', '.join(self.EXTENSIONS)}).",
             )
-            images += [self._decode(path) for path in files]
+            images += [self.decode_file(path, self.channels, self.size) for path in files]
             labels += [label] * len(files)
         data = LabelledImages(torch.stack(images), torch.tensor(labels, dtype=torch.long))
         return SourceData(data, None, self.class_names)
+
+
+class OmniglotSource:
+    """Omniglot (Lake et al.): 1,623 handwritten characters of 50 alphabets, 20 images each.
+
+    The standard few-shot protocol: the `background` alphabets (964 characters) are the
+    training pool, the `evaluation` alphabets (659) the test pool; images become
+    `size` x `size` (28). Downloading goes through torchvision; reading is ours, from the
+    extracted `omniglot-py/images_{background,evaluation}/<alphabet>/<character>/*.png`.
+    """
+
+    FOLDER = "omniglot-py"
+    PARTS: ClassVar[dict[str, bool]] = {"images_background": True, "images_evaluation": False}
+
+    def __init__(self, root: str | None, download: bool = True, size: int = 28) -> None:
+        require(root is not None, "Config key `data.root` must name a folder for Omniglot.")
+        require_positive("data.options.size", size)
+        self.root, self.download, self.size = Path(str(root)), download, size
+
+    def info(self) -> SourceInfo:
+        return SourceInfo(num_classes=1623, channels=1)
+
+    def prepare(self) -> None:
+        missing = [p for p in self.PARTS if not (self.root / self.FOLDER / p).is_dir()]
+        if not missing:
+            return
+        require(
+            self.download,
+            f"Omniglot is not in {self.root / self.FOLDER} (missing {', '.join(missing)}) and "
+            "`data.download` is false. Set `data.download=true` (needs internet) or point "
+            "`data.root` at the folder holding `omniglot-py/`.",
+        )
+        from torchvision import datasets
+
+        try:
+            for background in self.PARTS.values():
+                datasets.Omniglot(str(self.root), background=background, download=True)
+        except Exception as error:  # network failures come in many types
+            raise PosttrainError(
+                f"Downloading Omniglot into `data.root`={self.root} failed ({error}). Check the "
+                "internet connection or place the extracted `omniglot-py/` folder there."
+            ) from error
+
+    def _read_part(self, part: str, first_label: int) -> tuple[LabelledImages, list[str]]:
+        folder = self.root / self.FOLDER / part
+        characters = sorted(
+            c
+            for a in sorted(folder.iterdir())
+            if a.is_dir()
+            for c in sorted(a.iterdir())
+            if c.is_dir()
+        )
+        require(bool(characters), f"Omniglot folder {folder} holds no character folders.")
+        reader = ImageFolderSource.decode_file
+        images, labels = [], []
+        for offset, character in enumerate(characters):
+            files = sorted(character.glob("*.png"))
+            images += [reader(path, channels=1, size=self.size) for path in files]
+            labels += [first_label + offset] * len(files)
+        names = [f"{c.parent.name}/{c.name}" for c in characters]
+        data = LabelledImages(torch.stack(images), torch.tensor(labels, dtype=torch.long))
+        return data, names
+
+    def load(self) -> SourceData:
+        self.prepare()
+        train, train_names = self._read_part("images_background", 0)
+        test, test_names = self._read_part("images_evaluation", len(train_names))
+        return SourceData(train, test, train_names + test_names)
 
 
 SOURCES: dict[str, type] = {
@@ -326,6 +396,7 @@ SOURCES: dict[str, type] = {
     "fake": FakeSource,
     "cifar": CifarSource,
     "imagefolder": ImageFolderSource,
+    "omniglot": OmniglotSource,
 }
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from torch import Tensor, nn
-from torchmetrics import MetricCollection
+from torchmetrics import MaxMetric, MetricCollection
 from torchmetrics.classification import (
     MulticlassAccuracy,
     MulticlassCalibrationError,
@@ -94,3 +94,35 @@ def to_floats(values: dict[str, Any]) -> dict[str, float]:
 
 
 __all__ = ["SplitMetrics", "classification_metrics", "confusion_figure", "to_floats"]
+
+
+class ValidationTracker(nn.Module):
+    """`val/acc_best` (the default sweep objective) and `val/acc_gap` (train minus val
+    accuracy, the over-fitting signal), kept the same way by every method."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.best = MaxMetric()
+        self.last_val_acc: float | None = None
+
+    def after_validation(self, val_acc: Tensor) -> dict[str, Tensor]:
+        self.best.update(val_acc)
+        self.last_val_acc = float(val_acc)
+        return {"val/acc_best": self.best.compute()}
+
+    def gap(self, train_acc: Tensor) -> dict[str, Tensor]:
+        if self.last_val_acc is None:
+            return {}
+        return {"val/acc_gap": train_acc - self.last_val_acc}
+
+
+def check_finite(nonfinite: bool, epoch: int) -> None:
+    """Stop a run whose training loss became NaN/inf, keeping earlier checkpoints."""
+    from posttrain.errors import PosttrainError
+
+    if nonfinite:
+        raise PosttrainError(
+            f"Training diverged: the loss became NaN/inf in epoch {epoch}. Lower "
+            "`optimizer.lr` or the regularization strengths (`reg.*`); checkpoints of earlier "
+            "epochs are kept in the run folder."
+        )

@@ -119,3 +119,18 @@ def schedule_lengths(trainer: Any) -> tuple[int, int]:
     total = int(trainer.estimated_stepping_batches)
     epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else 1
     return total, max(1, total // epochs)
+
+
+def configure_optimization(
+    module: Any,
+    optimizer_config: dict[str, Any],
+    scheduler_config: dict[str, Any],
+    lr_scale: Callable[[str], float] | None = None,
+) -> Any:
+    """What a LightningModule's `configure_optimizers` returns, for every method."""
+    optimizer = build_optimizer(module.named_parameters(), optimizer_config, lr_scale)
+    total_steps, steps_per_epoch = schedule_lengths(module.trainer)
+    scheduler = build_scheduler(optimizer, scheduler_config, total_steps, steps_per_epoch)
+    if scheduler is None:
+        return optimizer
+    return {"optimizer": optimizer, "lr_scheduler": scheduler}

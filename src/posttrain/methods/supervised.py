@@ -13,12 +13,15 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torchmetrics import MaxMetric
 
-from posttrain.errors import PosttrainError
 from posttrain.methods.finetune import FinetuneSettings, FreezeSchedule, keep_frozen_norms_in_eval
-from posttrain.methods.metrics import SplitMetrics, confusion_figure
-from posttrain.methods.optim import build_optimizer, build_scheduler, schedule_lengths
+from posttrain.methods.metrics import (
+    SplitMetrics,
+    ValidationTracker,
+    check_finite,
+    confusion_figure,
+)
+from posttrain.methods.optim import configure_optimization
 from posttrain.regularizers import RegularizerSet
 
 
@@ -39,8 +42,7 @@ class SupervisedClassifier(L.LightningModule):
         self.regularizers = regularizers or RegularizerSet()
         self.finetune = FinetuneSettings(**(finetune or {}))
         self.metrics = SplitMetrics(num_classes=model.head.out_features)
-        self.val_acc_best = MaxMetric()
-        self.last_val_acc: float | None = None
+        self.tracker = ValidationTracker()
         self.nonfinite_loss = False
 
     def forward(self, x: Tensor) -> Tensor:
@@ -84,21 +86,13 @@ class SupervisedClassifier(L.LightningModule):
         values = self.metrics.compute_and_reset("val")
         if self.trainer.sanity_checking:
             return
-        self.val_acc_best.update(values["val/acc"])
-        values["val/acc_best"] = self.val_acc_best.compute()
-        self.last_val_acc = float(values["val/acc"])
+        values.update(self.tracker.after_validation(values["val/acc"]))
         self.log_dict(values, prog_bar=True)
 
     def on_train_epoch_end(self) -> None:
-        if self.nonfinite_loss:
-            raise PosttrainError(
-                f"Training diverged: the loss became NaN/inf in epoch {self.current_epoch}. "
-                "Lower `optimizer.lr` or the regularization strengths (`reg.*`); "
-                "checkpoints of earlier epochs are kept in the run folder."
-            )
+        check_finite(self.nonfinite_loss, self.current_epoch)
         values = self.metrics.compute_and_reset("train")
-        if self.last_val_acc is not None:
-            values["val/acc_gap"] = values["train/acc"] - self.last_val_acc
+        values.update(self.tracker.gap(values["train/acc"]))
         self.log_dict(values)
 
     def on_test_epoch_end(self) -> None:
@@ -127,11 +121,6 @@ class SupervisedClassifier(L.LightningModule):
         return self.finetune.backbone_lr_factor if name.startswith("model.features.") else 1.0
 
     def configure_optimizers(self) -> Any:
-        optimizer = build_optimizer(
-            self.named_parameters(), self.hparams.optimizer, lr_scale=self.backbone_lr_scale
+        return configure_optimization(
+            self, self.hparams.optimizer, self.hparams.scheduler, self.backbone_lr_scale
         )
-        total_steps, steps_per_epoch = schedule_lengths(self.trainer)
-        scheduler = build_scheduler(optimizer, self.hparams.scheduler, total_steps, steps_per_epoch)
-        if scheduler is None:
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": scheduler}

@@ -41,6 +41,20 @@ def small_cnn(in_channels: int, width: int = 32) -> tuple[nn.Module, int]:
     return features, 4 * width
 
 
+def convnet4(in_channels: int, hidden: int = 64) -> tuple[nn.Module, int]:
+    """The few-shot standard (Vinyals et al. 2016): 4 x [conv 3x3, BN, ReLU, max-pool 2].
+
+    Ends in global average pooling, which equals the usual flatten on 28x28 Omniglot (1x1
+    maps) and keeps the feature size independent of the input size elsewhere.
+    """
+    require_positive("model.hidden", hidden)
+    blocks = [
+        nn.Sequential(conv_block(c, hidden), nn.MaxPool2d(2))
+        for c in (in_channels, hidden, hidden, hidden)
+    ]
+    return nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten()), hidden
+
+
 TORCHVISION_RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 
 
@@ -68,6 +82,7 @@ def torchvision_resnet(
 
 BACKBONES: dict[str, Callable[..., tuple[nn.Module, int]]] = {
     "small_cnn": small_cnn,
+    "convnet4": convnet4,
     **{arch: partial(torchvision_resnet, arch) for arch in TORCHVISION_RESNETS},
 }
 

@@ -1,0 +1,49 @@
+"""Shared by the benchmark scripts: run the real CLI as multiruns, read their jobs back."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "outputs" / "bench"
+QUIET = ["logger=none", "callbacks.progress_bar=null"]
+
+
+def run_train(args: list[str], label: str) -> None:
+    """`python train.py <args>` from the repository root; fails loudly with its stderr."""
+    print(f"[{label}] python train.py {' '.join(args)}", flush=True)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, capture_output=True, text=True
+    )
+    if result.returncode != 0:
+        raise SystemExit(f"[{label}] failed:\n{result.stderr[-3000:]}")
+
+
+def grouped_metrics(
+    sweep_root: Path, key: Callable[[dict[str, str]], str]
+) -> dict[str, list[dict[str, float]]]:
+    """Metrics of completed jobs in every multirun under `sweep_root`, grouped by `key`."""
+    from posttrain.report import collect
+
+    groups: dict[str, list[dict[str, float]]] = {}
+    for family in sorted(p for p in sweep_root.iterdir() if p.is_dir()):
+        for row in collect(family):
+            if row.status == "completed":
+                groups.setdefault(key(row.overrides), []).append(row.metrics)
+    return groups
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def write_result(name: str, payload: dict) -> Path:
+    OUT.mkdir(parents=True, exist_ok=True)
+    path = OUT / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path

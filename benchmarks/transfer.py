@@ -1,0 +1,136 @@
+"""Transfer learning on digits: does a pretrained backbone help with few labels?
+
+Pretrains the small CNN on digits 0-4 (`experiment=digits_pretrain`), then trains on digits
+5-9 with K labelled images per class (`experiment=digits_transfer`) four ways: from scratch
+(its own best learning rate from a small grid, chosen on validation accuracy), linear probe,
+full fine-tuning, full fine-tuning with discriminative learning rates (backbone 0.1x) and
+full fine-tuning + L2-SP. Same epochs for all. Each seed draws its own K-shot subset
+(`data.seed=${seed}`). Prints mean ± std test accuracy per K; writes
+outputs/bench/transfer.json.
+
+    python -m benchmarks.transfer [--shots 1,5,20] [--seeds 0,1,2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from benchmarks.common import OUT, QUIET, grouped_metrics, mean_std, run_train, write_result
+
+SCRATCH_LRS = ("0.001", "0.003", "0.01")
+POLICIES: dict[str, list[str]] = {
+    "linear_probe": ["method.finetune.policy=linear_probe", "method.finetune.backbone_lr_factor=1"],
+    "full": ["method.finetune.policy=full", "method.finetune.backbone_lr_factor=1"],
+    "full_disc_lr": ["method.finetune.policy=full", "method.finetune.backbone_lr_factor=0.1"],
+    "full_l2sp": [
+        "method.finetune.policy=full",
+        "method.finetune.backbone_lr_factor=1",
+        "reg=l2sp",
+    ],
+}
+
+
+def run_all(sweep: Path, shots: str, seeds: str, pretrained: Path) -> None:
+    common = [
+        "-m",
+        "experiment=digits_transfer",
+        f"data.samples_per_class={shots}",
+        f"seed={seeds}",
+        "data.seed=${seed}",
+        *QUIET,
+    ]
+    scratch = [
+        "method=supervised",
+        "model.pretrained=null",
+        f"optimizer.lr={','.join(SCRATCH_LRS)}",
+    ]
+    run_train([*common, *scratch, f"hydra.sweep.dir={sweep / 'scratch'}"], "scratch")
+    for name, overrides in POLICIES.items():
+        args = [*common, f"model.pretrained={pretrained}", *overrides]
+        run_train([*args, f"hydra.sweep.dir={sweep / name}"], name)
+
+
+def job_key(overrides: dict[str, str]) -> str:
+    """`<setting>|<K>|<lr>` for a transfer job."""
+    if overrides.get("method") == "supervised":
+        setting = "scratch"
+    elif overrides.get("reg") == "l2sp":
+        setting = "full_l2sp"
+    elif overrides.get("method.finetune.policy") == "linear_probe":
+        setting = "linear_probe"
+    elif overrides.get("method.finetune.backbone_lr_factor") == "0.1":
+        setting = "full_disc_lr"
+    else:
+        setting = "full"
+    return f"{setting}|{overrides['data.samples_per_class']}|{overrides.get('optimizer.lr', '')}"
+
+
+def summarize(groups: dict[str, list[dict[str, float]]]) -> list[dict]:
+    """Mean ± std per (setting, K); scratch keeps only its best lr by mean val/acc_best."""
+    rows: dict[tuple[str, int], dict] = {}
+    for key, runs in groups.items():
+        setting, shots, lr = key.split("|")
+        test_mean, test_std = mean_std([m["test/acc"] for m in runs])
+        val_mean, _ = mean_std([m["val/acc_best"] for m in runs])
+        row = {
+            "setting": setting,
+            "shots": int(shots),
+            "lr": lr,
+            "seeds": len(runs),
+            "test_acc_mean": test_mean,
+            "test_acc_std": test_std,
+            "val_acc_mean": val_mean,
+        }
+        best = rows.get((setting, int(shots)))
+        if best is None or row["val_acc_mean"] > best["val_acc_mean"]:
+            rows[(setting, int(shots))] = row
+    return sorted(
+        rows.values(), key=lambda r: (r["shots"], r["setting"] != "scratch", r["setting"])
+    )
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"\n{'K':>3} {'setting':<14} {'test acc %':>14} {'Δ vs scratch':>13}  note")
+    scratch = {r["shots"]: r for r in rows if r["setting"] == "scratch"}
+    for r in rows:
+        base = scratch.get(r["shots"])
+        delta = 100 * (r["test_acc_mean"] - base["test_acc_mean"]) if base else float("nan")
+        note = f"best lr {r['lr']} of {','.join(SCRATCH_LRS)}" if r["setting"] == "scratch" else ""
+        print(
+            f"{r['shots']:>3} {r['setting']:<14} {100 * r['test_acc_mean']:>7.1f} ± "
+            f"{100 * r['test_acc_std']:<4.1f} {delta:>+12.1f}  {note}"
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--shots", default="1,5,20")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--sweep-dir", default=None)
+    parser.add_argument("--collect-only", action="store_true")
+    args = parser.parse_args(argv)
+    sweep = Path(args.sweep_dir or OUT / f"transfer_{time.strftime('%Y%m%d_%H%M%S')}")
+    started = time.time()
+    pretrained = sweep / "pretrain" / "checkpoints" / "best.ckpt"
+    if not args.collect_only:
+        run_train(
+            ["experiment=digits_pretrain", *QUIET, f"hydra.run.dir={sweep / 'pretrain'}"],
+            "pretrain",
+        )
+        run_all(sweep / "transfer", args.shots, args.seeds, pretrained)
+    rows = summarize(grouped_metrics(sweep / "transfer", job_key))
+    print_table(rows)
+    payload = {
+        "sweep_dir": str(sweep),
+        "shots": args.shots,
+        "seeds": args.seeds,
+        "wall_seconds": round(time.time() - started, 1),
+        "rows": rows,
+    }
+    print(f"\nwrote {write_result('transfer', payload)} (jobs in {sweep})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,233 @@
+"""Few-shot episodes: N-way K-shot tasks over disjoint class splits of any labelled source.
+
+Classes, not images, are split into meta-train / meta-val / meta-test (a source with its own
+test pool, like Omniglot's evaluation alphabets, gives meta-test its classes). An episode
+draws `ways` classes of one split and `shots + queries` images of each; labels inside an
+episode are 0..ways-1. Validation and test use a fixed, seeded list of episodes, so numbers
+compare from run to run; training episodes come from a seeded stream. Batches are
+(support images, support labels, query images, query labels) with a leading meta-batch
+dimension, resized and normalized on the device like every other DataModule.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from posttrain.data.sources import LabelledImages, SourceInfo, make_source
+from posttrain.data.transforms import channel_stats, normalize, to_model_input
+from posttrain.errors import require, require_fraction, require_positive
+
+Episode = tuple[Tensor, Tensor, Tensor, Tensor]
+SPLIT_IDS = {"train": 0, "val": 1, "test": 2}  # stable per-split seeds (str hash is salted)
+
+
+def with_rotations(data: LabelledImages) -> LabelledImages:
+    """Each class rotated by 0/90/180/270 degrees becomes 4 classes (the Omniglot protocol)."""
+    images = torch.cat([torch.rot90(data.images, k, dims=(-2, -1)) for k in range(4)])
+    labels = torch.cat([data.labels * 4 + k for k in range(4)])
+    return LabelledImages(images, labels)
+
+
+def split_classes(
+    classes: Tensor, fractions: tuple[float, float], generator: torch.Generator
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Shuffle class ids and cut them into (train, val, test) by the val/test fractions."""
+    shuffled = classes[torch.randperm(len(classes), generator=generator)]
+    n_val, n_test = (round(f * len(classes)) for f in fractions)
+    return shuffled[n_val + n_test :], shuffled[:n_val], shuffled[n_val : n_val + n_test]
+
+
+class ClassPool:
+    """The images of a set of classes, indexed per class for fast episode sampling."""
+
+    def __init__(self, data: LabelledImages, classes: Tensor) -> None:
+        self.images = data.images
+        self.classes = classes.sort().values
+        self.members = [(data.labels == c).nonzero().flatten() for c in self.classes]
+
+    def __len__(self) -> int:
+        return len(self.classes)
+
+    def episode(self, ways: int, shots: int, queries: int, generator: torch.Generator) -> Episode:
+        chosen = torch.randperm(len(self.classes), generator=generator)[:ways]
+        support, query = [], []
+        for position in chosen.tolist():
+            members = self.members[position]
+            picked = members[torch.randperm(len(members), generator=generator)[: shots + queries]]
+            support.append(picked[:shots])
+            query.append(picked[shots:])
+        support_labels = torch.arange(ways).repeat_interleave(shots)
+        query_labels = torch.arange(ways).repeat_interleave(queries)
+        return (
+            self.images[torch.cat(support)],
+            support_labels,
+            self.images[torch.cat(query)],
+            query_labels,
+        )
+
+
+class EpisodeStream(Dataset):
+    """`length` episodes of one split; fixed (seeded by index) or a seeded random stream."""
+
+    def __init__(
+        self, pool: ClassPool, shape: tuple[int, int, int], length: int, seed: int, fixed: bool
+    ) -> None:
+        self.pool, self.shape, self.length, self.seed, self.fixed = pool, shape, length, seed, fixed
+        self.stream = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> Episode:
+        generator = (
+            torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+            if self.fixed
+            else self.stream
+        )
+        return self.pool.episode(*self.shape, generator=generator)
+
+
+def stack_episodes(episodes: list[Episode]) -> Episode:
+    """Collate episodes into a meta-batch: every tensor gains a leading task dimension."""
+    return tuple(torch.stack(parts) for parts in zip(*episodes, strict=True))  # type: ignore[return-value]
+
+
+class EpisodicDataModule(L.LightningDataModule):
+    """N-way K-shot episodes (`ways`, `shots`, `queries`) from any registered source."""
+
+    def __init__(
+        self,
+        dataset: str = "digits",
+        root: str | None = None,
+        download: bool = False,
+        options: dict[str, Any] | None = None,
+        ways: int = 5,
+        shots: int = 1,
+        queries: int = 15,
+        train_ways: int | None = None,
+        meta_batch_size: int = 4,
+        train_episodes: int = 200,
+        val_episodes: int = 100,
+        test_episodes: int = 600,
+        val_fraction: float = 0.2,
+        test_fraction: float = 0.3,
+        rotations: bool = False,
+        image_size: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        for key, value in [
+            ("ways", ways),
+            ("shots", shots),
+            ("queries", queries),
+            ("meta_batch_size", meta_batch_size),
+            ("train_episodes", train_episodes),
+            ("val_episodes", val_episodes),
+            ("test_episodes", test_episodes),
+        ]:
+            require_positive(f"data.{key}", value)
+        require_positive("data.train_ways", train_ways, allow_none=True)
+        require_positive("data.image_size", image_size, allow_none=True)
+        require_fraction("data.val_fraction", val_fraction)
+        require_fraction("data.test_fraction", test_fraction)
+        self.source = make_source(dataset, root, download, dict(options or {}))
+        self.ways, self.shots, self.queries = ways, shots, queries
+        self.train_ways = train_ways or ways
+        self.meta_batch_size = meta_batch_size
+        self.lengths = {"train": train_episodes, "val": val_episodes, "test": test_episodes}
+        self.fractions = (val_fraction, test_fraction)
+        self.rotations, self.image_size, self.seed = rotations, image_size, seed
+        self.pools: dict[str, ClassPool] = {}
+        self.train_transforms: list[Any] = []
+        self._stats: tuple[Tensor, Tensor] | None = None
+
+    @property
+    def info(self) -> SourceInfo:
+        return self.source.info()
+
+    @property
+    def num_classes(self) -> int:
+        """What a model head must predict: the classes of one (training) episode."""
+        return self.train_ways
+
+    @property
+    def in_channels(self) -> int:
+        return self.info.channels
+
+    def prepare_data(self) -> None:
+        self.source.prepare()
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.pools:
+            return
+        require(
+            not self.train_transforms,
+            "Batch-transform regularizers (`reg=augment`, `mixup`, `cutmix`) do not apply to "
+            "few-shot episodes; use penalties, dropout or label smoothing with meta-learning.",
+        )
+        loaded = self.source.load()
+        generator = torch.Generator().manual_seed(self.seed)
+        pool, test = loaded.train, loaded.test
+        if self.rotations:
+            pool = with_rotations(pool)
+            test = with_rotations(test) if test is not None else None
+        if test is None:
+            train_ids, val_ids, test_ids = split_classes(
+                pool.labels.unique(), self.fractions, generator
+            )
+            test = pool
+        else:
+            train_ids, val_ids, _ = split_classes(
+                pool.labels.unique(), (self.fractions[0], 0.0), generator
+            )
+            test_ids = test.labels.unique()
+        self.pools = {
+            "train": ClassPool(pool, train_ids),
+            "val": ClassPool(pool, val_ids),
+            "test": ClassPool(test, test_ids),
+        }
+        for split, split_pool in self.pools.items():
+            ways = self.train_ways if split == "train" else self.ways
+            smallest = min(len(m) for m in split_pool.members) if len(split_pool) else 0
+            require(
+                len(split_pool) >= ways and smallest >= self.shots + self.queries,
+                f"The meta-{split} split has {len(split_pool)} classes (fewest images per class: "
+                f"{smallest}); a {ways}-way episode with `data.shots`+`data.queries`="
+                f"{self.shots + self.queries} needs at least {ways} classes with that many "
+                "images. Lower them, use `data.rotations=true`, or change the class fractions.",
+            )
+        self._stats = channel_stats(pool.images, self.image_size, generator)
+
+    def _loader(self, split: str) -> DataLoader:
+        ways = self.train_ways if split == "train" else self.ways
+        stream = EpisodeStream(
+            self.pools[split],
+            (ways, self.shots, self.queries),
+            self.lengths[split],
+            seed=self.seed * 10 + SPLIT_IDS[split],
+            fixed=split != "train",
+        )
+        return DataLoader(stream, batch_size=self.meta_batch_size, collate_fn=stack_episodes)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Episode:
+        assert self._stats is not None, "setup() computes the normalization statistics"
+        support, support_labels, query, query_labels = batch
+
+        def prepare(images: Tensor) -> Tensor:
+            return normalize(to_model_input(images, self.image_size), self._stats)
+
+        return prepare(support), support_labels, prepare(query), query_labels

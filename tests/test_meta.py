@@ -1,0 +1,232 @@
+"""Episodes, MAML (loop vs vmap, first- vs second-order), ProtoNet, and the meta CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch.func import functional_call
+from torch.nn import functional as F
+
+from posttrain.data.episodes import EpisodicDataModule
+from posttrain.errors import PosttrainError
+from posttrain.methods.meta import MAML, ProtoNet
+from posttrain.models import build_classifier
+from tests.conftest import run_cli
+from tests.fixtures import write_omniglot
+
+
+def episodes(**kwargs) -> EpisodicDataModule:
+    datamodule = EpisodicDataModule(**{"rotations": True, "image_size": 16, **kwargs})
+    datamodule.setup()
+    return datamodule
+
+
+def test_episode_shapes_and_labels() -> None:
+    datamodule = episodes(ways=5, shots=2, queries=3, meta_batch_size=4)
+    support, support_labels, query, query_labels = datamodule.on_after_batch_transfer(
+        next(iter(datamodule.train_dataloader())), 0
+    )
+    assert support.shape == (4, 10, 1, 16, 16) and query.shape == (4, 15, 1, 16, 16)
+    assert support_labels[0].tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    assert query_labels.shape == (4, 15) and int(query_labels.max()) == 4
+
+
+def test_class_splits_are_disjoint() -> None:
+    pools = episodes().pools
+    ids = {split: set(pool.classes.tolist()) for split, pool in pools.items()}
+    assert not ids["train"] & ids["val"] and not ids["train"] & ids["test"]
+    assert not ids["val"] & ids["test"]
+    assert sum(map(len, ids.values())) == 40  # 10 digits x 4 rotations
+
+
+def test_same_seed_same_episodes_and_fixed_evaluation() -> None:
+    first, second = episodes(seed=3), episodes(seed=3)
+    for loader in ("train_dataloader", "test_dataloader"):
+        a = next(iter(getattr(first, loader)()))
+        b = next(iter(getattr(second, loader)()))
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    again = next(iter(first.test_dataloader()))
+    assert torch.equal(again[0], next(iter(first.test_dataloader()))[0])
+    train_stream = iter(first.train_dataloader())
+    assert not torch.equal(next(train_stream)[0], next(train_stream)[0])
+
+
+def test_too_few_classes_is_a_clear_error() -> None:
+    with pytest.raises(PosttrainError, match="meta-val split has"):
+        episodes(rotations=False, ways=5)
+
+
+def test_omniglot_folder_format(tmp_path: Path) -> None:
+    write_omniglot(tmp_path)
+    datamodule = EpisodicDataModule(
+        dataset="omniglot",
+        root=str(tmp_path),
+        ways=3,
+        shots=1,
+        queries=2,
+        rotations=True,
+        val_fraction=0.25,
+        test_fraction=0.0,
+        options={"size": 28},
+    )
+    datamodule.setup()
+    assert len(datamodule.pools["test"]) == 8 * 4  # evaluation alphabets, rotated
+    assert len(datamodule.pools["train"]) + len(datamodule.pools["val"]) == 8 * 4
+    support = next(iter(datamodule.test_dataloader()))[0]
+    assert support.shape[-3:] == (1, 28, 28)
+
+
+def tiny_meta_batch(
+    tasks: int = 3, ways: int = 3, shots: int = 2, queries: int = 4, batch_norm: bool = True
+):
+    torch.manual_seed(0)
+    if batch_norm:
+        model = build_classifier("convnet4", num_classes=ways, in_channels=1, hidden=8)
+    else:  # the same shape of network without BatchNorm
+        from torch import nn
+
+        from posttrain.models.backbones import ImageClassifier
+
+        features = nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(8, 8, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
+        model = ImageClassifier(features, 8, ways)
+    support = torch.randn(tasks, ways * shots, 1, 16, 16)
+    query = torch.randn(tasks, ways * queries, 1, 16, 16)
+    support_labels = torch.arange(ways).repeat_interleave(shots).expand(tasks, -1)
+    query_labels = torch.arange(ways).repeat_interleave(queries).expand(tasks, -1)
+    return model, support, support_labels, query, query_labels
+
+
+def outer_gradients(form: str, first_order: bool, batch_norm: bool = True) -> list[torch.Tensor]:
+    model, support, support_labels, query, query_labels = tiny_meta_batch(batch_norm=batch_norm)
+    maml = MAML(inner_steps=2, inner_lr=0.1, first_order=first_order, inner_loop=form)
+    maml.prepare(model)
+    logits = maml(model, support, support_labels, query, 3, training=True)
+    F.cross_entropy(logits.flatten(0, 1), query_labels.flatten()).backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize(
+    ("first_order", "batch_norm"), [(True, True), (True, False), (False, False)]
+)
+def test_vmap_and_loop_give_the_same_gradients(first_order: bool, batch_norm: bool) -> None:
+    loop = outer_gradients("loop", first_order, batch_norm)
+    vmapped = outer_gradients("vmap", first_order, batch_norm)
+    for a, b in zip(loop, vmapped, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_second_order_loop_matches_finite_differences() -> None:
+    model, support, support_labels, query, query_labels = tiny_meta_batch(tasks=2)
+    maml = MAML(inner_steps=1, inner_lr=0.5, inner_loop="loop")
+    maml.prepare(model)
+    model.double()
+
+    def meta_loss() -> torch.Tensor:
+        logits = maml(model, support.double(), support_labels, query.double(), 3, training=True)
+        return F.cross_entropy(logits.flatten(0, 1), query_labels.flatten())
+
+    weight = model.features[0][0][0].weight
+    (analytic,) = torch.autograd.grad(meta_loss(), weight)
+    index, eps = (1, 0, 1, 1), 1e-6
+    with torch.no_grad():
+        weight[index] += eps
+    upper = float(meta_loss())
+    with torch.no_grad():
+        weight[index] -= 2 * eps
+    lower = float(meta_loss())
+    assert analytic[index].item() == pytest.approx((upper - lower) / (2 * eps), rel=1e-5)
+
+
+def test_vmap_second_order_with_batch_norm_is_refused() -> None:
+    model = tiny_meta_batch()[0]
+    with pytest.raises(PosttrainError, match="inner_loop=vmap"):
+        MAML(first_order=False, inner_loop="vmap").prepare(model)
+    assert MAML(first_order=False).form(torch.device("cuda")) == "loop"
+
+
+def test_first_order_drops_only_the_second_order_term() -> None:
+    model, support, support_labels, query, query_labels = tiny_meta_batch(tasks=1)
+    maml = MAML(inner_steps=1, inner_lr=0.1, first_order=True, inner_loop="loop")
+    maml.prepare(model)
+    params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
+    adapted = maml.adapt_loop(model, params, buffers, support[0], support_labels[0], 1, False)
+    adapted = {n: p.detach().requires_grad_() for n, p in adapted.items()}
+    query_loss = F.cross_entropy(
+        functional_call(model, (adapted, buffers), (query[0],)), query_labels[0]
+    )
+    expected = torch.autograd.grad(query_loss, list(adapted.values()))
+    fomaml = outer_gradients("loop", first_order=True)
+    second = outer_gradients("loop", first_order=False)
+    one_task = MAML(inner_steps=1, inner_lr=0.1, first_order=True, inner_loop="loop")
+    model.zero_grad()
+    logits = one_task(model, support, support_labels, query, 3, training=True)
+    F.cross_entropy(logits.flatten(0, 1), query_labels.flatten()).backward()
+    for got, want in zip((p.grad for p in model.parameters()), expected, strict=True):
+        torch.testing.assert_close(got, want)  # FOMAML = query gradient at the adapted point
+    assert any(not torch.allclose(a, b) for a, b in zip(fomaml, second, strict=True))
+
+
+def test_one_inner_step_reduces_the_support_loss() -> None:
+    model, support, support_labels, _, _ = tiny_meta_batch(tasks=1)
+    maml = MAML(inner_steps=1, inner_lr=0.1, inner_loop="loop")
+    maml.prepare(model)
+    params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
+
+    def support_loss(weights):
+        logits = functional_call(model, (weights, buffers), (support[0],))
+        return float(F.cross_entropy(logits, support_labels[0]))
+
+    adapted = maml.adapt_loop(model, params, buffers, support[0], support_labels[0], 1, False)
+    assert support_loss(adapted) < support_loss(params)
+
+
+def test_protonet_separates_a_trivial_task() -> None:
+    torch.manual_seed(0)
+    model = build_classifier("convnet4", num_classes=3, in_channels=1, hidden=8).eval()
+    centers = torch.tensor([-3.0, 0.0, 3.0]).view(3, 1, 1, 1)
+    support = (centers.repeat_interleave(2, 0) + 0.01 * torch.randn(6, 1, 16, 16)).unsqueeze(0)
+    query = (centers.repeat_interleave(5, 0) + 0.01 * torch.randn(15, 1, 16, 16)).unsqueeze(0)
+    labels = torch.arange(3).repeat_interleave(2).unsqueeze(0)
+    with torch.no_grad():
+        logits = ProtoNet()(model, support, labels, query, 3, training=False)
+    accuracy = (logits.argmax(-1) == torch.arange(3).repeat_interleave(5)).float().mean()
+    assert accuracy == 1.0
+
+
+def test_meta_method_with_plain_data_is_a_clear_error(make_config) -> None:
+    from posttrain.train import train
+
+    cfg = make_config("method=protonet", "model=convnet4", "trainer.fast_dev_run=true")
+    with pytest.raises(PosttrainError, match="data=episodes_digits"):
+        train(cfg)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("experiment", ["digits_protonet", "digits_maml"])
+def test_cli_meta_trains_a_few_steps(tmp_path: Path, experiment: str) -> None:
+    import json
+
+    result = run_cli(
+        "train.py",
+        f"experiment={experiment}",
+        "trainer.max_epochs=1",
+        "data.train_episodes=16",
+        "data.val_episodes=8",
+        "data.test_episodes=20",
+        "logger=csv",
+        f"hydra.run.dir={tmp_path}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["test/episodes"] == 20 and 0.2 <= metrics["test/acc"] <= 1.0
+    assert metrics["test/acc_ci95"] > 0
