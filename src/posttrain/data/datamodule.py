@@ -16,6 +16,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from posttrain.data.sources import LabelledImages, SourceInfo, make_source
+from posttrain.data.targets import derive_targets, parse_tasks
 from posttrain.data.transforms import channel_stats, normalize, to_model_input
 from posttrain.errors import require, require_fraction, require_positive
 
@@ -23,20 +24,28 @@ BatchTransform = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
 class InMemoryDataset(Dataset):
-    """Indexable (image, label) pairs whose `__getitems__` returns a ready batch."""
+    """Indexable (image, target) pairs whose `__getitems__` returns a ready batch.
 
-    def __init__(self, data: LabelledImages) -> None:
-        self.data = data
+    The target is the label, or a dict of per-task targets when `task_targets` is given.
+    """
+
+    def __init__(self, data: LabelledImages, task_targets: dict[str, Tensor] | None = None) -> None:
+        self.data, self.task_targets = data, task_targets
 
     def __len__(self) -> int:
         return len(self.data)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
-        return self.data.images[index], self.data.labels[index]
+    def targets(self, index: Tensor | int) -> Any:
+        if self.task_targets is None:
+            return self.data.labels[index]
+        return {name: values[index] for name, values in self.task_targets.items()}
 
-    def __getitems__(self, indices: Sequence[int]) -> tuple[Tensor, Tensor]:
+    def __getitem__(self, index: int) -> tuple[Tensor, Any]:
+        return self.data.images[index], self.targets(index)
+
+    def __getitems__(self, indices: Sequence[int]) -> tuple[Tensor, Any]:
         index = torch.as_tensor(indices)
-        return self.data.images[index], self.data.labels[index]
+        return self.data.images[index], self.targets(index)
 
 
 def keep_batch(batch: Any) -> Any:
@@ -95,6 +104,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         classes: list[int] | None = None,
+        targets: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         require_positive("data.batch_size", batch_size)
@@ -109,6 +119,8 @@ class ImageClassificationDataModule(L.LightningDataModule):
         )
         self.source = make_source(dataset, root, download, dict(options or {}))
         self.classes = self.check_classes(classes)
+        self.tasks = parse_tasks(dict(targets)) if targets else None
+        self.task_targets: dict[str, dict[str, Tensor]] = {}
         self.image_size = image_size
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
@@ -167,6 +179,17 @@ class ImageClassificationDataModule(L.LightningDataModule):
         if self.samples_per_class is not None:
             train = train.subset(per_class_subset(train.labels, self.samples_per_class, generator))
         self.splits = {"train": train, "val": val, "test": test}
+        if self.tasks is not None:
+            self.task_targets = {
+                split: derive_targets(
+                    data.labels,
+                    self.num_classes,
+                    self.tasks,
+                    generator,
+                    apply_missing=split == "train",
+                )
+                for split, data in self.splits.items()
+            }
         self.class_names = class_names
         self._stats = channel_stats(train.images, self.image_size, generator)
 
@@ -178,7 +201,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
             "use more data.",
         )
         return DataLoader(
-            InMemoryDataset(data),
+            InMemoryDataset(data, self.task_targets.get(split)),
             batch_size=self.batch_size if split == "train" else self.eval_batch_size,
             shuffle=shuffle,
             collate_fn=keep_batch,

@@ -1,0 +1,121 @@
+"""Multi-task learning: heads per task, loss weighting, masked targets, the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from posttrain.data import ImageClassificationDataModule
+from posttrain.errors import PosttrainError
+from posttrain.methods.multitask import MultiTaskClassifier, masked_cross_entropy
+from posttrain.models import build_classifier
+from tests.conftest import run_cli
+
+TASKS = {"digit": {"target": "label"}, "parity": {"target": "parity"}, "large": {"target": "large"}}
+OPTIMIZER = {"name": "adamw", "lr": 0.01}
+
+
+def method(weighting: str = "equal") -> MultiTaskClassifier:
+    torch.manual_seed(0)
+    model = build_classifier("small_cnn", num_classes=10, in_channels=1, width=8)
+    return MultiTaskClassifier(model, OPTIMIZER, {"name": "none"}, tasks=TASKS, weighting=weighting)
+
+
+def test_targets_are_derived_from_the_label() -> None:
+    datamodule = ImageClassificationDataModule(targets=TASKS)
+    datamodule.setup()
+    targets = datamodule.task_targets["test"]
+    labels = datamodule.splits["test"].labels
+    assert torch.equal(targets["digit"], labels)
+    assert torch.equal(targets["parity"], labels % 2)
+    assert torch.equal(targets["large"], (labels >= 5).long())
+
+
+def test_one_head_per_task_with_the_right_sizes() -> None:
+    learner = method()
+    outputs = learner(torch.randn(4, 1, 16, 16))
+    assert {k: tuple(v.shape) for k, v in outputs.items()} == {
+        "digit": (4, 10),
+        "parity": (4, 2),
+        "large": (4, 2),
+    }
+
+
+def test_masked_targets_contribute_no_gradient() -> None:
+    logits = torch.randn(4, 3, requires_grad=True)
+    targets = torch.tensor([0, -1, 2, -1])
+    masked_cross_entropy(logits, targets).backward()
+    assert logits.grad[1].abs().sum() == 0 and logits.grad[3].abs().sum() == 0
+    assert logits.grad[0].abs().sum() > 0
+    empty = torch.randn(2, 3, requires_grad=True)
+    loss = masked_cross_entropy(empty, torch.tensor([-1, -1]))
+    loss.backward()
+    assert float(loss) == 0.0 and empty.grad.abs().sum() == 0
+
+
+def test_missing_fraction_marks_training_targets_absent() -> None:
+    datamodule = ImageClassificationDataModule(
+        targets={"digit": {"target": "label"}, "parity": {"target": "parity", "missing": 0.5}}
+    )
+    datamodule.setup()
+    absent = (datamodule.task_targets["train"]["parity"] == -1).float().mean()
+    assert 0.4 < absent < 0.6
+    assert (datamodule.task_targets["test"]["parity"] != -1).all()  # evaluation is complete
+
+
+def test_uncertainty_weights_are_learned() -> None:
+    learner = method("uncertainty")
+    before = learner.weighting.weights().clone()
+    optimizer = torch.optim.SGD(learner.parameters(), lr=0.1)
+    images = torch.randn(8, 1, 16, 16)
+    targets = {
+        "digit": torch.arange(8),
+        "parity": torch.arange(8) % 2,
+        "large": (torch.arange(8) >= 4).long(),
+    }
+    for _ in range(3):
+        optimizer.zero_grad()
+        outputs = learner(images)
+        losses = torch.stack(
+            [masked_cross_entropy(outputs[n], targets[n]) for n in learner.task_names]
+        )
+        learner.weighting(losses).backward()
+        optimizer.step()
+    assert not torch.allclose(before, learner.weighting.weights())
+
+
+def test_dwa_reweights_after_two_epochs() -> None:
+    weighting = method("dwa").weighting
+    for epoch_losses in ([1.0, 1.0, 1.0], [0.5, 1.0, 0.9]):
+        weighting(torch.tensor(epoch_losses))
+        weighting.end_epoch()
+    weights = weighting.weights()
+    assert weights.sum() == pytest.approx(3.0)
+    assert weights[1] > weights[2] > weights[0]  # the task that improved least weighs most
+
+
+def test_multitask_without_targets_is_a_clear_error() -> None:
+    model = build_classifier("small_cnn", 10, 1)
+    with pytest.raises(PosttrainError, match=r"data\.targets"):
+        MultiTaskClassifier(model, OPTIMIZER, {"name": "none"}, tasks=None)
+
+
+@pytest.mark.slow
+def test_cli_trains_and_writes_per_task_metrics(tmp_path: Path) -> None:
+    result = run_cli(
+        "train.py",
+        "experiment=digits_multitask",
+        "method.weighting=uncertainty",
+        "debug=limit",
+        "logger=tensorboard",
+        f"hydra.run.dir={tmp_path}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    for task in ("digit", "parity", "large"):
+        assert 0.0 <= metrics[f"test/{task}/acc"] <= 1.0
+        assert f"train/{task}/weight" in metrics
+    assert metrics["test/acc"] == metrics["test/digit/acc"]
