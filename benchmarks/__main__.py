@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHMARKS = ("regularization", "transfer")
+BENCHMARKS = ("regularization", "transfer", "multitask", "maml_speed", "fewshot")
 
 
 def main(names: list[str]) -> None:

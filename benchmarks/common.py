@@ -25,16 +25,17 @@ def run_train(args: list[str], label: str) -> None:
 
 
 def grouped_metrics(
-    sweep_root: Path, key: Callable[[dict[str, str]], str]
+    sweep_root: Path, key: Callable[[str, dict[str, str]], str]
 ) -> dict[str, list[dict[str, float]]]:
-    """Metrics of completed jobs in every multirun under `sweep_root`, grouped by `key`."""
+    """Metrics of completed jobs in every multirun under `sweep_root`, grouped by
+    `key(multirun folder name, job overrides)`."""
     from posttrain.report import collect
 
     groups: dict[str, list[dict[str, float]]] = {}
     for family in sorted(p for p in sweep_root.iterdir() if p.is_dir()):
         for row in collect(family):
             if row.status == "completed":
-                groups.setdefault(key(row.overrides), []).append(row.metrics)
+                groups.setdefault(key(family.name, row.overrides), []).append(row.metrics)
     return groups
 
 

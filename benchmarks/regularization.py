@@ -32,7 +32,7 @@ def run_family(label: str, overrides: list[str], seeds: str, extra: list[str], s
     run_train([*args, f"hydra.sweep.dir={sweep / label}"], label)
 
 
-def setting_name(overrides: dict[str, str]) -> str:
+def setting_name(family: str, overrides: dict[str, str]) -> str:
     """The reg part of a job's overrides, e.g. `l2 weight=1e-3` (seed excluded)."""
     knobs = [f"{k.split('.', 2)[-1]}={v}" for k, v in overrides.items() if k.startswith("reg.")]
     return " ".join([overrides.get("reg", "none"), *knobs])

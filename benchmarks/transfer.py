@@ -52,18 +52,9 @@ def run_all(sweep: Path, shots: str, seeds: str, pretrained: Path) -> None:
         run_train([*args, f"hydra.sweep.dir={sweep / name}"], name)
 
 
-def job_key(overrides: dict[str, str]) -> str:
-    """`<setting>|<K>|<lr>` for a transfer job."""
-    if overrides.get("method") == "supervised":
-        setting = "scratch"
-    elif overrides.get("reg") == "l2sp":
-        setting = "full_l2sp"
-    elif overrides.get("method.finetune.policy") == "linear_probe":
-        setting = "linear_probe"
-    elif overrides.get("method.finetune.backbone_lr_factor") == "0.1":
-        setting = "full_disc_lr"
-    else:
-        setting = "full"
+def job_key(family: str, overrides: dict[str, str]) -> str:
+    """`<setting>|<K>|<lr>` for a transfer job (the multirun folder is the setting)."""
+    setting = family
     return f"{setting}|{overrides['data.samples_per_class']}|{overrides.get('optimizer.lr', '')}"
 
 
