@@ -126,3 +126,65 @@ def test_joblib_launcher_runs_jobs_in_parallel_processes(tmp_path: Path) -> None
     assert "Joblib.Parallel" in result.stdout + result.stderr
     with (sweep / "report.csv").open() as handle:
         assert [row["status"] for row in csv.DictReader(handle)] == ["completed", "completed"]
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes_writes_one_run_folder(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = run_cli(
+        "train.py",
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "debug=limit",
+        "logger=csv",
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and 0 <= metrics["test/acc"] <= 1
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert not (tmp_path / "outputs").exists()  # no stray folder from the second rank
+
+
+@pytest.mark.slow
+def test_ddp_multirun_leaves_one_sweep_folder_with_one_run_per_job(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    result = run_cli(
+        "train.py",
+        "-m",
+        "seed=0,1",
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "debug=limit",
+        "logger=csv",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = sorted(p for p in sweep.iterdir() if (p / "metrics.json").is_file())
+    assert len(jobs) == 2
+    for job in jobs:
+        assert json.loads((job / "metrics.json").read_text())["status"] == "completed"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep"]
+
+
+@pytest.mark.slow
+def test_submitit_local_launcher_runs_a_two_job_sweep(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    result = run_cli(
+        "train.py",
+        "-m",
+        "hydra/launcher=submitit_local",
+        "hydra.launcher.timeout_min=10",
+        "reg=l2",
+        "reg.l2.weight=0,1e-3",
+        "debug=fast",
+        "logger=none",
+        f"hydra.sweep.dir={sweep}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (sweep / ".submitit").is_dir()  # the jobs really went through submitit
+    with (sweep / "report.csv").open() as handle:
+        assert [row["status"] for row in csv.DictReader(handle)] == ["completed", "completed"]

@@ -25,6 +25,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         build_trainer,
         epoch_metrics,
         record_run,
+        remember_job_for_ddp_children,
         resolved_config,
     )
 
@@ -32,6 +33,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("ckpt_path"):
         load_checkpoint(cfg.ckpt_path, key="ckpt_path")  # fail before any work is done
     config = resolved_config(cfg)
+    remember_job_for_ddp_children()
     datamodule, method = build_components(cfg)
     trainer = build_trainer(cfg, extra_callbacks=[ConfigInCheckpoint(config)])
 
@@ -48,11 +50,18 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def main(cfg: DictConfig) -> float | None:
-    """`python train.py [group=option] [key=value]`: returns the metric a sweeper optimizes."""
+def hydra_main(cfg: DictConfig) -> float | None:
     from posttrain.runs import guarded
 
     return guarded(train, cfg)
+
+
+def main() -> float | None:
+    """`python train.py [group=option] [key=value]`: returns the metric a sweeper optimizes."""
+    from posttrain.runs import pin_ddp_child_to_its_job
+
+    pin_ddp_child_to_its_job()
+    return hydra_main()
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from torch.func import functional_call
 from torch.nn import functional as F
 
 from posttrain.errors import require, require_choice, require_known_options, require_positive
-from posttrain.methods.metrics import ValidationTracker, check_finite
+from posttrain.methods.metrics import EpochMeans, ValidationTracker, check_finite
 from posttrain.methods.optim import configure_optimization
 from posttrain.regularizers import RegularizerSet
 
@@ -235,6 +235,7 @@ class EpisodicLearner(L.LightningModule):
         self.model = model
         self.regularizers = regularizers or RegularizerSet()
         self.tracker = ValidationTracker()
+        self.means = EpochMeans(["train/loss", "train/penalty", "val/loss", "test/loss"])
         self.episode_accuracies: dict[str, list[Tensor]] = {s: [] for s in ("train", "val", "test")}
         self.nonfinite_loss = False
 
@@ -260,18 +261,12 @@ class EpisodicLearner(L.LightningModule):
         )
         accuracy = (logits.argmax(-1) == query_labels).float().mean(-1)  # one per episode
         self.episode_accuracies[split].append(accuracy.detach())
-        self.log(
-            f"{split}/loss",
-            loss,
-            on_step=training,
-            on_epoch=True,
-            sync_dist=True,
-            batch_size=len(accuracy),
-        )
+        self.means.update(f"{split}/loss", loss, len(accuracy))
         if training:
+            self.log("train/loss_step", loss)
             penalty = self.regularizers.penalty(self.model)
             if penalty is not None:
-                self.log("train/penalty", penalty, on_epoch=True, sync_dist=True)
+                self.means.update("train/penalty", penalty)
                 loss = loss + penalty
             self.nonfinite_loss |= not bool(torch.isfinite(loss.detach()))
         return loss
@@ -295,13 +290,16 @@ class EpisodicLearner(L.LightningModule):
     def on_train_epoch_end(self) -> None:
         check_finite(self.nonfinite_loss, self.current_epoch)
         train_acc = self.gather_accuracies("train").mean()
-        self.log_dict({"train/acc": train_acc, **self.tracker.gap(train_acc)})
+        means = self.means.compute_and_reset("train/")
+        self.log_dict({"train/acc": train_acc, **means, **self.tracker.gap(train_acc)})
 
     def on_validation_epoch_end(self) -> None:
         accuracies = self.gather_accuracies("val")
+        means = self.means.compute_and_reset("val/")
         if self.trainer.sanity_checking:
             return
         values = {
+            **means,
             "val/acc": accuracies.mean(),
             "val/acc_ci95": torch.tensor(confidence_interval_95(accuracies)),
         }
@@ -312,6 +310,7 @@ class EpisodicLearner(L.LightningModule):
         accuracies = self.gather_accuracies("test")
         self.log_dict(
             {
+                **self.means.compute_and_reset("test/"),
                 "test/acc": accuracies.mean(),
                 "test/acc_ci95": torch.tensor(confidence_interval_95(accuracies)),
                 "test/episodes": torch.tensor(float(accuracies.numel())),

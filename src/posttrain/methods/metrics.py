@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from torch import Tensor, nn
-from torchmetrics import MaxMetric, MetricCollection
+from torchmetrics import MaxMetric, MeanMetric, MetricCollection
 from torchmetrics.classification import (
     MulticlassAccuracy,
     MulticlassCalibrationError,
@@ -126,3 +126,34 @@ def check_finite(nonfinite: bool, epoch: int) -> None:
             "`optimizer.lr` or the regularization strengths (`reg.*`); checkpoints of earlier "
             "epochs are kept in the run folder."
         )
+
+
+class EpochMeans(nn.Module):
+    """Epoch means of plain values (losses, penalties), reduced across ranks here.
+
+    Methods compute these in their epoch-end hooks, so every rank runs the same collectives
+    in the same order. (Lightning's lazy `sync_dist` reduction of `self.log` values runs
+    inside the progress bar, which exists on rank 0 only, and deadlocked DDP next to
+    torchmetrics' own synchronization.)
+    """
+
+    def __init__(self, names: list[str]) -> None:
+        super().__init__()
+        self.names = list(names)
+        self.means = nn.ModuleDict({self.key(n): MeanMetric() for n in self.names})
+
+    @staticmethod
+    def key(name: str) -> str:
+        return name.replace("/", "__").replace(".", "_")
+
+    def update(self, name: str, value: Tensor, weight: int = 1) -> None:
+        self.means[self.key(name)].update(value.detach().float(), weight)
+
+    def compute_and_reset(self, prefix: str) -> dict[str, Tensor]:
+        values = {}
+        for name in self.names:
+            metric = self.means[self.key(name)]
+            if name.startswith(prefix) and metric.update_count > 0:
+                values[name] = metric.compute()
+                metric.reset()
+        return values

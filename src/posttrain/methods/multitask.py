@@ -24,7 +24,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from posttrain.data.targets import ABSENT, parse_tasks
 from posttrain.errors import require, require_choice, require_positive
-from posttrain.methods.metrics import ValidationTracker, check_finite
+from posttrain.methods.metrics import EpochMeans, ValidationTracker, check_finite
 from posttrain.methods.optim import configure_optimization
 from posttrain.regularizers import RegularizerSet
 
@@ -117,6 +117,11 @@ class MultiTaskClassifier(L.LightningModule):
         self.weighting = LossWeighting(self.task_names, weighting, dwa_temperature)
         self.regularizers = regularizers or RegularizerSet()
         self.tracker = ValidationTracker()
+        self.means = EpochMeans(
+            [f"{split}/{name}/loss" for split in SPLITS for name in self.task_names]
+            + [f"{split}/loss" for split in SPLITS]
+            + ["train/penalty"]
+        )
         self.nonfinite_loss = False
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
@@ -140,17 +145,18 @@ class MultiTaskClassifier(L.LightningModule):
         )
         for name, loss in zip(self.task_names, losses, strict=True):
             self.accuracy[f"{split}_{name}"].update(outputs[name].detach(), targets[name])
-            self.log(f"{split}/{name}/loss", loss, on_step=False, on_epoch=True, sync_dist=True)
+            self.means.update(f"{split}/{name}/loss", loss, len(images))
         if not training:
             total = losses.sum()
-            self.log(f"{split}/loss", total, on_epoch=True, sync_dist=True)
+            self.means.update(f"{split}/loss", total, len(images))
             return total
         total = self.weighting(losses)
         penalty = self.regularizers.penalty(self.model)
         if penalty is not None:
-            self.log("train/penalty", penalty, on_epoch=True, sync_dist=True)
+            self.means.update("train/penalty", penalty)
             total = total + penalty
-        self.log("train/loss", total, on_step=True, on_epoch=True, sync_dist=True)
+        self.means.update("train/loss", total, len(images))
+        self.log("train/loss_step", total)
         self.nonfinite_loss |= not bool(torch.isfinite(total.detach()))
         return total
 
@@ -171,7 +177,7 @@ class MultiTaskClassifier(L.LightningModule):
             values[f"{split}/{name}/acc"] = metric.compute()
             metric.reset()
         values[f"{split}/acc"] = values[f"{split}/{self.task_names[0]}/acc"]
-        return values
+        return {**values, **self.means.compute_and_reset(f"{split}/")}
 
     def on_train_epoch_end(self) -> None:
         check_finite(self.nonfinite_loss, self.current_epoch)

@@ -16,6 +16,7 @@ from torch.nn import functional as F
 
 from posttrain.methods.finetune import FinetuneSettings, FreezeSchedule, keep_frozen_norms_in_eval
 from posttrain.methods.metrics import (
+    EpochMeans,
     SplitMetrics,
     ValidationTracker,
     check_finite,
@@ -43,6 +44,7 @@ class SupervisedClassifier(L.LightningModule):
         self.finetune = FinetuneSettings(**(finetune or {}))
         self.metrics = SplitMetrics(num_classes=model.head.out_features)
         self.tracker = ValidationTracker()
+        self.means = EpochMeans(["train/loss_epoch", "train/penalty", "val/loss", "test/loss"])
         self.nonfinite_loss = False
 
     def forward(self, x: Tensor) -> Tensor:
@@ -64,11 +66,12 @@ class SupervisedClassifier(L.LightningModule):
         loss = F.cross_entropy(logits, targets, label_smoothing=smoothing)
         hard_targets = targets.argmax(dim=-1) if targets.is_floating_point() else targets
         self.metrics.update(split, logits, hard_targets)
-        self.log(f"{split}/loss", loss, on_step=training, on_epoch=True, sync_dist=True)
+        self.means.update("train/loss_epoch" if training else f"{split}/loss", loss, len(images))
         if training:
+            self.log("train/loss_step", loss)
             penalty = self.regularizers.penalty(self.model)
             if penalty is not None:
-                self.log("train/penalty", penalty, on_step=False, on_epoch=True, sync_dist=True)
+                self.means.update("train/penalty", penalty)
                 loss = loss + penalty
             self.nonfinite_loss |= not bool(torch.isfinite(loss.detach()))
         return loss
@@ -83,7 +86,7 @@ class SupervisedClassifier(L.LightningModule):
         self.shared_step(batch, "test")
 
     def on_validation_epoch_end(self) -> None:
-        values = self.metrics.compute_and_reset("val")
+        values = {**self.metrics.compute_and_reset("val"), **self.means.compute_and_reset("val/")}
         if self.trainer.sanity_checking:
             return
         values.update(self.tracker.after_validation(values["val/acc"]))
@@ -91,12 +94,17 @@ class SupervisedClassifier(L.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         check_finite(self.nonfinite_loss, self.current_epoch)
-        values = self.metrics.compute_and_reset("train")
+        values = {
+            **self.metrics.compute_and_reset("train"),
+            **self.means.compute_and_reset("train/"),
+        }
         values.update(self.tracker.gap(values["train/acc"]))
         self.log_dict(values)
 
     def on_test_epoch_end(self) -> None:
-        self.log_dict(self.metrics.compute_and_reset("test"))
+        self.log_dict(
+            {**self.metrics.compute_and_reset("test"), **self.means.compute_and_reset("test/")}
+        )
         matrix = self.metrics.confusion.compute()
         self.metrics.confusion.reset()
         self.log_confusion_matrix(matrix)
