@@ -52,8 +52,9 @@ LAUNCHER_ENV = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_
 STARTUP_ENV = {name: os.environ.get(name) for name in LAUNCHER_ENV}
 
 
-def remember_job_for_ddp_children() -> None:
-    """Record this job's exact overrides and folder for DDP child processes.
+def remember_job_for_ddp_children(output_dir: str) -> None:
+    """Record this job's exact overrides and folder for DDP child processes, and undo the
+    launcher state an earlier job of the same process left behind.
 
     Lightning starts ranks 1..N-1 by re-running `sys.argv` with Hydra. In a multirun that
     argv holds the whole sweep (`-m`, `seed=0,1,2`), so each child would start a sweep of its
@@ -74,7 +75,7 @@ def remember_job_for_ddp_children() -> None:
     if dist.is_available() and dist.is_initialized():  # an earlier job's process group
         dist.destroy_process_group()
     hydra_cfg = HydraConfig.get()
-    argv = [*hydra_cfg.overrides.task, f'hydra.run.dir="{hydra_cfg.runtime.output_dir}"']
+    argv = [*hydra_cfg.overrides.task, f'hydra.run.dir="{output_dir}"']
     os.environ[DDP_JOB_ENV] = json.dumps(argv)
 
 

@@ -33,7 +33,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("ckpt_path"):
         load_checkpoint(cfg.ckpt_path, key="ckpt_path")  # fail before any work is done
     config = resolved_config(cfg)
-    remember_job_for_ddp_children()
+    remember_job_for_ddp_children(cfg.paths.output_dir)
     datamodule, method = build_components(cfg)
     trainer = build_trainer(cfg, extra_callbacks=[ConfigInCheckpoint(config)])
 
