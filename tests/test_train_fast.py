@@ -63,3 +63,29 @@ def test_a_few_epochs_learn_something(make_config) -> None:
 def test_precision_passes_through_on_cpu(make_config, precision: str) -> None:
     cfg = make_config(*FAST, f"trainer.precision={precision}")
     assert train(cfg)["test/acc"] >= 0.0
+
+
+def test_channels_last_gives_the_same_outputs() -> None:
+    torch.manual_seed(0)
+    plain = build_classifier("resnet18", num_classes=5, in_channels=3)
+    torch.manual_seed(0)
+    nhwc = build_classifier("resnet18", num_classes=5, in_channels=3, channels_last=True)
+    assert nhwc.features.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(plain.eval()(x), nhwc.eval()(x), rtol=1e-4, atol=1e-5)
+
+
+def test_channels_last_trains_through_the_cli_config(make_config) -> None:
+    cfg = make_config(*FAST, "model.channels_last=true")
+    assert train(cfg)["test/acc"] >= 0.0
+
+
+@pytest.mark.slow
+def test_compiled_model_matches_eager() -> None:
+    torch.manual_seed(0)
+    eager = build_classifier("small_cnn", num_classes=3, in_channels=1, width=4).eval()
+    torch.manual_seed(0)
+    compiled = build_classifier("small_cnn", 3, 1, width=4, compile=True).eval()
+    assert set(compiled.state_dict()) == set(eager.state_dict())  # checkpoints unchanged
+    x = torch.randn(2, 1, 16, 16)
+    torch.testing.assert_close(eager(x), compiled(x), rtol=1e-4, atol=1e-5)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import partial
 
+import torch
 from torch import Tensor, nn
 
 from posttrain.errors import require_choice, require_known_options, require_positive
@@ -96,8 +97,11 @@ class ImageClassifier(nn.Module):
         self.feature_dim = feature_dim
         self.head_dropout: nn.Module = nn.Identity()
         self.head = nn.Linear(feature_dim, num_classes)
+        self.channels_last = False
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.head(self.head_dropout(self.features(x)))
 
 
@@ -107,12 +111,17 @@ def build_classifier(
     in_channels: int,
     pretrained: str | None = None,
     pretrained_head: bool = False,
+    channels_last: bool = False,
+    compile: bool = False,
     **backbone_options: object,
 ) -> ImageClassifier:
     """The model factory every config in `conf/model/` points at.
 
     `pretrained` (torchvision weights name, posttrain checkpoint or state-dict file) is
-    loaded into the backbone; the head stays sized to `num_classes`.
+    loaded into the backbone; the head stays sized to `num_classes`. `channels_last` stores
+    weights and activations NHWC (faster convolutions on recent GPUs, mostly with mixed
+    precision); `compile` wraps the forward in `torch.compile` in place (state-dict keys
+    unchanged; pays a compilation pause at the first batches).
     """
     require_choice("model.arch", arch, BACKBONES)
     factory = BACKBONES[arch]
@@ -123,4 +132,9 @@ def build_classifier(
         from posttrain.models.pretrained import load_pretrained
 
         load_pretrained(model, pretrained, arch, keep_head=pretrained_head)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+        model.channels_last = True
+    if compile:
+        model.compile()
     return model
