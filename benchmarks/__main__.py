@@ -5,7 +5,17 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHMARKS = ("regularization", "transfer", "multitask", "maml_speed", "fewshot")
+BENCHMARKS = (
+    "overhead",
+    "pipeline",
+    "startup",
+    "memory",
+    "maml_speed",
+    "fewshot",
+    "regularization",
+    "transfer",
+    "multitask",
+)
 
 
 def main(names: list[str]) -> None:

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from posttrain.errors import PosttrainError
+from posttrain.methods.metrics import DivergenceGuard
 from posttrain.models import build_classifier
 from posttrain.train import train
 from tests.fixtures import write_cifar, write_image_folder
@@ -89,3 +91,23 @@ def test_compiled_model_matches_eager() -> None:
     assert set(compiled.state_dict()) == set(eager.state_dict())  # checkpoints unchanged
     x = torch.randn(2, 1, 16, 16)
     torch.testing.assert_close(eager(x), compiled(x), rtol=1e-4, atol=1e-5)
+
+
+def test_divergence_guard_flags_a_nonfinite_loss_once_per_epoch() -> None:
+    guard = DivergenceGuard()
+    guard.observe(torch.tensor(1.0))
+    guard.check(epoch=0)  # finite: nothing to report
+    guard.observe(torch.tensor(float("nan")))
+    guard.observe(torch.tensor(2.0))  # a later finite step does not hide the NaN
+    with pytest.raises(PosttrainError, match=r"epoch 1\. Lower `optimizer.lr`"):
+        guard.check(epoch=1)
+    guard.check(epoch=2)  # the flag is per epoch
+
+
+def test_a_diverging_run_stops_with_a_clear_error(make_config) -> None:
+    cfg = make_config(
+        "reg=l2", "reg.l2.weight=1e39", "trainer.max_epochs=2",  # penalty overflows to inf
+        "trainer.limit_train_batches=4", "trainer.limit_val_batches=1", "logger=none",
+    )  # fmt: skip
+    with pytest.raises(PosttrainError, match="Training diverged"):
+        train(cfg)

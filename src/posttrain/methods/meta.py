@@ -20,7 +20,7 @@ from torch.func import functional_call
 from torch.nn import functional as F
 
 from posttrain.errors import require, require_choice, require_known_options, require_positive
-from posttrain.methods.metrics import EpochMeans, ValidationTracker, check_finite
+from posttrain.methods.metrics import DivergenceGuard, EpochMeans, ValidationTracker
 from posttrain.methods.optim import configure_optimization
 from posttrain.regularizers import RegularizerSet
 
@@ -237,7 +237,7 @@ class EpisodicLearner(L.LightningModule):
         self.tracker = ValidationTracker()
         self.means = EpochMeans(["train/loss", "train/penalty", "val/loss", "test/loss"])
         self.episode_accuracies: dict[str, list[Tensor]] = {s: [] for s in ("train", "val", "test")}
-        self.nonfinite_loss = False
+        self.divergence = DivergenceGuard()
 
     def setup(self, stage: str) -> None:
         from posttrain.data.episodes import EpisodicDataModule
@@ -268,7 +268,7 @@ class EpisodicLearner(L.LightningModule):
             if penalty is not None:
                 self.means.update("train/penalty", penalty)
                 loss = loss + penalty
-            self.nonfinite_loss |= not bool(torch.isfinite(loss.detach()))
+            self.divergence.observe(loss)
         return loss
 
     def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
@@ -288,7 +288,7 @@ class EpisodicLearner(L.LightningModule):
         return gathered.flatten() if gathered.ndim > 1 else gathered
 
     def on_train_epoch_end(self) -> None:
-        check_finite(self.nonfinite_loss, self.current_epoch)
+        self.divergence.check(self.current_epoch)
         train_acc = self.gather_accuracies("train").mean()
         means = self.means.compute_and_reset("train/")
         self.log_dict({"train/acc": train_acc, **means, **self.tracker.gap(train_acc)})

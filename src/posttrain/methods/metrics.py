@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torchmetrics import MaxMetric, MeanMetric, MetricCollection
 from torchmetrics.classification import (
@@ -116,16 +117,30 @@ class ValidationTracker(nn.Module):
         return {"val/acc_gap": train_acc - self.last_val_acc}
 
 
-def check_finite(nonfinite: bool, epoch: int) -> None:
-    """Stop a run whose training loss became NaN/inf, keeping earlier checkpoints."""
-    from posttrain.errors import PosttrainError
+class DivergenceGuard:
+    """Stops a run whose training loss became NaN/inf, keeping earlier checkpoints.
 
-    if nonfinite:
-        raise PosttrainError(
-            f"Training diverged: the loss became NaN/inf in epoch {epoch}. Lower "
-            "`optimizer.lr` or the regularization strengths (`reg.*`); checkpoints of earlier "
-            "epochs are kept in the run folder."
-        )
+    Steps only accumulate a flag on the loss's device; reading it (a device sync) happens
+    once per epoch, so GPU steps are never stalled by the check.
+    """
+
+    def __init__(self) -> None:
+        self.nonfinite: Tensor | None = None
+
+    def observe(self, loss: Tensor) -> None:
+        bad = ~torch.isfinite(loss.detach())
+        self.nonfinite = bad if self.nonfinite is None else self.nonfinite | bad
+
+    def check(self, epoch: int) -> None:
+        from posttrain.errors import PosttrainError
+
+        nonfinite, self.nonfinite = self.nonfinite, None
+        if nonfinite is not None and bool(nonfinite):
+            raise PosttrainError(
+                f"Training diverged: the loss became NaN/inf in epoch {epoch}. Lower "
+                "`optimizer.lr` or the regularization strengths (`reg.*`); checkpoints of "
+                "earlier epochs are kept in the run folder."
+            )
 
 
 class EpochMeans(nn.Module):

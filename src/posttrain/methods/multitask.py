@@ -24,7 +24,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from posttrain.data.targets import ABSENT, parse_tasks
 from posttrain.errors import require, require_choice, require_positive
-from posttrain.methods.metrics import EpochMeans, ValidationTracker, check_finite
+from posttrain.methods.metrics import DivergenceGuard, EpochMeans, ValidationTracker
 from posttrain.methods.optim import configure_optimization
 from posttrain.regularizers import RegularizerSet
 
@@ -122,7 +122,7 @@ class MultiTaskClassifier(L.LightningModule):
             + [f"{split}/loss" for split in SPLITS]
             + ["train/penalty"]
         )
-        self.nonfinite_loss = False
+        self.divergence = DivergenceGuard()
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         shared = self.model.head_dropout(self.model.features(x))
@@ -157,7 +157,7 @@ class MultiTaskClassifier(L.LightningModule):
             total = total + penalty
         self.means.update("train/loss", total, len(images))
         self.log("train/loss_step", total)
-        self.nonfinite_loss |= not bool(torch.isfinite(total.detach()))
+        self.divergence.observe(total)
         return total
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
@@ -180,7 +180,7 @@ class MultiTaskClassifier(L.LightningModule):
         return {**values, **self.means.compute_and_reset(f"{split}/")}
 
     def on_train_epoch_end(self) -> None:
-        check_finite(self.nonfinite_loss, self.current_epoch)
+        self.divergence.check(self.current_epoch)
         values = self.task_accuracies("train")
         values.update(self.tracker.gap(values["train/acc"]))
         weights = self.weighting.weights()

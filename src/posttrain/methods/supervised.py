@@ -10,16 +10,15 @@ from __future__ import annotations
 from typing import Any
 
 import lightning as L
-import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from posttrain.methods.finetune import FinetuneSettings, FreezeSchedule, keep_frozen_norms_in_eval
 from posttrain.methods.metrics import (
+    DivergenceGuard,
     EpochMeans,
     SplitMetrics,
     ValidationTracker,
-    check_finite,
     confusion_figure,
 )
 from posttrain.methods.optim import configure_optimization
@@ -45,7 +44,7 @@ class SupervisedClassifier(L.LightningModule):
         self.metrics = SplitMetrics(num_classes=model.head.out_features)
         self.tracker = ValidationTracker()
         self.means = EpochMeans(["train/loss_epoch", "train/penalty", "val/loss", "test/loss"])
-        self.nonfinite_loss = False
+        self.divergence = DivergenceGuard()
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
@@ -73,7 +72,7 @@ class SupervisedClassifier(L.LightningModule):
             if penalty is not None:
                 self.means.update("train/penalty", penalty)
                 loss = loss + penalty
-            self.nonfinite_loss |= not bool(torch.isfinite(loss.detach()))
+            self.divergence.observe(loss)
         return loss
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
@@ -93,7 +92,7 @@ class SupervisedClassifier(L.LightningModule):
         self.log_dict(values, prog_bar=True)
 
     def on_train_epoch_end(self) -> None:
-        check_finite(self.nonfinite_loss, self.current_epoch)
+        self.divergence.check(self.current_epoch)
         values = {
             **self.metrics.compute_and_reset("train"),
             **self.means.compute_and_reset("train/"),

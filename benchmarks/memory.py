@@ -1,0 +1,91 @@
+"""Memory: peak resident memory of the default run, and no growth from epoch to epoch.
+
+Peaks (VmHWM) side by side: the import floor (`import torch, torchvision, lightning`), the
+seed's hand-written loop and `python train.py` on the same generated CIFAR-10, small CNN,
+batch 32 and step count, and plain `python train.py` (what `make train` runs: digits, small
+CNN, 30 epochs). `benchmarks.probe.BenchProbe` also reads VmRSS after every epoch of the
+default run: the growth from epoch 2 (after first-epoch allocations) to the last is printed.
+Writes outputs/bench/memory.json.
+
+    python -m benchmarks.memory [--epochs 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from benchmarks.common import ROOT, write_result
+from benchmarks.overhead import generated_cifar, probe_overrides
+
+IMPORT_FLOOR_PEAK = (
+    "import torch, torchvision, lightning; from benchmarks.common import memory_mib; "
+    "print(memory_mib()['peak'])"
+)
+
+
+def run(command: list[str]) -> str:
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
+    return result.stdout
+
+
+def posttrain_probe(work: Path, overrides: list[str]) -> dict:
+    probe = work / "probe.json"
+    command = [sys.executable, str(ROOT / "train.py"), *overrides, f"hydra.run.dir={work}"]
+    run([*command, *probe_overrides(probe, 0)])
+    return json.loads(probe.read_text())
+
+
+def seed_peak(data: Path, steps: int) -> float:
+    command = [sys.executable, "-m", "benchmarks.seed_loop", "--root", str(data),
+               "--arch", "small_cnn", "--warmup", "0", "--steps", str(steps)]  # fmt: skip
+    return json.loads(run(command).strip().splitlines()[-1])["peak_rss_mib"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=100)
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = generated_cifar(Path(tmp) / "data", train_images=10_000)
+        same_as_seed = [
+            "data=cifar10", f"data.root={data}", "data.download=false", "data.batch_size=32",
+            "model=small_cnn", f"trainer.max_steps={args.steps}", "trainer.limit_val_batches=2",
+            "trainer.limit_test_batches=2",
+        ]  # fmt: skip
+        peaks = {
+            "import floor": float(run([sys.executable, "-c", IMPORT_FLOOR_PEAK]).strip()),
+            "seed loop (CIFAR, small CNN)": seed_peak(data, args.steps),
+            "posttrain (CIFAR, small CNN)": posttrain_probe(Path(tmp) / "cifar", same_as_seed)[
+                "peak_rss_mib"
+            ],
+        }
+        default = posttrain_probe(Path(tmp) / "digits", [f"trainer.max_epochs={args.epochs}"])
+    peaks["posttrain default (digits)"] = default["peak_rss_mib"]
+    rss = default["epoch_rss_mib"]
+    growth = rss[-1] - rss[1]
+    ratio = peaks["posttrain (CIFAR, small CNN)"] / peaks["seed loop (CIFAR, small CNN)"]
+    print(f"{'peak resident memory':<32} {'MiB':>7} {'x import floor':>15}")
+    for name, value in peaks.items():
+        print(f"{name:<32} {value:7.0f} {value / peaks['import floor']:15.2f}")
+    print(f"posttrain / seed loop, same model, data and steps: {ratio:.2f}x")
+    print(f"default run, RSS after epoch 2 -> epoch {len(rss)}: {rss[1]:.0f} -> {rss[-1]:.0f} MiB "
+          f"({growth:+.1f} MiB, {100 * growth / rss[1]:+.1f}%)")  # fmt: skip
+    payload = {
+        "peak_mib": peaks,
+        "posttrain_over_seed": ratio,
+        "default_epoch_rss_mib": rss,
+        "default_growth_epoch2_to_last_mib": growth,
+    }
+    print(f"\nwrote {write_result('memory', payload)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""Framework overhead: the seed's hand-written loop vs `python train.py`, side by side.
+
+Same model (torchvision ResNet-50 by default, the seed's), same data (a generated CIFAR-10 in
+the real pickle format, 32x32), batch size 32, SGD(0.001, momentum 0.9), same number of timed
+steps after the same warm-up. Each round runs, in rotating order, three subprocesses:
+
+- `seed (memory)`: the seed's loop fed from one pre-normalized tensor (`benchmarks.seed_loop`),
+  the fastest a hand-written loop gets: the reference for the overhead ratio;
+- `seed (as written)`: the seed's loop with its per-sample PIL DataLoader;
+- `posttrain`: the real CLI with its defaults (metrics, checkpointing, deterministic=warn),
+  timed by `benchmarks.probe.BenchProbe` over the same window (each step with its fetch).
+
+Prints images/s per round and the median ratios; writes outputs/bench/overhead.json.
+
+    python -m benchmarks.overhead [--arch resnet50] [--rounds 3] [--steps 40]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from benchmarks.common import ROOT, write_result
+from tests.fixtures import write_cifar
+
+VARIANTS = ("seed (memory)", "posttrain", "seed (as written)")
+
+
+def generated_cifar(folder: Path, train_images: int) -> Path:
+    """A CIFAR-10 copy in the real on-disk format, `train_images` training images."""
+    write_cifar(folder, train_per_batch=train_images // 5, test=256)
+    return folder
+
+
+def run_json(command: list[str], label: str) -> str:
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"[{label}] failed:\n{result.stderr[-3000:]}")
+    return result.stdout
+
+
+def seed_run(root: Path, arch: str, pipeline: str, warmup: int, steps: int) -> dict:
+    command = [sys.executable, "-m", "benchmarks.seed_loop", "--root", str(root), "--arch", arch,
+               "--pipeline", pipeline, "--warmup", str(warmup), "--steps", str(steps)]  # fmt: skip
+    return json.loads(run_json(command, f"seed {pipeline}").strip().splitlines()[-1])
+
+
+def probe_overrides(out: Path, warmup: int) -> list[str]:
+    """Adds `BenchProbe` to a `python train.py` run."""
+    return [
+        "+callbacks.probe._target_=benchmarks.probe.BenchProbe",
+        f"+callbacks.probe.out={out}",
+        f"+callbacks.probe.warmup_steps={warmup}",
+    ]
+
+
+def posttrain_run(root: Path, work: Path, arch: str, warmup: int, steps: int) -> dict:
+    probe = work / "probe.json"
+    overrides = [
+        "data=cifar10", f"data.root={root}", "data.download=false", "data.batch_size=32",
+        f"model={arch}",
+        "optimizer=sgd", "optimizer.lr=0.001", "optimizer.momentum=0.9", "scheduler=none",
+        f"trainer.max_steps={warmup + steps}", "trainer.limit_val_batches=2",
+        "trainer.limit_test_batches=2", "logger=none", "callbacks.progress_bar=null",
+        f"hydra.run.dir={work / 'run'}", *probe_overrides(probe, warmup),
+    ]  # fmt: skip
+    run_json([sys.executable, str(ROOT / "train.py"), *overrides], "posttrain")
+    return json.loads(probe.read_text())
+
+
+def measure_round(data: Path, work: Path, args: argparse.Namespace, order: list[str]) -> dict:
+    results = {}
+    for variant in order:
+        if variant == "posttrain":
+            results[variant] = posttrain_run(data, work, args.arch, args.warmup, args.steps)
+        else:
+            pipeline = "memory" if "memory" in variant else "pil"
+            results[variant] = seed_run(data, args.arch, pipeline, args.warmup, args.steps)
+        print(f"  {variant:<18} {results[variant]['images_per_s']:8.1f} images/s", flush=True)
+    return {v: results[v]["images_per_s"] for v in VARIANTS}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--arch", default="resnet50", help="resnet50 (the seed's), small_cnn ...")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--train-images", type=int, default=10_000)
+    args = parser.parse_args(argv)
+    rounds = []
+    with tempfile.TemporaryDirectory() as tmp:
+        data = generated_cifar(Path(tmp) / "data", args.train_images)
+        for index in range(args.rounds):
+            order = list(VARIANTS[index % 3 :] + VARIANTS[: index % 3])
+            print(f"round {index + 1}/{args.rounds} ({args.arch}, batch 32):", flush=True)
+            rounds.append(measure_round(data, Path(tmp) / f"round{index}", args, order))
+    reference = [r["seed (memory)"] for r in rounds]
+    ratios = {
+        "posttrain / seed (memory)": [r["posttrain"] / r["seed (memory)"] for r in rounds],
+        "seed (as written) / seed (memory)": [
+            r["seed (as written)"] / ref for r, ref in zip(rounds, reference, strict=True)
+        ],
+    }
+    print(f"\n{'ratio (median over rounds)':<36} {'median':>7}  per round")
+    for name, values in ratios.items():
+        per_round = " ".join(f"{v:.3f}" for v in values)
+        print(f"{name:<36} {statistics.median(values):7.3f}  {per_round}")
+    payload = {
+        "arch": args.arch,
+        "batch_size": 32,
+        "warmup_steps": args.warmup,
+        "timed_steps": args.steps,
+        "images_per_s": rounds,
+        "ratios": ratios,
+        "median_ratios": {k: statistics.median(v) for k, v in ratios.items()},
+    }
+    print(f"\nwrote {write_result(f'overhead_{args.arch}', payload)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""Start-up: from `python train.py` to the first training step, and the commands that must
+not pay for torch at all.
+
+Each round runs, in rotating order, fresh processes:
+
+- `import floor`: `python -c "import torch, torchvision, lightning"`, what any Lightning
+  script pays before its first line of work;
+- `seed`: the seed's hand-written loop (`benchmarks.seed_loop`, small CNN, the generated
+  CIFAR-10 read as the seed does) until its first step starts;
+- `posttrain`: `python train.py` on the same model and data until its first step starts
+  (config composition, run folder, logger, DataModule set-up, sanity validation included);
+- `posttrain (default digits)`: plain `python train.py`, what `make train` runs;
+- `--help` and `--cfg job`: complete, and checked with `-X importtime` not to import torch.
+
+Times are launch -> first step (wall clock, same machine). Prints medians and ratios, writes
+outputs/bench/startup.json.
+
+    python -m benchmarks.startup [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from benchmarks.common import ROOT, write_result
+from benchmarks.overhead import generated_cifar, probe_overrides
+
+TRAIN = [sys.executable, str(ROOT / "train.py")]
+IMPORT_FLOOR = [sys.executable, "-c", "import torch, torchvision, lightning"]
+
+
+def wall_seconds(command: list[str]) -> float:
+    start = time.time()
+    subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
+    return time.time() - start
+
+
+def seconds_to_first_step(command: list[str], probe: Path | None = None) -> float:
+    """Launch -> first training step, read from the probe file or the seed loop's JSON."""
+    start = time.time()
+    result = subprocess.run(command, cwd=ROOT, check=True, capture_output=True, text=True)
+    report = probe.read_text() if probe else result.stdout.strip().splitlines()[-1]
+    return json.loads(report)["first_step_wall"] - start
+
+
+def imports_torch(args: list[str]) -> bool:
+    """Whether `python train.py <args>` imports torch (per `-X importtime`)."""
+    command = [sys.executable, "-X", "importtime", str(ROOT / "train.py"), *args]
+    result = subprocess.run(command, cwd=ROOT, check=True, capture_output=True, text=True)
+    return any(line.rstrip().endswith("| torch") for line in result.stderr.splitlines())
+
+
+def posttrain_command(work: Path, probe: Path, data: Path | None) -> list[str]:
+    """One training step of `python train.py` (on `data` if given, else the default)."""
+    cifar = [f"data.root={data}", "data=cifar10", "data.download=false"] if data else []
+    return [*TRAIN, *cifar, "trainer.max_steps=1", "trainer.limit_test_batches=1",
+            f"hydra.run.dir={work}", *probe_overrides(probe, warmup=0)]  # fmt: skip
+
+
+def measurements(data: Path, work: Path) -> dict[str, Callable[[], float]]:
+    seed = [sys.executable, "-m", "benchmarks.seed_loop", "--root", str(data), "--arch",
+            "small_cnn", "--warmup", "0", "--steps", "1"]  # fmt: skip
+    probe = work / "probe.json"
+    return {
+        "import floor": lambda: wall_seconds(IMPORT_FLOOR),
+        "seed": lambda: seconds_to_first_step(seed),
+        "posttrain": lambda: seconds_to_first_step(
+            posttrain_command(work / "cifar", probe, data), probe
+        ),
+        "posttrain (default digits)": lambda: seconds_to_first_step(
+            posttrain_command(work / "digits", probe, None), probe
+        ),
+        "train.py --help": lambda: wall_seconds([*TRAIN, "--help"]),
+        "train.py --cfg job": lambda: wall_seconds([*TRAIN, "--cfg", "job"]),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args(argv)
+    rounds: list[dict[str, float]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        data = generated_cifar(Path(tmp) / "data", train_images=10_000)
+        timers = measurements(data, Path(tmp))
+        for index in range(args.rounds):
+            names = list(timers)[index % len(timers) :] + list(timers)[: index % len(timers)]
+            rounds.append({name: timers[name]() for name in names})
+            print(
+                f"round {index + 1}: " + ", ".join(f"{k} {v:.2f}s" for k, v in rounds[-1].items())
+            )
+    median = {name: statistics.median(r[name] for r in rounds) for name in rounds[0]}
+    floor = median["import floor"]
+    torch_imported = {cmd: imports_torch(cmd.split()[1:]) for cmd in median if "--" in cmd}
+    print(f"\n{'launch -> ready (median)':<28} {'seconds':>8} {'x import floor':>15}")
+    for name, value in median.items():
+        note = (
+            f"  imports torch: {'yes' if torch_imported[name] else 'no'}"
+            if name in torch_imported
+            else ""
+        )
+        print(f"{name:<28} {value:8.2f} {value / floor:15.2f}{note}")
+    ratio = median["posttrain"] / median["seed"]
+    print(f"posttrain / seed, time to first step: {ratio:.2f}x")
+    payload = {
+        "rounds": rounds,
+        "median_seconds": median,
+        "ratio_to_import_floor": {k: v / floor for k, v in median.items()},
+        "posttrain_over_seed_first_step": ratio,
+        "imports_torch": torch_imported,
+    }
+    print(f"\nwrote {write_result('startup', payload)}")
+
+
+if __name__ == "__main__":
+    main()
