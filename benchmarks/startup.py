@@ -51,11 +51,16 @@ def seconds_to_first_step(command: list[str], probe: Path | None = None) -> floa
     return json.loads(report)["first_step_wall"] - start
 
 
+def imported_modules(importtime_report: str) -> set[str]:
+    """Module names in a `python -X importtime` report (stderr)."""
+    return {line.split("|")[-1].strip() for line in importtime_report.splitlines() if "|" in line}
+
+
 def imports_torch(args: list[str]) -> bool:
     """Whether `python train.py <args>` imports torch (per `-X importtime`)."""
     command = [sys.executable, "-X", "importtime", str(ROOT / "train.py"), *args]
     result = subprocess.run(command, cwd=ROOT, check=True, capture_output=True, text=True)
-    return any(line.rstrip().endswith("| torch") for line in result.stderr.splitlines())
+    return "torch" in imported_modules(result.stderr)
 
 
 def posttrain_command(work: Path, probe: Path, data: Path | None) -> list[str]:

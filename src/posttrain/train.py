@@ -19,13 +19,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
     import lightning as L
 
     from posttrain.checkpoints import load_checkpoint
+    from posttrain.ddp_jobs import remember_job_for_ddp_children
     from posttrain.runs import (
         ConfigInCheckpoint,
         build_components,
         build_trainer,
         epoch_metrics,
         record_run,
-        remember_job_for_ddp_children,
         resolved_config,
     )
 
@@ -58,7 +58,7 @@ def hydra_main(cfg: DictConfig) -> float | None:
 
 def main() -> float | None:
     """`python train.py [group=option] [key=value]`: returns the metric a sweeper optimizes."""
-    from posttrain.runs import pin_ddp_child_to_its_job
+    from posttrain.ddp_jobs import pin_ddp_child_to_its_job
 
     pin_ddp_child_to_its_job()
     return hydra_main()
