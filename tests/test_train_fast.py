@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -111,3 +112,15 @@ def test_a_diverging_run_stops_with_a_clear_error(make_config) -> None:
     )  # fmt: skip
     with pytest.raises(PosttrainError, match="Training diverged"):
         train(cfg)
+
+
+def test_step_loss_is_logged_on_every_logging_step(make_config) -> None:
+    cfg = make_config(
+        "logger=csv", "trainer.log_every_n_steps=2", "trainer.max_epochs=1",
+        "trainer.limit_train_batches=6", "trainer.limit_val_batches=1",
+    )  # fmt: skip
+    train(cfg)
+    with (Path(cfg.paths.output_dir) / "csv" / "metrics.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    logged_steps = [int(row["step"]) for row in rows if row.get("train/loss_step")]
+    assert logged_steps == [1, 3, 5]

@@ -20,7 +20,7 @@ from torch.func import functional_call
 from torch.nn import functional as F
 
 from posttrain.errors import require, require_choice, require_known_options, require_positive
-from posttrain.methods.metrics import DivergenceGuard, EpochMeans, ValidationTracker
+from posttrain.methods.metrics import DivergenceGuard, EpochMeans, ValidationTracker, log_step_loss
 from posttrain.methods.optim import configure_optimization
 from posttrain.regularizers import RegularizerSet
 
@@ -263,7 +263,7 @@ class EpisodicLearner(L.LightningModule):
         self.episode_accuracies[split].append(accuracy.detach())
         self.means.update(f"{split}/loss", loss, len(accuracy))
         if training:
-            self.log("train/loss_step", loss)
+            log_step_loss(self, loss)
             penalty = self.regularizers.penalty(self.model)
             if penalty is not None:
                 self.means.update("train/penalty", penalty)

@@ -24,7 +24,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from posttrain.data.targets import ABSENT, parse_tasks
 from posttrain.errors import require, require_choice, require_positive
-from posttrain.methods.metrics import DivergenceGuard, EpochMeans, ValidationTracker
+from posttrain.methods.metrics import DivergenceGuard, EpochMeans, ValidationTracker, log_step_loss
 from posttrain.methods.optim import configure_optimization
 from posttrain.regularizers import RegularizerSet
 
@@ -156,7 +156,7 @@ class MultiTaskClassifier(L.LightningModule):
             self.means.update("train/penalty", penalty)
             total = total + penalty
         self.means.update("train/loss", total, len(images))
-        self.log("train/loss_step", total)
+        log_step_loss(self, total)
         self.divergence.observe(total)
         return total
 

@@ -20,6 +20,7 @@ from posttrain.methods.metrics import (
     SplitMetrics,
     ValidationTracker,
     confusion_figure,
+    log_step_loss,
 )
 from posttrain.methods.optim import configure_optimization
 from posttrain.regularizers import RegularizerSet
@@ -67,7 +68,7 @@ class SupervisedClassifier(L.LightningModule):
         self.metrics.update(split, logits, hard_targets)
         self.means.update("train/loss_epoch" if training else f"{split}/loss", loss, len(images))
         if training:
-            self.log("train/loss_step", loss)
+            log_step_loss(self, loss)
             penalty = self.regularizers.penalty(self.model)
             if penalty is not None:
                 self.means.update("train/penalty", penalty)
