@@ -179,6 +179,24 @@ def test_full_finetuning_changes_the_backbone(make_config, pretrained_digits) ->
     assert trainable == [True, True]
 
 
+@pytest.mark.parametrize("freeze_bn_stats", [True, False])
+def test_frozen_bn_statistics_in_full_finetuning(
+    make_config, pretrained_digits, freeze_bn_stats: bool
+) -> None:
+    method, before, _ = transfer_run(
+        make_config,
+        pretrained_digits,
+        "method.finetune.policy=full",
+        f"method.finetune.freeze_bn_stats={str(freeze_bn_stats).lower()}",
+        "trainer.max_epochs=2",
+    )
+    after = method.model.state_dict()
+    stats = [k for k in after if k.startswith("features.") and k.endswith("running_mean")]
+    convs = [k for k in after if k.startswith("features.") and k.endswith(".0.weight")]
+    assert stats and all(torch.equal(before[k], after[k]) for k in stats) == freeze_bn_stats
+    assert convs and not any(torch.equal(before[k], after[k]) for k in convs)  # it trains
+
+
 def test_gradual_unfreezing_happens_at_the_right_epoch(make_config, pretrained_digits) -> None:
     _, _, trainable = transfer_run(
         make_config,

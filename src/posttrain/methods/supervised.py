@@ -57,6 +57,11 @@ class SupervisedClassifier(L.LightningModule):
             keep_frozen_norms_in_eval(self.model.features, self.finetune.freeze_bn_stats)
         return self
 
+    def on_fit_start(self) -> None:
+        # Lightning never calls `train()` during fit (it restores each module's own mode after
+        # validation), so the BatchNorm modes above are applied here once.
+        self.train(self.training)
+
     def shared_step(self, batch: tuple[Tensor, Tensor], split: str) -> Tensor:
         """Loss and metrics for one batch; targets may be soft (mixup/cutmix) in training."""
         images, targets = batch
