@@ -5,7 +5,8 @@ classes split into disjoint meta-train/val/test classes) for each shot count and
 test accuracy over 600 fixed test episodes with its 95% confidence interval. Writes
 outputs/bench/fewshot.json.
 
-    python -m benchmarks.fewshot [--shots 1,5] [--extra trainer.max_epochs=5]
+    python -m benchmarks.fewshot [--shots 1,5] [--methods digits_maml]
+        [--extra trainer.max_epochs=5]
 """
 
 from __future__ import annotations
@@ -23,13 +24,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--shots", default="1,5")
     parser.add_argument("--extra", nargs="*", default=[])
+    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
     parser.add_argument("--sweep-dir", default=None)
     parser.add_argument("--collect-only", action="store_true")
     args = parser.parse_args(argv)
     sweep = Path(args.sweep_dir or OUT / f"fewshot_{time.strftime('%Y%m%d_%H%M%S')}")
     started = time.time()
     if not args.collect_only:
-        for experiment in METHODS:
+        for experiment in args.methods:
             run_train(
                 [
                     "-m",
