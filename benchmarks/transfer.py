@@ -9,7 +9,7 @@ learning-rate grid for every setting; each keeps its best rate by mean validatio
 (`data.seed=${seed}`). Prints mean ± std test accuracy per K; writes
 outputs/bench/transfer.json.
 
-    python -m benchmarks.transfer [--shots 1,5,20] [--seeds 0,1,2]
+    python -m benchmarks.transfer [--shots 1,5,20] [--seeds 0,1,2] [--pretrain-extra reg=augment]
 """
 
 from __future__ import annotations
@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--shots", default="1,5,20")
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--pretrain-extra", nargs="*", default=[], help="e.g. reg=augment")
     parser.add_argument("--sweep-dir", default=None)
     parser.add_argument("--collect-only", action="store_true")
     args = parser.parse_args(argv)
@@ -110,7 +111,12 @@ def main(argv: list[str] | None = None) -> None:
     pretrained = sweep / "pretrain" / "checkpoints" / "best.ckpt"
     if not args.collect_only:
         run_train(
-            ["experiment=digits_pretrain", *QUIET, f"hydra.run.dir={sweep / 'pretrain'}"],
+            [
+                "experiment=digits_pretrain",
+                *args.pretrain_extra,
+                *QUIET,
+                f"hydra.run.dir={sweep / 'pretrain'}",
+            ],
             "pretrain",
         )
         run_all(sweep / "transfer", args.shots, args.seeds, pretrained)
@@ -120,6 +126,7 @@ def main(argv: list[str] | None = None) -> None:
         "sweep_dir": str(sweep),
         "shots": args.shots,
         "seeds": args.seeds,
+        "pretrain_extra": args.pretrain_extra,
         "wall_seconds": round(time.time() - started, 1),
         "rows": rows,
     }
