@@ -14,14 +14,35 @@ OUT = ROOT / "outputs" / "bench"
 QUIET = ["logger=none", "callbacks.progress_bar=null"]
 
 
+def run_command(command: list[str], label: str) -> str:
+    """Run `command` from the repository root and return its stdout; fails loudly."""
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"[{label}] failed:\n{result.stderr[-3000:]}")
+    return result.stdout
+
+
 def run_train(args: list[str], label: str) -> None:
     """`python train.py <args>` from the repository root; fails loudly with its stderr."""
     print(f"[{label}] python train.py {' '.join(args)}", flush=True)
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, capture_output=True, text=True
-    )
-    if result.returncode != 0:
-        raise SystemExit(f"[{label}] failed:\n{result.stderr[-3000:]}")
+    run_command([sys.executable, str(ROOT / "train.py"), *args], label)
+
+
+def probe_overrides(out: Path, warmup: int) -> list[str]:
+    """Adds `benchmarks.probe.BenchProbe` to a `python train.py` run."""
+    return [
+        "+callbacks.probe._target_=benchmarks.probe.BenchProbe",
+        f"+callbacks.probe.out={out}",
+        f"+callbacks.probe.warmup_steps={warmup}",
+    ]
+
+
+def generated_cifar(folder: Path, train_images: int) -> Path:
+    """A CIFAR-10 copy in the real on-disk format with `train_images` training images."""
+    from tests.fixtures import write_cifar
+
+    write_cifar(folder, train_per_batch=train_images // 5, test=256)
+    return folder
 
 
 def grouped_metrics(

@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import ROOT, write_result
-from benchmarks.overhead import generated_cifar, probe_overrides
+from benchmarks.common import ROOT, generated_cifar, probe_overrides, run_command, write_result
 
 IMPORT_FLOOR_PEAK = (
     "import torch, torchvision, lightning; from benchmarks.common import memory_mib; "
@@ -28,24 +26,17 @@ IMPORT_FLOOR_PEAK = (
 )
 
 
-def run(command: list[str]) -> str:
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise SystemExit(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
-    return result.stdout
-
-
 def posttrain_probe(work: Path, overrides: list[str]) -> dict:
     probe = work / "probe.json"
     command = [sys.executable, str(ROOT / "train.py"), *overrides, f"hydra.run.dir={work}"]
-    run([*command, *probe_overrides(probe, 0)])
+    run_command([*command, *probe_overrides(probe, 0)], "memory")
     return json.loads(probe.read_text())
 
 
 def seed_peak(data: Path, steps: int) -> float:
     command = [sys.executable, "-m", "benchmarks.seed_loop", "--root", str(data),
                "--arch", "small_cnn", "--warmup", "0", "--steps", str(steps)]  # fmt: skip
-    return json.loads(run(command).strip().splitlines()[-1])["peak_rss_mib"]
+    return json.loads(run_command(command, "seed loop").strip().splitlines()[-1])["peak_rss_mib"]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -61,7 +52,9 @@ def main(argv: list[str] | None = None) -> None:
             "trainer.limit_test_batches=2",
         ]  # fmt: skip
         peaks = {
-            "import floor": float(run([sys.executable, "-c", IMPORT_FLOOR_PEAK]).strip()),
+            "import floor": float(
+                run_command([sys.executable, "-c", IMPORT_FLOOR_PEAK], "memory").strip()
+            ),
             "seed loop (CIFAR, small CNN)": seed_peak(data, args.steps),
             "posttrain (CIFAR, small CNN)": posttrain_probe(Path(tmp) / "cifar", same_as_seed)[
                 "peak_rss_mib"

@@ -22,43 +22,19 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import ROOT, write_result
-from tests.fixtures import write_cifar
+from benchmarks.common import ROOT, generated_cifar, probe_overrides, run_command, write_result
 
 VARIANTS = ("seed (memory)", "posttrain", "seed (as written)")
-
-
-def generated_cifar(folder: Path, train_images: int) -> Path:
-    """A CIFAR-10 copy in the real on-disk format, `train_images` training images."""
-    write_cifar(folder, train_per_batch=train_images // 5, test=256)
-    return folder
-
-
-def run_json(command: list[str], label: str) -> str:
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise SystemExit(f"[{label}] failed:\n{result.stderr[-3000:]}")
-    return result.stdout
 
 
 def seed_run(root: Path, arch: str, pipeline: str, warmup: int, steps: int) -> dict:
     command = [sys.executable, "-m", "benchmarks.seed_loop", "--root", str(root), "--arch", arch,
                "--pipeline", pipeline, "--warmup", str(warmup), "--steps", str(steps)]  # fmt: skip
-    return json.loads(run_json(command, f"seed {pipeline}").strip().splitlines()[-1])
-
-
-def probe_overrides(out: Path, warmup: int) -> list[str]:
-    """Adds `BenchProbe` to a `python train.py` run."""
-    return [
-        "+callbacks.probe._target_=benchmarks.probe.BenchProbe",
-        f"+callbacks.probe.out={out}",
-        f"+callbacks.probe.warmup_steps={warmup}",
-    ]
+    return json.loads(run_command(command, f"seed {pipeline}").strip().splitlines()[-1])
 
 
 def posttrain_run(root: Path, work: Path, arch: str, warmup: int, steps: int) -> dict:
@@ -71,7 +47,7 @@ def posttrain_run(root: Path, work: Path, arch: str, warmup: int, steps: int) ->
         "trainer.limit_test_batches=2", "logger=none", "callbacks.progress_bar=null",
         f"hydra.run.dir={work / 'run'}", *probe_overrides(probe, warmup),
     ]  # fmt: skip
-    run_json([sys.executable, str(ROOT / "train.py"), *overrides], "posttrain")
+    run_command([sys.executable, str(ROOT / "train.py"), *overrides], "posttrain")
     return json.loads(probe.read_text())
 
 

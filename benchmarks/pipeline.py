@@ -28,8 +28,7 @@ from types import SimpleNamespace
 
 import torch
 
-from benchmarks.common import write_result
-from benchmarks.overhead import generated_cifar
+from benchmarks.common import generated_cifar, write_result
 from benchmarks.seed_loop import pil_batches
 from posttrain.data import ImageClassificationDataModule
 from posttrain.regularizers import RegularizerSet

@@ -30,8 +30,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks.common import ROOT, write_result
-from benchmarks.overhead import generated_cifar, probe_overrides
+from benchmarks.common import ROOT, generated_cifar, probe_overrides, write_result
 
 TRAIN = [sys.executable, str(ROOT / "train.py")]
 
