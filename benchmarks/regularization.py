@@ -5,7 +5,7 @@ regularizer at a few strengths over several seeds, as Hydra multiruns of the rea
 prints mean ± std of test accuracy and of the train/val gap per setting, and the difference
 to `reg=none` in units of its std. Writes outputs/bench/regularization.json.
 
-    python -m benchmarks.regularization [--seeds 0,1,2] [--extra trainer.max_epochs=30 ...]
+    python -m benchmarks.regularization [--seeds 0,1,2,3,4] [--extra trainer.max_epochs=30 ...]
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def print_table(rows: list[dict[str, float | str]]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--seeds", default="0,1,2,3,4")
     parser.add_argument("--extra", nargs="*", default=[], help="more overrides for every job")
     parser.add_argument("--only", nargs="*", default=None, help="families to run (default all)")
     parser.add_argument("--sweep-dir", default=None, help="where the multiruns go")
