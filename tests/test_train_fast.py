@@ -109,6 +109,7 @@ def test_a_diverging_run_stops_with_a_clear_error(make_config) -> None:
     cfg = make_config(
         "reg=l2", "reg.l2.weight=1e39", "trainer.max_epochs=2",  # penalty overflows to inf
         "trainer.limit_train_batches=4", "trainer.limit_val_batches=1", "logger=none",
+        "callbacks.progress_bar=null",
     )  # fmt: skip
     with pytest.raises(PosttrainError, match="Training diverged"):
         train(cfg)
