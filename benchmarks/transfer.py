@@ -38,7 +38,7 @@ POLICIES: dict[str, list[str]] = {
 }
 
 
-def run_all(sweep: Path, shots: str, seeds: str, pretrained: Path) -> None:
+def run_all(sweep: Path, shots: str, seeds: str, pretrained: Path, extra: list[str]) -> None:
     common = [
         "-m",
         "experiment=digits_transfer",
@@ -46,6 +46,7 @@ def run_all(sweep: Path, shots: str, seeds: str, pretrained: Path) -> None:
         f"seed={seeds}",
         "data.seed=${seed}",
         f"optimizer.lr={','.join(LRS)}",
+        *extra,
         *QUIET,
     ]
     scratch = ["method=supervised", "model.pretrained=null"]
@@ -103,6 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shots", default="1,5,20")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--pretrain-extra", nargs="*", default=[], help="e.g. reg=augment")
+    parser.add_argument("--extra", nargs="*", default=[], help="for every target-task job")
     parser.add_argument("--sweep-dir", default=None)
     parser.add_argument("--collect-only", action="store_true")
     args = parser.parse_args(argv)
@@ -119,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
             ],
             "pretrain",
         )
-        run_all(sweep / "transfer", args.shots, args.seeds, pretrained)
+        run_all(sweep / "transfer", args.shots, args.seeds, pretrained, args.extra)
     rows = summarize(grouped_metrics(sweep / "transfer", job_key))
     print_table(rows)
     payload = {
@@ -127,6 +129,7 @@ def main(argv: list[str] | None = None) -> None:
         "shots": args.shots,
         "seeds": args.seeds,
         "pretrain_extra": args.pretrain_extra,
+        "extra": args.extra,
         "wall_seconds": round(time.time() - started, 1),
         "rows": rows,
     }
