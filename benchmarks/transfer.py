@@ -2,7 +2,8 @@
 
 Pretrains the small CNN on digits 0-4 (`experiment=digits_pretrain`), then trains on digits
 5-9 with K labelled images per class (`experiment=digits_transfer`): from scratch, linear
-probe, full fine-tuning, full fine-tuning with frozen BatchNorm statistics, with
+probe, full fine-tuning, full fine-tuning with frozen BatchNorm statistics, with the top
+backbone layer re-initialized, with
 discriminative learning rates (backbone 0.1x) and with L2-SP. Same epochs and the same
 learning-rate grid for every setting; each keeps its best rate by mean validation accuracy
 (the test split is never used to choose). Each seed draws its own K-shot subset
@@ -28,6 +29,11 @@ POLICIES: dict[str, list[str]] = {
         "method.finetune.policy=full",
         "method.finetune.backbone_lr_factor=1",
         "method.finetune.freeze_bn_stats=true",
+    ],
+    "full_reinit_top": [
+        "method.finetune.policy=full",
+        "method.finetune.backbone_lr_factor=1",
+        "method.finetune.reinit_top_layers=1",
     ],
     "full_disc_lr": ["method.finetune.policy=full", "method.finetune.backbone_lr_factor=0.1"],
     "full_l2sp": [

@@ -121,6 +121,21 @@ def test_posttrain_checkpoint_is_a_pretrained_source(pretrained_digits: Path) ->
     assert torch.equal(kept.head.weight, checkpoint["state_dict"]["model.head.weight"])
 
 
+def test_reinit_top_layers_restarts_only_the_top(make_config, pretrained_digits: Path) -> None:
+    from posttrain.runs import build_components, find_user_error
+
+    checkpoint = torch.load(pretrained_digits, weights_only=True)["state_dict"]
+    overrides = ["experiment=digits_transfer", f"model.pretrained={pretrained_digits}"]
+    _, method = build_components(make_config(*overrides, "method.finetune.reinit_top_layers=1"))
+    state = method.model.state_dict()
+    top, below = "features.6.0.weight", "features.4.0.weight"  # the last two conv blocks
+    assert not torch.equal(state[top], checkpoint[f"model.{top}"])
+    assert torch.equal(state[below], checkpoint[f"model.{below}"])
+    with pytest.raises(Exception) as caught:  # Hydra wraps it; the CLI unwraps it the same way
+        build_components(make_config(*overrides, "method.finetune.reinit_top_layers=9"))
+    assert "reinit_top_layers` is 9, but the backbone" in str(find_user_error(caught.value))
+
+
 class Recorder:
     """Snapshots of backbone state per epoch, read by the freezing tests."""
 

@@ -11,7 +11,9 @@ and torch optimizers skip those), so unfreezing is only `requires_grad=True`: le
 schedules keep working and a resumed run re-applies the schedule for its epoch.
 `backbone_lr_factor` gives discriminative learning rates (backbone lr = factor x head lr);
 `freeze_bn_stats` keeps every backbone BatchNorm in inference mode (pretrained statistics),
-and frozen layers always keep theirs.
+and frozen layers always keep theirs. `reinit_top_layers` starts the top N backbone layers
+from fresh weights: the layers closest to the source head are the most specific to the source
+task, the lower ones the most general.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class FinetuneSettings:
     unfreeze_groups: int = 1
     backbone_lr_factor: float = 1.0
     freeze_bn_stats: bool = False
+    reinit_top_layers: int = 0
 
     def __post_init__(self) -> None:
         require_choice("method.finetune.policy", self.policy, POLICIES)
@@ -45,6 +48,10 @@ class FinetuneSettings:
         )
         require_positive("method.finetune.unfreeze_groups", self.unfreeze_groups)
         require_positive("method.finetune.backbone_lr_factor", self.backbone_lr_factor)
+        require(
+            isinstance(self.reinit_top_layers, int) and self.reinit_top_layers >= 0,
+            f"`method.finetune.reinit_top_layers` must be >= 0, got {self.reinit_top_layers!r}.",
+        )
 
     @property
     def starts_frozen(self) -> bool:
@@ -59,6 +66,20 @@ def layer_groups(backbone: nn.Module, count: int) -> list[list[nn.Module]]:
     size = -(-len(layers) // count)
     groups = [layers[i : i + size] for i in range(0, len(layers), size)]
     return list(reversed(groups))
+
+
+def reinit_top_layers(backbone: nn.Module, count: int) -> None:
+    """Fresh initial weights for the `count` parameterized backbone layers nearest the head."""
+    layers = [group[0] for group in layer_groups(backbone, count=len(list(backbone.children())))]
+    require(
+        count <= len(layers),
+        f"`method.finetune.reinit_top_layers` is {count}, but the backbone has only "
+        f"{len(layers)} layers with weights.",
+    )
+    for layer in layers[:count]:
+        for module in layer.modules():
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
 
 
 def set_trainable(module: nn.Module, trainable: bool) -> None:

@@ -13,7 +13,12 @@ import lightning as L
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from posttrain.methods.finetune import FinetuneSettings, FreezeSchedule, keep_frozen_norms_in_eval
+from posttrain.methods.finetune import (
+    FinetuneSettings,
+    FreezeSchedule,
+    keep_frozen_norms_in_eval,
+    reinit_top_layers,
+)
 from posttrain.methods.metrics import (
     DivergenceGuard,
     EpochMeans,
@@ -42,6 +47,7 @@ class SupervisedClassifier(L.LightningModule):
         self.model = model
         self.regularizers = regularizers or RegularizerSet()
         self.finetune = FinetuneSettings(**(finetune or {}))
+        reinit_top_layers(model.features, self.finetune.reinit_top_layers)
         self.metrics = SplitMetrics(num_classes=model.head.out_features)
         self.tracker = ValidationTracker()
         self.means = EpochMeans(["train/loss_epoch", "train/penalty", "val/loss", "test/loss"])
