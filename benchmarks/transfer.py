@@ -2,12 +2,11 @@
 
 Pretrains the small CNN on digits 0-4 (`experiment=digits_pretrain`), then trains on digits
 5-9 with K labelled images per class (`experiment=digits_transfer`): from scratch, linear
-probe, full fine-tuning, full fine-tuning with frozen BatchNorm statistics, with the top
-backbone layer re-initialized, with
-discriminative learning rates (backbone 0.1x) and with L2-SP. Same epochs and the same
-learning-rate grid for every setting; each keeps its best rate by mean validation accuracy
-(the test split is never used to choose). Each seed draws its own K-shot subset
-(`data.seed=${seed}`). Prints mean ± std test accuracy per K; writes
+probe, full fine-tuning, and full fine-tuning with frozen BatchNorm statistics, with the top
+backbone layer re-initialized, with discriminative learning rates (backbone 0.1x) and with
+L2-SP. Same epochs and the same learning-rate grid for every setting; each keeps its best
+rate by mean validation accuracy (the test split is never used to choose). Each seed draws
+its own K-shot subset (`data.seed=${seed}`). Prints mean ± std test accuracy per K; writes
 outputs/bench/transfer.json.
 
     python -m benchmarks.transfer [--shots 1,5,20] [--seeds 0,1,2] [--pretrain-extra reg=augment]
@@ -93,14 +92,14 @@ def summarize(groups: dict[str, list[dict[str, float]]]) -> list[dict]:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"\n{'K':>3} {'setting':<14} {'test acc %':>14} {'Δ vs scratch':>13}  note")
+    print(f"\n{'K':>3} {'setting':<16} {'test acc %':>14} {'Δ vs scratch':>13}  note")
     scratch = {r["shots"]: r for r in rows if r["setting"] == "scratch"}
     for r in rows:
         base = scratch.get(r["shots"])
         delta = 100 * (r["test_acc_mean"] - base["test_acc_mean"]) if base else float("nan")
         note = f"lr {r['lr']}"
         print(
-            f"{r['shots']:>3} {r['setting']:<14} {100 * r['test_acc_mean']:>7.1f} ± "
+            f"{r['shots']:>3} {r['setting']:<16} {100 * r['test_acc_mean']:>7.1f} ± "
             f"{100 * r['test_acc_std']:<4.1f} {delta:>+12.1f}  {note}"
         )
 
