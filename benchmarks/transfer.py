@@ -9,7 +9,8 @@ rate by mean validation accuracy (the test split is never used to choose). Each 
 its own K-shot subset (`data.seed=${seed}`). Prints mean ± std test accuracy per K; writes
 outputs/bench/transfer.json.
 
-    python -m benchmarks.transfer [--shots 1,5,20] [--seeds 0,1,2] [--pretrain-extra reg=augment]
+    python -m benchmarks.transfer [--shots 1,5,20] [--seeds 0,1,2,3,4]
+        [--pretrain-extra reg=augment] [--extra reg=augment]
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ def print_table(rows: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--shots", default="1,5,20")
-    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--seeds", default="0,1,2,3,4")
     parser.add_argument("--pretrain-extra", nargs="*", default=[], help="e.g. reg=augment")
     parser.add_argument("--extra", nargs="*", default=[], help="for every target-task job")
     parser.add_argument("--sweep-dir", default=None)
