@@ -1,4 +1,5 @@
-"""Shared by the benchmark scripts: run the real CLI as multiruns, read their jobs back."""
+"""Shared by the benchmark scripts: run the real CLI and the seed loop as measured processes,
+read multirun jobs back."""
 
 from __future__ import annotations
 
@@ -28,13 +29,38 @@ def run_train(args: list[str], label: str) -> None:
     run_command([sys.executable, str(ROOT / "train.py"), *args], label)
 
 
-def probe_overrides(out: Path, warmup: int) -> list[str]:
-    """Adds `benchmarks.probe.BenchProbe` to a `python train.py` run."""
-    return [
+def last_json_line(stdout: str) -> dict:
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def train_with_probe(overrides: list[str], run_dir: Path, warmup: int = 0) -> dict:
+    """`python train.py <overrides>` with `benchmarks.probe.BenchProbe` added; its report."""
+    probe = run_dir / "probe.json"
+    add_probe = [
         "+callbacks.probe._target_=benchmarks.probe.BenchProbe",
-        f"+callbacks.probe.out={out}",
+        f"+callbacks.probe.out={probe}",
         f"+callbacks.probe.warmup_steps={warmup}",
     ]
+    command = [sys.executable, str(ROOT / "train.py"), *overrides, f"hydra.run.dir={run_dir}"]
+    run_command([*command, *add_probe], "posttrain")
+    return json.loads(probe.read_text())
+
+
+def seed_loop(root: Path, arch: str, steps: int, warmup: int = 0, pipeline: str = "memory") -> dict:
+    """The seed's hand-written loop (`benchmarks.seed_loop`) in a fresh process; its report."""
+    command = [sys.executable, "-m", "benchmarks.seed_loop", "--root", str(root), "--arch", arch,
+               "--pipeline", pipeline, "--warmup", str(warmup), "--steps", str(steps)]  # fmt: skip
+    return last_json_line(run_command(command, f"seed loop ({pipeline})"))
+
+
+def import_floor(modules: str) -> dict:
+    """A fresh process that only imports `modules`: when it was done, and its peak memory."""
+    report = (
+        "from benchmarks.common import memory_mib; "
+        "print(json.dumps({'first_step_wall': time.time(), 'peak_rss_mib': memory_mib()['peak']}))"
+    )
+    code = f"import json, time; import {modules}; {report}"
+    return last_json_line(run_command([sys.executable, "-c", code], f"import {modules}"))
 
 
 def generated_cifar(folder: Path, train_images: int) -> Path:

@@ -13,30 +13,16 @@ Writes outputs/bench/memory.json.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import ROOT, generated_cifar, probe_overrides, run_command, write_result
-
-IMPORT_FLOOR_PEAK = (
-    "import torch, torchvision, lightning; from benchmarks.common import memory_mib; "
-    "print(memory_mib()['peak'])"
+from benchmarks.common import (
+    generated_cifar,
+    import_floor,
+    seed_loop,
+    train_with_probe,
+    write_result,
 )
-
-
-def posttrain_probe(work: Path, overrides: list[str]) -> dict:
-    probe = work / "probe.json"
-    command = [sys.executable, str(ROOT / "train.py"), *overrides, f"hydra.run.dir={work}"]
-    run_command([*command, *probe_overrides(probe, 0)], "memory")
-    return json.loads(probe.read_text())
-
-
-def seed_peak(data: Path, steps: int) -> float:
-    command = [sys.executable, "-m", "benchmarks.seed_loop", "--root", str(data),
-               "--arch", "small_cnn", "--warmup", "0", "--steps", str(steps)]  # fmt: skip
-    return json.loads(run_command(command, "seed loop").strip().splitlines()[-1])["peak_rss_mib"]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -52,15 +38,15 @@ def main(argv: list[str] | None = None) -> None:
             "trainer.limit_test_batches=2",
         ]  # fmt: skip
         peaks = {
-            "import floor": float(
-                run_command([sys.executable, "-c", IMPORT_FLOOR_PEAK], "memory").strip()
-            ),
-            "seed loop (CIFAR, small CNN)": seed_peak(data, args.steps),
-            "posttrain (CIFAR, small CNN)": posttrain_probe(Path(tmp) / "cifar", same_as_seed)[
+            "import floor": import_floor("torch, torchvision, lightning")["peak_rss_mib"],
+            "seed loop (CIFAR, small CNN)": seed_loop(data, "small_cnn", args.steps)[
+                "peak_rss_mib"
+            ],
+            "posttrain (CIFAR, small CNN)": train_with_probe(same_as_seed, Path(tmp) / "cifar")[
                 "peak_rss_mib"
             ],
         }
-        default = posttrain_probe(Path(tmp) / "digits", [f"trainer.max_epochs={args.epochs}"])
+        default = train_with_probe([f"trainer.max_epochs={args.epochs}"], Path(tmp) / "digits")
     peaks["posttrain default (digits)"] = default["peak_rss_mib"]
     rss = default["epoch_rss_mib"]
     growth = rss[-1] - rss[1]

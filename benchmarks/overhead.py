@@ -20,35 +20,24 @@ outputs/bench/overhead_<arch>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import ROOT, generated_cifar, probe_overrides, run_command, write_result
+from benchmarks.common import generated_cifar, seed_loop, train_with_probe, write_result
 
 VARIANTS = ("seed (memory)", "posttrain", "seed (as written)")
 
 
-def seed_run(root: Path, arch: str, pipeline: str, warmup: int, steps: int) -> dict:
-    command = [sys.executable, "-m", "benchmarks.seed_loop", "--root", str(root), "--arch", arch,
-               "--pipeline", pipeline, "--warmup", str(warmup), "--steps", str(steps)]  # fmt: skip
-    return json.loads(run_command(command, f"seed {pipeline}").strip().splitlines()[-1])
-
-
-def posttrain_run(root: Path, work: Path, arch: str, warmup: int, steps: int) -> dict:
-    probe = work / "probe.json"
+def posttrain_run(root: Path, run_dir: Path, arch: str, warmup: int, steps: int) -> dict:
     overrides = [
         "data=cifar10", f"data.root={root}", "data.download=false", "data.batch_size=32",
         f"model={arch}",
         "optimizer=sgd", "optimizer.lr=0.001", "optimizer.momentum=0.9", "scheduler=none",
         f"trainer.max_steps={warmup + steps}", "trainer.limit_val_batches=2",
         "trainer.limit_test_batches=2", "logger=none", "callbacks.progress_bar=null",
-        f"hydra.run.dir={work / 'run'}", *probe_overrides(probe, warmup),
     ]  # fmt: skip
-    run_command([sys.executable, str(ROOT / "train.py"), *overrides], "posttrain")
-    return json.loads(probe.read_text())
+    return train_with_probe(overrides, run_dir, warmup)
 
 
 def measure_round(data: Path, work: Path, args: argparse.Namespace, order: list[str]) -> dict:
@@ -58,7 +47,7 @@ def measure_round(data: Path, work: Path, args: argparse.Namespace, order: list[
             results[variant] = posttrain_run(data, work, args.arch, args.warmup, args.steps)
         else:
             pipeline = "memory" if "memory" in variant else "pil"
-            results[variant] = seed_run(data, args.arch, pipeline, args.warmup, args.steps)
+            results[variant] = seed_loop(data, args.arch, args.steps, args.warmup, pipeline)
         print(f"  {variant:<18} {results[variant]['images_per_s']:8.1f} images/s", flush=True)
     return {v: results[v]["images_per_s"] for v in VARIANTS}
 

@@ -21,7 +21,6 @@ outputs/bench/startup.json.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
@@ -30,30 +29,29 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks.common import ROOT, generated_cifar, probe_overrides, write_result
+from benchmarks.common import (
+    ROOT,
+    generated_cifar,
+    import_floor,
+    run_command,
+    seed_loop,
+    train_with_probe,
+    write_result,
+)
 
 TRAIN = [sys.executable, str(ROOT / "train.py")]
 
 
-def import_floor(modules: str) -> list[str]:
-    """A process that imports `modules` and reports when it is done (as a first step)."""
-    report = "print(json.dumps({'first_step_wall': time.time()}))"
-    code = f"import json, time; import {modules}; {report}"
-    return [sys.executable, "-c", code]
-
-
 def wall_seconds(command: list[str]) -> float:
     start = time.time()
-    subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
+    run_command(command, " ".join(command[1:]))
     return time.time() - start
 
 
-def seconds_to_first_step(command: list[str], probe: Path | None = None) -> float:
-    """Launch -> first training step, read from the probe file or the seed loop's JSON."""
+def seconds_to_first_step(launch: Callable[[], dict]) -> float:
+    """Launch -> first training step (`first_step_wall` in the process's report)."""
     start = time.time()
-    result = subprocess.run(command, cwd=ROOT, check=True, capture_output=True, text=True)
-    report = probe.read_text() if probe else result.stdout.strip().splitlines()[-1]
-    return json.loads(report)["first_step_wall"] - start
+    return launch()["first_step_wall"] - start
 
 
 def imported_modules(importtime_report: str) -> set[str]:
@@ -68,30 +66,26 @@ def imports_torch(args: list[str]) -> bool:
     return "torch" in imported_modules(result.stderr)
 
 
-def posttrain_command(work: Path, probe: Path, data: Path | None) -> list[str]:
+def one_step(run_dir: Path, data: Path | None) -> dict:
     """One training step of `python train.py` (on `data` if given, else the default)."""
     cifar = [f"data.root={data}", "data=cifar10", "data.download=false"] if data else []
-    return [*TRAIN, *cifar, "trainer.max_steps=1", "trainer.limit_test_batches=1",
-            f"hydra.run.dir={work}", *probe_overrides(probe, warmup=0)]  # fmt: skip
+    return train_with_probe(
+        [*cifar, "trainer.max_steps=1", "trainer.limit_test_batches=1"], run_dir
+    )
 
 
 def measurements(data: Path, work: Path) -> dict[str, Callable[[], float]]:
-    seed = [sys.executable, "-m", "benchmarks.seed_loop", "--root", str(data), "--arch",
-            "small_cnn", "--warmup", "0", "--steps", "1"]  # fmt: skip
-    probe = work / "probe.json"
     return {
         "import torch, torchvision": lambda: seconds_to_first_step(
-            import_floor("torch, torchvision")
+            lambda: import_floor("torch, torchvision")
         ),
         "... + lightning": lambda: seconds_to_first_step(
-            import_floor("torch, torchvision, lightning")
+            lambda: import_floor("torch, torchvision, lightning")
         ),
-        "seed": lambda: seconds_to_first_step(seed),
-        "posttrain": lambda: seconds_to_first_step(
-            posttrain_command(work / "cifar", probe, data), probe
-        ),
+        "seed": lambda: seconds_to_first_step(lambda: seed_loop(data, "small_cnn", steps=1)),
+        "posttrain": lambda: seconds_to_first_step(lambda: one_step(work / "cifar", data)),
         "posttrain (default digits)": lambda: seconds_to_first_step(
-            posttrain_command(work / "digits", probe, None), probe
+            lambda: one_step(work / "digits", None)
         ),
         "train.py --help": lambda: wall_seconds([*TRAIN, "--help"]),
         "train.py --cfg job": lambda: wall_seconds([*TRAIN, "--cfg", "job"]),
