@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from posttrain.data.sources import LabelledImages, SourceInfo, make_source
+from posttrain.data.sources import LabelledImages, Source, SourceInfo, make_source
 from posttrain.data.targets import derive_targets, parse_tasks
 from posttrain.data.transforms import channel_stats, normalize, to_model_input
 from posttrain.errors import require, require_fraction, require_positive
@@ -86,7 +86,24 @@ def keep_classes(data: LabelledImages | None, classes: list[int]) -> LabelledIma
     return LabelledImages(data.images[kept], mapping[data.labels[kept]])
 
 
-class ImageClassificationDataModule(L.LightningDataModule):
+class SourceDataModule(L.LightningDataModule):
+    """What every DataModule reading one registered source (`self.source`) answers alike."""
+
+    source: Source
+
+    @property
+    def info(self) -> SourceInfo:
+        return self.source.info()
+
+    @property
+    def in_channels(self) -> int:
+        return self.info.channels
+
+    def prepare_data(self) -> None:
+        self.source.prepare()
+
+
+class ImageClassificationDataModule(SourceDataModule):
     """Seeded train/val/test splits of any registered source, served as in-memory batches."""
 
     def __init__(
@@ -147,19 +164,8 @@ class ImageClassificationDataModule(L.LightningDataModule):
         return chosen
 
     @property
-    def info(self) -> SourceInfo:
-        return self.source.info()
-
-    @property
     def num_classes(self) -> int:
         return len(self.classes) if self.classes is not None else self.info.num_classes
-
-    @property
-    def in_channels(self) -> int:
-        return self.info.channels
-
-    def prepare_data(self) -> None:
-        self.source.prepare()
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:

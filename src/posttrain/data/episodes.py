@@ -13,12 +13,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import lightning as L
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from posttrain.data.sources import LabelledImages, SourceInfo, make_source
+from posttrain.data.datamodule import SourceDataModule
+from posttrain.data.sources import LabelledImages, make_source
 from posttrain.data.transforms import channel_stats, normalize, to_model_input
 from posttrain.errors import require, require_fraction, require_positive
 
@@ -97,7 +97,7 @@ def stack_episodes(episodes: list[Episode]) -> Episode:
     return tuple(torch.stack(parts) for parts in zip(*episodes, strict=True))  # type: ignore[return-value]
 
 
-class EpisodicDataModule(L.LightningDataModule):
+class EpisodicDataModule(SourceDataModule):
     """N-way K-shot episodes (`ways`, `shots`, `queries`) from any registered source."""
 
     def __init__(
@@ -147,20 +147,9 @@ class EpisodicDataModule(L.LightningDataModule):
         self._stats: tuple[Tensor, Tensor] | None = None
 
     @property
-    def info(self) -> SourceInfo:
-        return self.source.info()
-
-    @property
     def num_classes(self) -> int:
         """What a model head must predict: the classes of one (training) episode."""
         return self.train_ways
-
-    @property
-    def in_channels(self) -> int:
-        return self.info.channels
-
-    def prepare_data(self) -> None:
-        self.source.prepare()
 
     def setup(self, stage: str | None = None) -> None:
         if self.pools:
