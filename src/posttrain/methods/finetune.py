@@ -58,10 +58,15 @@ class FinetuneSettings:
         return self.policy in ("linear_probe", "gradual")
 
 
+def parameterized_layers(backbone: nn.Module) -> list[nn.Module]:
+    """The backbone's top-level layers that hold weights, bottom (input side) first."""
+    layers = [m for m in backbone.children() if any(True for _ in m.parameters())]
+    return layers or [backbone]
+
+
 def layer_groups(backbone: nn.Module, count: int) -> list[list[nn.Module]]:
     """The backbone's parameterized top-level layers in `count` contiguous groups, top first."""
-    layers = [m for m in backbone.children() if any(True for _ in m.parameters())]
-    layers = layers or [backbone]
+    layers = parameterized_layers(backbone)
     count = min(count, len(layers))
     size = -(-len(layers) // count)
     groups = [layers[i : i + size] for i in range(0, len(layers), size)]
@@ -70,7 +75,7 @@ def layer_groups(backbone: nn.Module, count: int) -> list[list[nn.Module]]:
 
 def reinit_top_layers(backbone: nn.Module, count: int) -> None:
     """Fresh initial weights for the `count` parameterized backbone layers nearest the head."""
-    layers = [group[0] for group in layer_groups(backbone, count=len(list(backbone.children())))]
+    layers = list(reversed(parameterized_layers(backbone)))
     require(
         count <= len(layers),
         f"`method.finetune.reinit_top_layers` is {count}, but the backbone has only "
