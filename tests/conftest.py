@@ -41,7 +41,24 @@ def make_config(tmp_path: Path):
     return make
 
 
-def run_cli(script: str, *args: str, cwd: Path | None = None, timeout: int = 300):
+# Only a hang guard: a test must not fail because the machine is slow or loaded (a CLI run
+# that takes 40 s alone took over 300 s with the suite sharing two busy cores).
+HANG_TIMEOUT_S = 1800
+
+
+def add_callbacks(monkeypatch: pytest.MonkeyPatch, *callbacks: object) -> None:
+    """Attach probe callbacks to the Trainer that `posttrain.train.train` builds."""
+    import posttrain.runs
+
+    build_trainer = posttrain.runs.build_trainer
+
+    def with_probes(cfg: DictConfig, extra_callbacks: list) -> object:
+        return build_trainer(cfg, extra_callbacks=[*extra_callbacks, *callbacks])
+
+    monkeypatch.setattr(posttrain.runs, "build_trainer", with_probes)
+
+
+def run_cli(script: str, *args: str, cwd: Path | None = None, timeout: int = HANG_TIMEOUT_S):
     """Run `python <script> <args>` from the repository root, as a user would."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0"}
     return subprocess.run(
