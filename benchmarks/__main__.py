@@ -6,6 +6,7 @@ import importlib
 import sys
 
 BENCHMARKS = (
+    "default_run",
     "overhead",
     "pipeline",
     "startup",

@@ -1,17 +1,24 @@
 """Shared by the benchmark scripts: run the real CLI and the seed loop as measured processes,
-read multirun jobs back."""
+read multirun jobs back, and write the committed result files the README is rendered from."""
 
 from __future__ import annotations
 
 import json
+import os
+import platform
+import shlex
 import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# Scratch: run folders, sweeps and checkpoints of benchmark jobs (not committed).
 OUT = ROOT / "outputs" / "bench"
+# Committed: one JSON per benchmark result; README tables are rendered from these files.
+RESULTS = ROOT / "benchmarks" / "results"
 QUIET = ["logger=none", "callbacks.progress_bar=null"]
 
 
@@ -75,14 +82,18 @@ def grouped_metrics(
     sweep_root: Path, key: Callable[[str, dict[str, str]], str]
 ) -> dict[str, list[dict[str, float]]]:
     """Metrics of completed jobs in every multirun under `sweep_root`, grouped by
-    `key(multirun folder name, job overrides)`."""
+    `key(multirun folder name, job overrides)`. Each job's `seed` override, if any, is added
+    as `"seed"` so result files can keep the raw per-seed values next to their aggregates."""
     from posttrain.report import collect
 
     groups: dict[str, list[dict[str, float]]] = {}
     for family in sorted(p for p in sweep_root.iterdir() if p.is_dir()):
         for row in collect(family):
             if row.status == "completed":
-                groups.setdefault(key(family.name, row.overrides), []).append(row.metrics)
+                metrics = dict(row.metrics)
+                if "seed" in row.overrides:
+                    metrics["seed"] = int(row.overrides["seed"])
+                groups.setdefault(key(family.name, row.overrides), []).append(metrics)
     return groups
 
 
@@ -90,10 +101,48 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def write_result(name: str, payload: dict) -> Path:
-    OUT.mkdir(parents=True, exist_ok=True)
-    path = OUT / f"{name}.json"
-    path.write_text(json.dumps(payload, indent=2) + "\n")
+def bench_command(module: str, argv: list[str] | None) -> str:
+    """The command line that reproduces this run, as the README quotes it: `argv` is what
+    `main` received (None when run as `python -m benchmarks.<module>`: then sys.argv)."""
+    args = sys.argv[1:] if argv is None else argv
+    return shlex.join(["python", "-m", f"benchmarks.{module}", *args])
+
+
+def machine_note() -> str:
+    """Enough about the machine to judge a number later: cores, CPU, GPU, how busy it was."""
+    cpu = platform.processor() or platform.machine()
+    for line in (
+        Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    ):
+        if line.startswith("model name"):
+            cpu = line.partition(":")[2].strip()
+            break
+    gpu = "no GPU"
+    if Path("/proc/driver/nvidia/gpus").exists():
+        gpu = f"{len(list(Path('/proc/driver/nvidia/gpus').iterdir()))} NVIDIA GPU(s)"
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    threads = os.environ.get("OMP_NUM_THREADS", "unset")
+    return (
+        f"{os.cpu_count()} CPU cores ({cpu}), {gpu}; load average {load} (1/5/15 min) when "
+        f"written; OMP_NUM_THREADS={threads}; Python {platform.python_version()}"
+    )
+
+
+def write_result(name: str, command: str, payload: dict) -> Path:
+    """Write `benchmarks/results/<name>.json`. The README's tables are rendered from these
+    committed files, so each carries what produced it: command, date, machine, commit."""
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    record = {
+        "benchmark": name,
+        "command": command,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "machine": machine_note(),
+        "git_head": head.stdout.strip() or None,
+        **payload,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(record, indent=2) + "\n")
     return path
 
 

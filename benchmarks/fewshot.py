@@ -3,7 +3,7 @@
 Runs `experiment=digits_protonet` and `experiment=digits_maml` (convnet4, digit x rotation
 classes split into disjoint meta-train/val/test classes) for each shot count and prints the
 test accuracy over 600 fixed test episodes with its 95% confidence interval. Writes
-outputs/bench/fewshot.json.
+benchmarks/results/fewshot.json; the README table is rendered from it by `markdown_table`.
 
     python -m benchmarks.fewshot [--shots 1,5] [--methods digits_maml]
         [--extra trainer.max_epochs=5]
@@ -15,9 +15,33 @@ import argparse
 import time
 from pathlib import Path
 
-from benchmarks.common import OUT, QUIET, grouped_metrics, run_train, write_result
+from benchmarks.common import OUT, QUIET, bench_command, grouped_metrics, run_train, write_result
 
 METHODS = ("digits_protonet", "digits_maml")
+# How the README names each method's row.
+LABELS = {"protonet": "ProtoNet", "maml": "MAML (1 inner step, α = 0.4, 3 steps at test)"}
+
+
+def markdown_table(result: dict) -> str:
+    """The README table: one row per method, one column per shot count, acc ± 95% CI."""
+    shots = sorted({r["shots"] for r in result["rows"]})
+    cells = {(r["method"], r["shots"]): r for r in result["rows"]}
+    lines = [
+        "| method | " + " | ".join(f"{k}-shot" for k in shots) + " |",
+        "|---" * (len(shots) + 1) + "|",
+    ]
+    present = {r["method"] for r in result["rows"]}
+    for method in [
+        m.removeprefix("digits_") for m in METHODS if m.removeprefix("digits_") in present
+    ]:
+        row = [
+            f"{100 * cells[method, k]['test_acc']:.1f} ± {100 * cells[method, k]['ci95']:.1f} %"
+            if (method, k) in cells
+            else "—"
+            for k in shots
+        ]
+        lines.append(f"| {LABELS.get(method, method)} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -68,7 +92,8 @@ def main(argv: list[str] | None = None) -> None:
         "wall_seconds": round(time.time() - started, 1),
         "rows": rows,
     }
-    print(f"\nwrote {write_result('fewshot', payload)} (jobs in {sweep})")
+    path = write_result("fewshot", bench_command("fewshot", argv), payload)
+    print(f"\nwrote {path} (jobs in {sweep})")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ Same maths three ways on one meta-batch (convnet4, 5-way 1-shot, 15 queries, met
 (`method.inner_loop`), `clone` is the module-cloning style of older libraries
 (learn2learn-like: a differentiable copy of the module per task, updated in place).
 Prints ms per meta-batch (forward + backward), ratios, and whether the meta-gradients agree;
-writes outputs/bench/maml_speed.json. Forms alternate in rounds so load on a shared machine
+writes benchmarks/results/maml_speed.json. Forms alternate in rounds so load on a shared machine
 hits all of them alike.
 
     python -m benchmarks.maml_speed [--rounds 5] [--device cpu]
@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from benchmarks.common import write_result
+from benchmarks.common import bench_command, write_result
 from posttrain.methods.meta import MAML
 from posttrain.models import build_classifier
 
@@ -134,7 +134,11 @@ def main(argv: list[str] | None = None) -> None:
                 f"  {form:<6} {median[form]:8.1f} ms   {median['clone'] / median[form]:5.2f}x "
                 f"vs clone   gradients match loop: {agree[form]}"
             )
-    path = write_result("maml_speed", {"device": str(device), "rounds": args.rounds, **results})
+    path = write_result(
+        "maml_speed",
+        bench_command("maml_speed", argv),
+        {"device": str(device), "rounds": args.rounds, **results},
+    )
     print(f"\nwrote {path}")
 
 

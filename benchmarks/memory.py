@@ -5,7 +5,7 @@ seed's hand-written loop and `python train.py` on the same generated CIFAR-10, s
 batch 32 and step count, and plain `python train.py` (what `make train` runs: digits, small
 CNN, 30 epochs). `benchmarks.probe.BenchProbe` also reads VmRSS after every epoch of the
 default run: the growth from epoch 2 (after first-epoch allocations) to the last is printed.
-Writes outputs/bench/memory.json.
+Writes benchmarks/results/memory.json.
 
     python -m benchmarks.memory [--epochs 30]
 """
@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.common import (
+    bench_command,
     generated_cifar,
     import_floor,
     seed_loop,
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
         "default_epoch_rss_mib": rss,
         "default_growth_epoch2_to_last_mib": growth,
     }
-    print(f"\nwrote {write_result('memory', payload)}")
+    print(f"\nwrote {write_result('memory', bench_command('memory', argv), payload)}")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 Trains `experiment=digits_multitask` (digit + parity + large, one shared small CNN) with each
 loss weighting, and the same method with the `digit` task alone, over several seeds; prints
-mean ± std test accuracy on `digit`. Writes outputs/bench/multitask.json.
+mean ± std test accuracy on `digit`. Writes benchmarks/results/multitask.json (per-seed values
+and aggregates); the README table is rendered from it by `markdown_table`.
 
     python -m benchmarks.multitask [--seeds 0,1,2] [--samples-per-class 20]
 """
@@ -13,7 +14,15 @@ import argparse
 import time
 from pathlib import Path
 
-from benchmarks.common import OUT, QUIET, grouped_metrics, mean_std, run_train, write_result
+from benchmarks.common import (
+    OUT,
+    QUIET,
+    bench_command,
+    grouped_metrics,
+    mean_std,
+    run_train,
+    write_result,
+)
 
 SETTINGS: dict[str, list[str]] = {
     "single-task_digit": ["~data.targets.parity", "~data.targets.large"],
@@ -21,10 +30,29 @@ SETTINGS: dict[str, list[str]] = {
     "multi-task_uncertainty": ["method.weighting=uncertainty"],
     "multi-task_dwa": ["method.weighting=dwa"],
 }
+# How the README names each setting.
+LABELS = {
+    "single-task_digit": "single-task (digit)",
+    "multi-task_equal": "multi-task digit + parity + large, equal weights",
+    "multi-task_uncertainty": "multi-task, uncertainty weighting",
+    "multi-task_dwa": "multi-task, DWA",
+}
 
 
 def setting_of(family: str, overrides: dict[str, str]) -> str:
     return family
+
+
+def markdown_table(result: dict) -> str:
+    """The README table: mean ± std digit test accuracy per setting, the best in bold."""
+    best = max(r["digit_acc_mean"] for r in result["rows"])
+    lines = ["| setting | digit test acc % |", "|---|---|"]
+    for r in result["rows"]:
+        cell = f"{100 * r['digit_acc_mean']:.1f} ± {100 * r['digit_acc_std']:.1f}"
+        lines.append(
+            f"| {LABELS[r['setting']]} | {f'**{cell}**' if r['digit_acc_mean'] == best else cell} |"
+        )
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -64,6 +92,9 @@ def main(argv: list[str] | None = None) -> None:
                 "seeds": len(runs),
                 "digit_acc_mean": acc_mean,
                 "digit_acc_std": acc_std,
+                "per_seed": [
+                    {"seed": m.get("seed"), "digit_acc": m["test/digit/acc"]} for m in runs
+                ],
             }
         )
         print(f"{name:<24} {len(runs):>2} {100 * acc_mean:>9.1f} ± {100 * acc_std:.1f}")
@@ -74,7 +105,8 @@ def main(argv: list[str] | None = None) -> None:
         "wall_seconds": round(time.time() - started, 1),
         "rows": rows,
     }
-    print(f"\nwrote {write_result('multitask', payload)} (jobs in {sweep})")
+    path = write_result("multitask", bench_command("multitask", argv), payload)
+    print(f"\nwrote {path} (jobs in {sweep})")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ steps after the same warm-up. Each round runs, in rotating order, three subproce
 
 Prints images/s per round, the median of per-round ratios and the ratio of each variant's
 fastest round (the least disturbed on a shared machine); writes
-outputs/bench/overhead_<arch>.json.
+benchmarks/results/overhead_<arch>.json.
 
     python -m benchmarks.overhead [--arch resnet50|small_cnn] [--rounds 5] [--steps 60]
 """
@@ -24,7 +24,13 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import generated_cifar, seed_loop, train_with_probe, write_result
+from benchmarks.common import (
+    bench_command,
+    generated_cifar,
+    seed_loop,
+    train_with_probe,
+    write_result,
+)
 
 VARIANTS = ("seed (memory)", "posttrain", "seed (as written)")
 
@@ -94,7 +100,9 @@ def main(argv: list[str] | None = None) -> None:
         "best_images_per_s": best,
         "best_ratios": best_ratios,
     }
-    print(f"\nwrote {write_result(f'overhead_{args.arch}', payload)}")
+    print(
+        f"\nwrote {write_result(f'overhead_{args.arch}', bench_command('overhead', argv), payload)}"
+    )
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ for the model (normalized float tensors), with no model attached:
   `flip=true` (per-image random shift + flip, vectorized over the batch).
 
 Variants alternate within each round; prints images/s and ratios, writes
-outputs/bench/pipeline.json.
+benchmarks/results/pipeline.json.
 
     python -m benchmarks.pipeline [--rounds 5] [--batches 200]
 """
@@ -28,7 +28,7 @@ from types import SimpleNamespace
 
 import torch
 
-from benchmarks.common import generated_cifar, write_result
+from benchmarks.common import bench_command, generated_cifar, write_result
 from benchmarks.seed_loop import pil_batches
 from posttrain.data import ImageClassificationDataModule
 from posttrain.regularizers import RegularizerSet
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     for name, value in ratios.items():
         print(f"{name}: {value:.1f}x")
     payload = {**vars(args), "images_per_s": rounds, "median": median, "ratios": ratios}
-    print(f"\nwrote {write_result('pipeline', payload)}")
+    print(f"\nwrote {write_result('pipeline', bench_command('pipeline', argv), payload)}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 Runs `experiment=digits_lowdata` (ResNet-18, 10 digits per class) with `reg=none` and each
 regularizer at a few strengths over several seeds, as Hydra multiruns of the real CLI, then
 prints mean ± std of test accuracy and of the train/val gap per setting, and the difference
-to `reg=none` in units of its std. Writes outputs/bench/regularization.json.
+to `reg=none` in units of its std. Writes benchmarks/results/regularization.json.
 
     python -m benchmarks.regularization [--seeds 0,1,2,3,4] [--extra trainer.max_epochs=30 ...]
 """
@@ -14,7 +14,15 @@ import argparse
 import time
 from pathlib import Path
 
-from benchmarks.common import OUT, QUIET, grouped_metrics, mean_std, run_train, write_result
+from benchmarks.common import (
+    OUT,
+    QUIET,
+    bench_command,
+    grouped_metrics,
+    mean_std,
+    run_train,
+    write_result,
+)
 
 # One multirun per setting family: (label, overrides). Strength lists sweep inside a family.
 SETTINGS: list[tuple[str, list[str]]] = [
@@ -95,7 +103,8 @@ def main(argv: list[str] | None = None) -> None:
         "wall_seconds": round(time.time() - started, 1),
         "rows": rows,
     }
-    print(f"\nwrote {write_result('regularization', payload)} (jobs in {sweep})")
+    path = write_result("regularization", bench_command("regularization", argv), payload)
+    print(f"\nwrote {path} (jobs in {sweep})")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ Each round runs, in rotating order, fresh processes:
 - `--help` and `--cfg job`: complete, and checked with `-X importtime` not to import torch.
 
 Times are launch -> first step (wall clock, same machine). Prints medians and ratios, writes
-outputs/bench/startup.json.
+benchmarks/results/startup.json.
 
     python -m benchmarks.startup [--rounds 5]
 """
@@ -31,6 +31,7 @@ from pathlib import Path
 
 from benchmarks.common import (
     ROOT,
+    bench_command,
     generated_cifar,
     import_floor,
     run_command,
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
         "posttrain_over_seed_first_step": ratio,
         "imports_torch": torch_imported,
     }
-    print(f"\nwrote {write_result('startup', payload)}")
+    print(f"\nwrote {write_result('startup', bench_command('startup', argv), payload)}")
 
 
 if __name__ == "__main__":

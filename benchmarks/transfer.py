@@ -7,7 +7,7 @@ backbone layer re-initialized, with discriminative learning rates (backbone 0.1x
 L2-SP. Same epochs and the same learning-rate grid for every setting; each keeps its best
 rate by mean validation accuracy (the test split is never used to choose). Each seed draws
 its own K-shot subset (`data.seed=${seed}`). Prints mean ± std test accuracy per K; writes
-outputs/bench/transfer.json.
+benchmarks/results/transfer.json.
 
     python -m benchmarks.transfer [--shots 1,5,20] [--seeds 0,1,2,3,4]
         [--pretrain-extra reg=augment] [--extra reg=augment]
@@ -19,7 +19,15 @@ import argparse
 import time
 from pathlib import Path
 
-from benchmarks.common import OUT, QUIET, grouped_metrics, mean_std, run_train, write_result
+from benchmarks.common import (
+    OUT,
+    QUIET,
+    bench_command,
+    grouped_metrics,
+    mean_std,
+    run_train,
+    write_result,
+)
 
 LRS = ("0.001", "0.003", "0.01", "0.03")
 POLICIES: dict[str, list[str]] = {
@@ -139,7 +147,8 @@ def main(argv: list[str] | None = None) -> None:
         "wall_seconds": round(time.time() - started, 1),
         "rows": rows,
     }
-    print(f"\nwrote {write_result('transfer', payload)} (jobs in {sweep})")
+    path = write_result("transfer", bench_command("transfer", argv), payload)
+    print(f"\nwrote {path} (jobs in {sweep})")
 
 
 if __name__ == "__main__":
