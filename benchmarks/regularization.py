@@ -3,9 +3,13 @@
 Runs `experiment=digits_lowdata` (ResNet-18, 10 digits per class) with `reg=none` and each
 regularizer at a few strengths over several seeds, as Hydra multiruns of the real CLI, then
 prints mean ± std of test accuracy and of the train/val gap per setting, and the difference
-to `reg=none` in units of its std. Writes benchmarks/results/regularization.json.
+to `reg=none` in units of its std. Writes benchmarks/results/<--result>.json (default
+`regularization`; give each configuration its own name, e.g. `--result regularization_60ep`,
+so one README table does not overwrite another); the README table is rendered from it by
+`markdown_table`.
 
     python -m benchmarks.regularization [--seeds 0,1,2,3,4] [--extra trainer.max_epochs=30 ...]
+        [--only none augment mixup] [--result regularization]
 """
 
 from __future__ import annotations
@@ -63,9 +67,33 @@ def summarize(results: dict[str, list[dict[str, float]]]) -> list[dict[str, floa
                 "gap_std": gap_std,
                 "delta_vs_none": acc_mean - base_mean,
                 "delta_in_none_std": (acc_mean - base_mean) / base_std if base_std else 0.0,
+                "per_seed": [
+                    {"seed": m.get("seed"), "test_acc": m["test/acc"], "gap": m["val/acc_gap"]}
+                    for m in runs
+                ],
             }
         )
     return sorted(rows, key=lambda r: (r["setting"] != "none", -r["test_acc_mean"]))
+
+
+def markdown_table(result: dict) -> str:
+    """The README table: mean ± std test accuracy and train − val gap per setting (named by
+    its overrides), the best accuracy in bold, and the difference to `reg=none` in units of
+    none's std."""
+    best = max(r["test_acc_mean"] for r in result["rows"])
+    lines = ["| setting | test acc % | train − val gap % | Δ vs none |", "|---|---|---|---|"]
+    for r in result["rows"]:
+        acc = f"{100 * r['test_acc_mean']:.1f} ± {100 * r['test_acc_std']:.1f}"
+        delta = (
+            "—"
+            if r["setting"] == "none"
+            else f"{100 * r['delta_vs_none']:+.1f} ({r['delta_in_none_std']:+.1f} σ of none)"
+        )
+        lines.append(
+            f"| `{r['setting']}` | {f'**{acc}**' if r['test_acc_mean'] == best else acc} | "
+            f"{100 * r['gap_mean']:.1f} ± {100 * r['gap_std']:.1f} | {delta} |"
+        )
+    return "\n".join(lines)
 
 
 def print_table(rows: list[dict[str, float | str]]) -> None:
@@ -88,6 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", nargs="*", default=None, help="families to run (default all)")
     parser.add_argument("--sweep-dir", default=None, help="where the multiruns go")
     parser.add_argument("--collect-only", action="store_true", help="only re-read --sweep-dir")
+    parser.add_argument("--result", default="regularization", help="benchmarks/results/<name>")
     args = parser.parse_args(argv)
     sweep = Path(args.sweep_dir or OUT / f"regularization_{time.strftime('%Y%m%d_%H%M%S')}")
     started = time.time()
@@ -103,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
         "wall_seconds": round(time.time() - started, 1),
         "rows": rows,
     }
-    path = write_result("regularization", bench_command("regularization", argv), payload)
+    path = write_result(args.result, bench_command("regularization", argv), payload)
     print(f"\nwrote {path} (jobs in {sweep})")
 
 

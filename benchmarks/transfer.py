@@ -7,7 +7,8 @@ backbone layer re-initialized, with discriminative learning rates (backbone 0.1x
 L2-SP. Same epochs and the same learning-rate grid for every setting; each keeps its best
 rate by mean validation accuracy (the test split is never used to choose). Each seed draws
 its own K-shot subset (`data.seed=${seed}`). Prints mean ± std test accuracy per K; writes
-benchmarks/results/transfer.json.
+benchmarks/results/transfer.json (every setting × K × lr with its per-seed values, and the
+chosen rows); the README table is rendered from it by `markdown_table`.
 
     python -m benchmarks.transfer [--shots 1,5,20] [--seeds 0,1,2,3,4]
         [--pretrain-extra reg=augment] [--extra reg=augment]
@@ -76,9 +77,21 @@ def job_key(family: str, overrides: dict[str, str]) -> str:
     return f"{setting}|{overrides['data.samples_per_class']}|{overrides.get('optimizer.lr', '')}"
 
 
-def summarize(groups: dict[str, list[dict[str, float]]]) -> list[dict]:
-    """Mean ± std per (setting, K) at the setting's best lr by mean val/acc_best."""
-    rows: dict[tuple[str, int], dict] = {}
+# How the README names each setting (columns, in this order).
+LABELS = {
+    "scratch": "scratch",
+    "linear_probe": "linear probe",
+    "full": "full fine-tune",
+    "full_reinit_top": "full, top layer re-initialized",
+    "full_frozen_bn": "full, frozen BN stats",
+    "full_disc_lr": "full, backbone lr 0.1×",
+    "full_l2sp": "full + L2-SP",
+}
+
+
+def grid(groups: dict[str, list[dict[str, float]]]) -> list[dict]:
+    """Mean ± std and per-seed values of every (setting, K, lr) cell of the sweep."""
+    cells = []
     for key, runs in groups.items():
         setting, shots, lr = key.split("|")
         test_mean, test_std = mean_std([m["test/acc"] for m in runs])
@@ -91,13 +104,47 @@ def summarize(groups: dict[str, list[dict[str, float]]]) -> list[dict]:
             "test_acc_mean": test_mean,
             "test_acc_std": test_std,
             "val_acc_mean": val_mean,
+            "per_seed": [{"seed": m.get("seed"), "test_acc": m["test/acc"]} for m in runs],
         }
-        best = rows.get((setting, int(shots)))
+        cells.append(row)
+    return cells
+
+
+def summarize(cells: list[dict]) -> list[dict]:
+    """Per (setting, K) the cell at the setting's best lr by mean val/acc_best (never test)."""
+    rows: dict[tuple[str, int], dict] = {}
+    for row in cells:
+        best = rows.get((row["setting"], row["shots"]))
         if best is None or row["val_acc_mean"] > best["val_acc_mean"]:
-            rows[(setting, int(shots))] = row
+            rows[(row["setting"], row["shots"])] = row
     return sorted(
         rows.values(), key=lambda r: (r["shots"], r["setting"] != "scratch", r["setting"])
     )
+
+
+def markdown_table(result: dict) -> str:
+    """The README table: one row per K, one column per setting, mean ± std test accuracy at
+    the setting's chosen lr (shown, since it is part of what produced the number); the best
+    of each row in bold."""
+    settings = [s for s in LABELS if any(r["setting"] == s for r in result["rows"])]
+    cells = {(r["shots"], r["setting"]): r for r in result["rows"]}
+    lines = [
+        "| K | " + " | ".join(LABELS[s] for s in settings) + " |",
+        "|---" * (len(settings) + 1) + "|",
+    ]
+    for shots in sorted({r["shots"] for r in result["rows"]}):
+        best = max(cells[shots, s]["test_acc_mean"] for s in settings if (shots, s) in cells)
+        row = []
+        for setting in settings:
+            cell = cells.get((shots, setting))
+            if cell is None:
+                row.append("—")
+                continue
+            acc = f"{100 * cell['test_acc_mean']:.1f} ± {100 * cell['test_acc_std']:.1f}"
+            acc = f"**{acc}**" if cell["test_acc_mean"] == best else acc
+            row.append(f"{acc} (lr {cell['lr']})")
+        lines.append(f"| {shots} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
 
 
 def print_table(rows: list[dict]) -> None:
@@ -136,7 +183,8 @@ def main(argv: list[str] | None = None) -> None:
             "pretrain",
         )
         run_all(sweep / "transfer", args.shots, args.seeds, pretrained, args.extra)
-    rows = summarize(grouped_metrics(sweep / "transfer", job_key))
+    cells = grid(grouped_metrics(sweep / "transfer", job_key))
+    rows = summarize(cells)
     print_table(rows)
     payload = {
         "sweep_dir": str(sweep),
@@ -146,6 +194,7 @@ def main(argv: list[str] | None = None) -> None:
         "extra": args.extra,
         "wall_seconds": round(time.time() - started, 1),
         "rows": rows,
+        "grid": cells,
     }
     path = write_result("transfer", bench_command("transfer", argv), payload)
     print(f"\nwrote {path} (jobs in {sweep})")
