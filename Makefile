@@ -1,11 +1,11 @@
-# posttrain — make install | train | test | lint | format | tensorboard | bench | clean
+# posttrain — make install | train | test | lint | format | tensorboard | bench | readme | clean
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: install train eval test test-fast lint format tensorboard bench clean
+.PHONY: install train eval test test-fast lint format tensorboard bench readme clean
 
 # Virtualenv + pinned install; redone only when the pins or the package metadata change.
 $(STAMP): pyproject.toml constraints.txt
@@ -41,6 +41,9 @@ tensorboard: install
 
 bench: install
 	$(PY) -m benchmarks $(ARGS)
+
+readme: install  ## re-render README's results tables from benchmarks/results/*.json
+	$(PY) -m benchmarks.readme
 
 clean:
 	rm -rf outputs/*/ .pytest_cache .ruff_cache src/*.egg-info

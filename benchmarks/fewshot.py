@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> None:
                 "test_acc": metrics["test/acc"],
                 "ci95": metrics["test/acc_ci95"],
                 "episodes": metrics["test/episodes"],
+                "metrics": metrics,
             }
         )
         print(

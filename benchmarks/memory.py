@@ -26,6 +26,26 @@ from benchmarks.common import (
 )
 
 
+def markdown_table(result: dict) -> str:
+    """The README table: peak resident memory per process as a multiple of the import
+    floor, and the default run's growth across epochs (a leak would show there)."""
+    peaks = result["peak_mib"]
+    floor = peaks["import floor"]
+    lines = ["| process | peak MiB | × import floor |", "|---|---|---|"]
+    lines += [f"| {name} | {value:,.0f} | {value / floor:.2f} |" for name, value in peaks.items()]
+    rss = result["default_epoch_rss_mib"]
+    return "\n".join(
+        [
+            *lines,
+            "",
+            f"posttrain / seed loop, same model, data and steps: "
+            f"{result['posttrain_over_seed']:.2f}×. Default run, resident memory after epoch 2 "
+            f"and after epoch {len(rss)}: {rss[1]:.0f} → {rss[-1]:.0f} MiB "
+            f"({result['default_growth_epoch2_to_last_mib']:+.1f} MiB).",
+        ]
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--epochs", type=int, default=30)

@@ -58,6 +58,22 @@ def measure_round(data: Path, work: Path, args: argparse.Namespace, order: list[
     return {v: results[v]["images_per_s"] for v in VARIANTS}
 
 
+def markdown_table(result: dict) -> str:
+    """The README table for one model: each variant's best round in images/s, and
+    posttrain / seed (memory) as the median of per-round ratios and as best / best."""
+    best = result["best_images_per_s"]
+    key = "posttrain / seed (memory)"
+    lines = [
+        "| model | seed (memory) | seed (as written) | posttrain | "
+        "posttrain / seed (memory): median of rounds, best / best |",
+        "|---|---|---|---|---|",
+        f"| {result['arch']} | {best['seed (memory)']:,.0f} | {best['seed (as written)']:,.0f} | "
+        f"{best['posttrain']:,.0f} | {result['median_ratios'][key]:.3f}, "
+        f"{result['best_ratios'][key]:.3f} |",
+    ]
+    return "\n".join([*lines, "", "(best round of each variant, images/s)"])
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--arch", default="resnet50", help="resnet50 (the seed's), small_cnn ...")

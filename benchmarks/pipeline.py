@@ -31,7 +31,6 @@ import torch
 from benchmarks.common import bench_command, generated_cifar, write_result
 from benchmarks.seed_loop import pil_batches
 from posttrain.data import ImageClassificationDataModule
-from posttrain.regularizers import RegularizerSet
 from posttrain.regularizers.augment import Augment
 
 BatchSource = Callable[[], Iterator]
@@ -43,7 +42,8 @@ def posttrain_batches(root: Path, batch_size: int, augment: bool) -> Iterator:
         dataset="cifar", root=str(root), batch_size=batch_size, test_fraction=0.0
     )
     if augment:
-        RegularizerSet([Augment(policy="basic", flip=True)]).attach(torch.nn.Identity(), datamodule)
+        transform = Augment(policy="basic", flip=True).batch_transform(datamodule.num_classes)
+        datamodule.train_transforms.append(transform)
     datamodule.setup("fit")
     datamodule.trainer = SimpleNamespace(training=True)  # train-time transforms apply
     while True:
@@ -66,6 +66,21 @@ def variants(root: Path, batch_size: int, workers: int) -> dict[str, BatchSource
         "seed + crop/flip": lambda: pil_batches(str(root), batch_size, True, workers=workers),
         "posttrain + crop/flip": lambda: posttrain_batches(root, batch_size, augment=True),
     }
+
+
+def markdown_table(result: dict) -> str:
+    """The README table: median images/s per pipeline, posttrain's rows with their ratio to
+    the seed's pipeline doing the same work."""
+    median, ratios = result["median"], result["ratios"]
+    ratio_of = {
+        "posttrain": ratios["posttrain / seed"],
+        "posttrain + crop/flip": ratios["posttrain + crop/flip / seed + crop/flip"],
+    }
+    lines = ["| pipeline | images/s (median) | × the seed's |", "|---|---|---|"]
+    for name, value in median.items():
+        ratio = f"{ratio_of[name]:.1f}×" if name in ratio_of else ""
+        lines.append(f"| {name} | {value:,.0f} | {ratio} |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:

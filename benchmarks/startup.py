@@ -93,6 +93,18 @@ def measurements(data: Path, work: Path) -> dict[str, Callable[[], float]]:
     }
 
 
+def markdown_table(result: dict) -> str:
+    """The README table: median seconds from launch to ready per process, as a multiple of
+    the `import torch, torchvision, lightning` floor; whether `--help`/`--cfg` import torch."""
+    lines = ["| process | seconds (median) | × Lightning import |", "|---|---|---|"]
+    for name, value in result["median_seconds"].items():
+        ratio = result["ratio_to_lightning_import"][name]
+        imports = result["imports_torch"].get(name)
+        note = "" if imports is None else f" (imports torch: {'yes' if imports else 'no'})"
+        lines.append(f"| {name}{note} | {value:.2f} | {ratio:.2f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
