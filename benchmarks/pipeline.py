@@ -26,8 +26,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
-import torch
-
 from benchmarks.common import bench_command, generated_cifar, write_result
 from benchmarks.seed_loop import pil_batches
 from posttrain.data import ImageClassificationDataModule
