@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from benchmarks.common import bench_command, write_result
-from posttrain.methods.meta import MAML
+from posttrain.methods.meta import MAML, FewShotTasks
 from posttrain.models import build_classifier
 
 
@@ -86,7 +86,7 @@ def step(form: str, first_order: bool, device: torch.device) -> tuple[float, lis
     if form == "clone":
         logits = clone_style_logits(model, maml, support, support_labels, query)
     else:
-        logits = maml(model, support, support_labels, query, 5, training=True)
+        logits = maml(model, FewShotTasks(support, support_labels, query, 5), training=True)
     F.cross_entropy(logits.flatten(0, 1), query_labels.flatten()).backward()
     if device.type == "cuda":
         torch.cuda.synchronize()

@@ -13,6 +13,7 @@ from posttrain.errors import PosttrainError
 from posttrain.methods.finetune import FinetuneSettings
 from posttrain.models import build_classifier
 from posttrain.models.pretrained import load_pretrained
+from posttrain.regularizers.base import ModelParts
 from posttrain.regularizers.penalties import L2SP
 from posttrain.train import train
 from tests.fixtures import write_cifar, write_malicious_checkpoint
@@ -261,7 +262,7 @@ def test_discriminative_learning_rates(make_config, pretrained_digits) -> None:
     from posttrain.methods.optim import build_optimizer
 
     built = build_optimizer(
-        method.named_parameters(), method.hparams.optimizer, lr_scale=method.backbone_lr_scale
+        method.named_parameters(), method.hparams.optimizer, lr_scale=method.lr_scale
     )
     head_ids = {id(p) for p in method.model.head.parameters()}
     for group in built.param_groups:
@@ -272,20 +273,20 @@ def test_discriminative_learning_rates(make_config, pretrained_digits) -> None:
 def test_l2sp_is_zero_at_the_start_and_grows_away() -> None:
     model = build_classifier("small_cnn", 5, 1)
     l2sp = L2SP(alpha=1.0, beta=0.0)
-    l2sp.modify_model(model)
-    assert float(l2sp.penalty(model)) == 0.0
+    l2sp.modify_model(ModelParts.of_classifier(model))
+    assert float(l2sp.penalty(ModelParts.of_classifier(model))) == 0.0
     distances = []
     for step in (0.01, 0.1):
         with torch.no_grad():
             for name, p in model.features.named_parameters():
                 if name in l2sp.reference:
                     p.copy_(l2sp.reference[name] + step)
-        distances.append(float(l2sp.penalty(model)))
+        distances.append(float(l2sp.penalty(ModelParts.of_classifier(model))))
     assert 0 < distances[0] < distances[1]
     assert distances[1] == pytest.approx(100 * distances[0], rel=1e-4)
     with_head = L2SP(alpha=0.0, beta=1.0)
-    with_head.modify_model(model)
-    assert float(with_head.penalty(model)) == pytest.approx(
+    with_head.modify_model(ModelParts.of_classifier(model))
+    assert float(with_head.penalty(ModelParts.of_classifier(model))) == pytest.approx(
         0.5 * float(model.head.weight.pow(2).sum()), rel=1e-5
     )
 

@@ -11,7 +11,7 @@ from torch.nn import functional as F
 
 from posttrain.data.episodes import EpisodicDataModule
 from posttrain.errors import PosttrainError
-from posttrain.methods.meta import MAML, ProtoNet
+from posttrain.methods.meta import MAML, FewShotTasks, ProtoNet
 from posttrain.models import build_classifier
 from tests.conftest import run_cli
 from tests.fixtures import write_omniglot
@@ -110,7 +110,7 @@ def outer_gradients(form: str, first_order: bool, batch_norm: bool = True) -> li
     model, support, support_labels, query, query_labels = tiny_meta_batch(batch_norm=batch_norm)
     maml = MAML(inner_steps=2, inner_lr=0.1, first_order=first_order, inner_loop=form)
     maml.prepare(model)
-    logits = maml(model, support, support_labels, query, 3, training=True)
+    logits = maml(model, FewShotTasks(support, support_labels, query, 3), training=True)
     F.cross_entropy(logits.flatten(0, 1), query_labels.flatten()).backward()
     return [p.grad.clone() for p in model.parameters()]
 
@@ -132,7 +132,8 @@ def test_second_order_loop_matches_finite_differences() -> None:
     model.double()
 
     def meta_loss() -> torch.Tensor:
-        logits = maml(model, support.double(), support_labels, query.double(), 3, training=True)
+        tasks = FewShotTasks(support.double(), support_labels, query.double(), 3)
+        logits = maml(model, tasks, training=True)
         return F.cross_entropy(logits.flatten(0, 1), query_labels.flatten())
 
     weight = model.features[0][0][0].weight
@@ -169,7 +170,7 @@ def test_first_order_drops_only_the_second_order_term() -> None:
     second = outer_gradients("loop", first_order=False)
     one_task = MAML(inner_steps=1, inner_lr=0.1, first_order=True, inner_loop="loop")
     model.zero_grad()
-    logits = one_task(model, support, support_labels, query, 3, training=True)
+    logits = one_task(model, FewShotTasks(support, support_labels, query, 3), training=True)
     F.cross_entropy(logits.flatten(0, 1), query_labels.flatten()).backward()
     for got, want in zip((p.grad for p in model.parameters()), expected, strict=True):
         torch.testing.assert_close(got, want)  # FOMAML = query gradient at the adapted point
@@ -198,7 +199,7 @@ def test_protonet_separates_a_trivial_task() -> None:
     query = (centers.repeat_interleave(5, 0) + 0.01 * torch.randn(15, 1, 16, 16)).unsqueeze(0)
     labels = torch.arange(3).repeat_interleave(2).unsqueeze(0)
     with torch.no_grad():
-        logits = ProtoNet()(model, support, labels, query, 3, training=False)
+        logits = ProtoNet()(model, FewShotTasks(support, labels, query, 3), training=False)
     accuracy = (logits.argmax(-1) == torch.arange(3).repeat_interleave(5)).float().mean()
     assert accuracy == 1.0
 

@@ -10,9 +10,11 @@ from torch import nn
 
 from posttrain.data import ImageClassificationDataModule
 from posttrain.errors import PosttrainError
+from posttrain.methods.supervised import SupervisedClassifier
 from posttrain.models import build_classifier
 from posttrain.regularizers import RegularizerSet
 from posttrain.regularizers.augment import Augment
+from posttrain.regularizers.base import ModelParts
 from posttrain.regularizers.dropout import Dropout
 from posttrain.regularizers.mixing import CutMix, Mixup
 from posttrain.regularizers.penalties import L1Penalty, L2Penalty
@@ -28,11 +30,11 @@ def model(arch: str = "small_cnn") -> nn.Module:
 @pytest.mark.parametrize("penalty_class", [L1Penalty, L2Penalty])
 def test_penalty_is_positive_and_grows_with_weight(penalty_class) -> None:
     network = model()
-    small = float(penalty_class(weight=1e-4).penalty(network))
-    large = float(penalty_class(weight=1e-2).penalty(network))
+    small = float(penalty_class(weight=1e-4).penalty(ModelParts.of_classifier(network)))
+    large = float(penalty_class(weight=1e-2).penalty(ModelParts.of_classifier(network)))
     assert 0 < small < large
     assert large == pytest.approx(100 * small, rel=1e-5)
-    assert penalty_class(weight=0.0).penalty(network) == 0
+    assert penalty_class(weight=0.0).penalty(ModelParts.of_classifier(network)) == 0
 
 
 def test_l2_excludes_biases_and_norms_unless_asked() -> None:
@@ -41,8 +43,10 @@ def test_l2_excludes_biases_and_norms_unless_asked() -> None:
         for module in network.modules():
             if isinstance(module, nn.BatchNorm2d):
                 module.weight.fill_(100.0)
-    plain = float(L2Penalty(weight=1.0).penalty(network))
-    with_1d = float(L2Penalty(weight=1.0, include_1d=True).penalty(network))
+    plain = float(L2Penalty(weight=1.0).penalty(ModelParts.of_classifier(network)))
+    with_1d = float(
+        L2Penalty(weight=1.0, include_1d=True).penalty(ModelParts.of_classifier(network))
+    )
     assert with_1d > plain + 1000
     expected = 0.5 * sum(p.pow(2).sum() for p in network.parameters() if p.ndim > 1)
     assert plain == pytest.approx(float(expected), rel=1e-5)
@@ -50,14 +54,14 @@ def test_l2_excludes_biases_and_norms_unless_asked() -> None:
 
 def test_penalty_gradient_reaches_the_weights() -> None:
     network = model()
-    L2Penalty(weight=1.0).penalty(network).backward()
+    L2Penalty(weight=1.0).penalty(ModelParts.of_classifier(network)).backward()
     assert torch.allclose(network.head.weight.grad, network.head.weight)
 
 
 @pytest.mark.parametrize("arch", ["small_cnn", "resnet18"])
 def test_dropout_is_inserted_before_the_head_with_p(arch: str) -> None:
     network = model(arch)
-    Dropout(p=0.3).modify_model(network)
+    Dropout(p=0.3).modify_model(ModelParts.of_classifier(network))
     assert isinstance(network.head_dropout, nn.Dropout) and network.head_dropout.p == 0.3
     network.train()
     x = torch.randn(4, 1, 32, 32)
@@ -69,7 +73,7 @@ def test_dropout_is_inserted_before_the_head_with_p(arch: str) -> None:
 def test_dropout_sets_existing_dropout_layers() -> None:
     network = model()
     network.features.append(nn.Dropout(0.9))
-    Dropout(p=0.2).modify_model(network)
+    Dropout(p=0.2).modify_model(ModelParts.of_classifier(network))
     assert all(m.p == 0.2 for m in network.modules() if isinstance(m, nn.Dropout))
 
 
@@ -77,7 +81,10 @@ def digits_with(*regularizers) -> tuple[ImageClassificationDataModule, nn.Module
     datamodule = ImageClassificationDataModule(dataset="digits", image_size=16, batch_size=32)
     datamodule.setup()
     network = model()
-    RegularizerSet(regularizers).attach(network, datamodule)
+    method = SupervisedClassifier(
+        network, {"name": "adamw", "lr": 1e-3}, {"name": "none"}, RegularizerSet(regularizers)
+    )
+    method.regularizers.attach(method, datamodule)
     return datamodule, network
 
 
@@ -129,7 +136,7 @@ def test_label_smoothing_and_callbacks_dispatch() -> None:
     assert regularizers.label_smoothing == pytest.approx(0.1)
     (callback,) = regularizers.callbacks()
     assert callback.patience == 3 and callback.monitor == "val/acc"
-    assert RegularizerSet().penalty(model()) is None
+    assert RegularizerSet().penalty(ModelParts.of_classifier(model())) is None
 
 
 @pytest.mark.parametrize(
@@ -156,7 +163,7 @@ def test_several_regularizers_compose_from_config(make_config) -> None:
     assert isinstance(method.model.head_dropout, nn.Dropout)
     assert len(datamodule.train_transforms) == 1
     assert method.regularizers.label_smoothing == pytest.approx(0.1)
-    assert method.regularizers.penalty(method.model) > 0
+    assert method.regularizers.penalty(method.regularized_parts()) > 0
 
 
 def test_none_is_the_empty_baseline(make_config) -> None:

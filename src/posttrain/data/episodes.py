@@ -143,7 +143,7 @@ class EpisodicDataModule(SourceDataModule):
         self.fractions = (val_fraction, test_fraction)
         self.rotations, self.image_size, self.seed = rotations, image_size, seed
         self.pools: dict[str, ClassPool] = {}
-        self.train_transforms: list[Any] = []
+        self.train_transforms: list[Any] = []  # stays empty: methods refuse batch transforms
         self._stats: tuple[Tensor, Tensor] | None = None
 
     @property
@@ -154,11 +154,6 @@ class EpisodicDataModule(SourceDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.pools:
             return
-        require(
-            not self.train_transforms,
-            "Batch-transform regularizers (`reg=augment`, `mixup`, `cutmix`) do not apply to "
-            "few-shot episodes; use penalties, dropout or label smoothing with meta-learning.",
-        )
         loaded = self.source.load()
         generator = torch.Generator().manual_seed(self.seed)
         pool, test = loaded.train, loaded.test

@@ -4,48 +4,69 @@
 episodes, takes the cross-entropy on the query images, and reports per-episode accuracy —
 for evaluation the mean over a fixed set of episodes with its 95% confidence interval, as
 the literature does. Algorithms are small objects with one call:
-`algorithm(model, support, support_labels, query, ways, training) -> query logits (B, Q, ways)`.
+`algorithm(model, FewShotTasks(support, support_labels, query, ways), training)` -> query
+logits (B, Q, ways).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partialmethod
 from typing import Any, ClassVar
 
-import lightning as L
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn import functional as F
+from torchmetrics import CatMetric
 
 from posttrain.errors import require, require_choice, require_known_options, require_positive
-from posttrain.methods.metrics import DivergenceGuard, EpochMeans, ValidationTracker, log_step_loss
-from posttrain.methods.optim import configure_optimization
+from posttrain.methods.core import SPLITS, MethodCore, StepOutput
 from posttrain.regularizers import RegularizerSet
+from posttrain.regularizers.base import ModelParts
 
 Params = dict[str, Tensor]
 
 
+@dataclass(frozen=True)
+class FewShotTasks:
+    """What an algorithm sees of a meta-batch: labelled support images and the query images
+    of `B` tasks, each `ways`-way (support (B, S, ...), labels (B, S), query (B, Q, ...))."""
+
+    support: Tensor
+    support_labels: Tensor
+    query: Tensor
+    ways: int
+
+
 class ProtoNet:
     """Snell et al. 2017: prototypes are mean support embeddings; logits are minus the squared
-    Euclidean distance from each query embedding to each prototype."""
+    Euclidean distance from each query embedding to each prototype. The embedding is the
+    model's `embed` (after `head_dropout`); the linear head is unused."""
 
-    def __call__(
-        self,
-        model: nn.Module,
-        support: Tensor,
-        support_labels: Tensor,
-        query: Tensor,
-        ways: int,
-        training: bool,
-    ) -> Tensor:
-        tasks = support.shape[0]
-        support_emb = model.features(support.flatten(0, 1)).view(tasks, support.shape[1], -1)
-        query_emb = model.features(query.flatten(0, 1)).view(tasks, query.shape[1], -1)
-        one_hot = F.one_hot(support_labels, ways).to(support_emb.dtype)  # (B, S, W)
+    has_head = False
+
+    def __call__(self, model: nn.Module, tasks: FewShotTasks, training: bool) -> Tensor:
+        def embed(images: Tensor) -> Tensor:  # (B, N, ...) -> (B, N, D)
+            return model.embed(images.flatten(0, 1)).view(*images.shape[:2], -1)
+
+        support_emb, query_emb = embed(tasks.support), embed(tasks.query)
+        one_hot = F.one_hot(tasks.support_labels, tasks.ways).to(support_emb.dtype)  # (B, S, W)
         prototypes = one_hot.transpose(1, 2) @ support_emb / one_hot.sum(1).unsqueeze(-1)
         return -torch.cdist(query_emb, prototypes).pow(2)
+
+
+def support_gradients(
+    loss: Callable[[Params], Tensor], params: Params, second_order: bool, functional: bool
+) -> Params:
+    """Gradients of `loss` at `params`; kept in the graph only for second-order MAML."""
+    if functional:
+        grads = torch.func.grad(loss)(params)
+        return grads if second_order else {n: g.detach() for n, g in grads.items()}
+    values = torch.autograd.grad(loss(params), list(params.values()), create_graph=second_order)
+    return dict(zip(params, values, strict=True))
 
 
 class MAML:
@@ -65,6 +86,7 @@ class MAML:
     """
 
     FORMS: ClassVar[tuple[str, ...]] = ("auto", "loop", "vmap")
+    has_head = True
 
     def __init__(
         self,
@@ -102,7 +124,7 @@ class MAML:
             return self.inner_loop
         return "vmap" if device.type == "cuda" and not self.vmap_inexact else "loop"
 
-    def adapt_loop(
+    def adapt(
         self,
         model: nn.Module,
         params: Params,
@@ -111,95 +133,54 @@ class MAML:
         y: Tensor,
         steps: int,
         second_order: bool,
+        functional: bool = False,
     ) -> Params:
-        for _ in range(steps):
-            loss = F.cross_entropy(functional_call(model, (params, buffers), (x,)), y)
-            grads = torch.autograd.grad(loss, list(params.values()), create_graph=second_order)
-            params = {
-                n: p - self.inner_lr * g for (n, p), g in zip(params.items(), grads, strict=True)
-            }
-        return params
+        """`steps` gradient steps on the support loss. `functional` takes the gradients with
+        `torch.func.grad` (composable with vmap), else with `torch.autograd.grad`."""
 
-    def adapt_func(
-        self,
-        model: nn.Module,
-        params: Params,
-        buffers: Params,
-        x: Tensor,
-        y: Tensor,
-        steps: int,
-        second_order: bool,
-    ) -> Params:
         def support_loss(weights: Params) -> Tensor:
             return F.cross_entropy(functional_call(model, (weights, buffers), (x,)), y)
 
         for _ in range(steps):
-            grads = torch.func.grad(support_loss)(params)
-            if not second_order:
-                grads = {n: g.detach() for n, g in grads.items()}
+            grads = support_gradients(support_loss, params, second_order, functional)
             params = {n: p - self.inner_lr * grads[n] for n, p in params.items()}
         return params
 
-    def query_logits(
-        self,
-        model: nn.Module,
-        params: Params,
-        buffers: Params,
-        adapt: Callable,
-        steps: int,
-        second_order: bool,
-        support: Tensor,
-        support_labels: Tensor,
-        query: Tensor,
-    ) -> Tensor:
-        adapted = adapt(model, params, buffers, support, support_labels, steps, second_order)
-        return functional_call(model, (adapted, buffers), (query,))
+    adapt_loop = partialmethod(adapt, functional=False)
+    adapt_func = partialmethod(adapt, functional=True)
 
-    def __call__(
-        self,
-        model: nn.Module,
-        support: Tensor,
-        support_labels: Tensor,
-        query: Tensor,
-        ways: int,
-        training: bool,
-    ) -> Tensor:
+    def __call__(self, model: nn.Module, tasks: FewShotTasks, training: bool) -> Tensor:
         steps = self.inner_steps if training else self.eval_inner_steps
         second_order = training and not self.first_order
-        params = dict(model.named_parameters())
-        buffers = dict(model.named_buffers())
+        inputs = tasks.support, tasks.support_labels, tasks.query
         if not training:  # evaluation adapts too: it needs autograd inside no-grad loops
             with torch.inference_mode(False), torch.enable_grad():
-                inputs = support.clone(), support_labels.clone(), query.clone()
-                return self.run(model, params, buffers, steps, False, *inputs).detach()
-        return self.run(model, params, buffers, steps, second_order, support, support_labels, query)
+                inputs = tuple(t.clone() for t in inputs)
+                return self.run(model, steps, False, *inputs).detach()
+        return self.run(model, steps, second_order, *inputs)
 
     def run(
         self,
         model: nn.Module,
-        params: Params,
-        buffers: Params,
         steps: int,
         second_order: bool,
         support: Tensor,
         support_labels: Tensor,
         query: Tensor,
     ) -> Tensor:
-        if self.form(support.device) == "vmap":
+        """Query logits of every task after adapting to its support set: all tasks at once
+        under `vmap`, or one after the other."""
+        params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
+        functional = self.form(support.device) == "vmap"
 
-            def one_task(s: Tensor, sl: Tensor, q: Tensor) -> Tensor:
-                return self.query_logits(
-                    model, params, buffers, self.adapt_func, steps, second_order, s, sl, q
-                )
+        def one_task(s: Tensor, sl: Tensor, q: Tensor) -> Tensor:
+            adapted = self.adapt(model, params, buffers, s, sl, steps, second_order, functional)
+            return functional_call(model, (adapted, buffers), (q,))
 
+        if functional:
             return torch.func.vmap(one_task, randomness="different")(support, support_labels, query)
         return torch.stack(
-            [
-                self.query_logits(
-                    model, params, buffers, self.adapt_loop, steps, second_order, s, sl, q
-                )
-                for s, sl, q in zip(support, support_labels, query, strict=True)
-            ]
+            [one_task(*task) for task in zip(support, support_labels, query, strict=True)]
         )
 
 
@@ -213,7 +194,30 @@ def confidence_interval_95(values: Tensor) -> float:
     return float(1.96 * values.float().std() / math.sqrt(values.numel()))
 
 
-class EpisodicLearner(L.LightningModule):
+class EpisodeMetrics(nn.Module):
+    """Per-episode query accuracy of each split, gathered from every rank (`CatMetric`):
+    `<split>/acc` is their mean; evaluation adds the 95% interval, test the episode count."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.by_split = nn.ModuleDict({f"{split}_episodes": CatMetric() for split in SPLITS})
+
+    def update(self, split: str, accuracies: Tensor) -> None:
+        self.by_split[f"{split}_episodes"].update(accuracies.detach().float())
+
+    def compute_and_reset(self, split: str) -> dict[str, Tensor]:
+        metric = self.by_split[f"{split}_episodes"]
+        accuracies = metric.compute().flatten()
+        metric.reset()
+        values = {f"{split}/acc": accuracies.mean()}
+        if split != "train":
+            values[f"{split}/acc_ci95"] = torch.tensor(confidence_interval_95(accuracies))
+        if split == "test":
+            values["test/episodes"] = torch.tensor(float(accuracies.numel()))
+        return values
+
+
+class EpisodicLearner(MethodCore):
     """Meta-trains `model` with an algorithm (`maml` or `protonet`) on episodic batches."""
 
     def __init__(
@@ -225,19 +229,25 @@ class EpisodicLearner(L.LightningModule):
         regularizers: RegularizerSet | None = None,
         **algorithm_options: Any,
     ) -> None:
-        super().__init__()
-        self.save_hyperparameters(ignore=["model", "regularizers"])
         require_choice("method.algorithm", algorithm, ALGORITHMS)
         require_known_options(ALGORITHMS[algorithm], algorithm_options, "method")
+        super().__init__(model, optimizer, scheduler, regularizers, EpisodeMetrics())
         self.algorithm = ALGORITHMS[algorithm](**algorithm_options)
         if hasattr(self.algorithm, "prepare"):
             self.algorithm.prepare(model)
-        self.model = model
-        self.regularizers = regularizers or RegularizerSet()
-        self.tracker = ValidationTracker()
-        self.means = EpochMeans(["train/loss", "train/penalty", "val/loss", "test/loss"])
-        self.episode_accuracies: dict[str, list[Tensor]] = {s: [] for s in ("train", "val", "test")}
-        self.divergence = DivergenceGuard()
+
+    @property
+    def method_name(self) -> str:
+        return self.hparams.algorithm
+
+    @property
+    def offers(self) -> frozenset[str]:
+        """Episodes are not plain batches (no augmentation/mixing); only MAML has a head."""
+        return self.OFFERS | ({"classifier_heads"} if self.algorithm.has_head else set())
+
+    def regularized_parts(self) -> ModelParts:
+        heads = [self.model.head] if self.algorithm.has_head else []
+        return ModelParts(self.model, self.model.features, heads)
 
     def setup(self, stage: str) -> None:
         from posttrain.data.episodes import EpisodicDataModule
@@ -250,75 +260,24 @@ class EpisodicLearner(L.LightningModule):
             "`data=omniglot` or `data=episodes_imagefolder`.",
         )
 
-    def episode_step(self, batch: tuple[Tensor, ...], split: str) -> Tensor:
+    def gap_is_like_for_like(self) -> bool:
+        """Train and validation episodes compare only with equal ways and, for MAML, equal
+        adaptation steps; otherwise `val/acc_gap` would subtract unlike numbers."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        same_ways = datamodule is None or datamodule.train_ways == datamodule.ways
+        algorithm = self.algorithm
+        same_steps = not isinstance(algorithm, MAML) or (
+            algorithm.inner_steps == algorithm.eval_inner_steps
+        )
+        return same_ways and same_steps
+
+    def step(self, batch: tuple[Tensor, ...], split: str) -> StepOutput:
         support, support_labels, query, query_labels = batch
-        ways = int(support_labels.max()) + 1
-        training = split == "train"
-        logits = self.algorithm(self.model, support, support_labels, query, ways, training)
-        smoothing = self.regularizers.label_smoothing if training else 0.0
+        tasks = FewShotTasks(support, support_labels, query, ways=int(support_labels.max()) + 1)
+        logits = self.algorithm(self.model, tasks, training=split == "train")
         loss = F.cross_entropy(
-            logits.flatten(0, 1), query_labels.flatten(), label_smoothing=smoothing
+            logits.flatten(0, 1), query_labels.flatten(), label_smoothing=self.label_smoothing
         )
         accuracy = (logits.argmax(-1) == query_labels).float().mean(-1)  # one per episode
-        self.episode_accuracies[split].append(accuracy.detach())
-        self.means.update(f"{split}/loss", loss, len(accuracy))
-        if training:
-            log_step_loss(self, loss)
-            penalty = self.regularizers.penalty(self.model)
-            if penalty is not None:
-                self.means.update("train/penalty", penalty)
-                loss = loss + penalty
-            self.divergence.observe(loss)
-        return loss
-
-    def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
-        return self.episode_step(batch, "train")
-
-    def validation_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
-        self.episode_step(batch, "val")
-
-    def test_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
-        self.episode_step(batch, "test")
-
-    def gather_accuracies(self, split: str) -> Tensor:
-        """Every episode's accuracy of this epoch, from all ranks."""
-        local = torch.cat(self.episode_accuracies[split])
-        self.episode_accuracies[split] = []
-        gathered = self.all_gather(local)
-        return gathered.flatten() if gathered.ndim > 1 else gathered
-
-    def on_train_epoch_end(self) -> None:
-        self.divergence.check(self.current_epoch)
-        train_acc = self.gather_accuracies("train").mean()
-        means = self.means.compute_and_reset("train/")
-        self.log_dict({"train/acc": train_acc, **means, **self.tracker.gap(train_acc)})
-
-    def on_validation_epoch_end(self) -> None:
-        accuracies = self.gather_accuracies("val")
-        means = self.means.compute_and_reset("val/")
-        if self.trainer.sanity_checking:
-            return
-        values = {
-            **means,
-            "val/acc": accuracies.mean(),
-            "val/acc_ci95": torch.tensor(confidence_interval_95(accuracies)),
-        }
-        values.update(self.tracker.after_validation(values["val/acc"]))
-        self.log_dict(values, prog_bar=True)
-
-    def on_test_epoch_end(self) -> None:
-        accuracies = self.gather_accuracies("test")
-        self.log_dict(
-            {
-                **self.means.compute_and_reset("test/"),
-                "test/acc": accuracies.mean(),
-                "test/acc_ci95": torch.tensor(confidence_interval_95(accuracies)),
-                "test/episodes": torch.tensor(float(accuracies.numel())),
-            }
-        )
-
-    def configure_callbacks(self) -> list[Any]:
-        return self.regularizers.callbacks()
-
-    def configure_optimizers(self) -> Any:
-        return configure_optimization(self, self.hparams.optimizer, self.hparams.scheduler)
+        self.metrics.update(split, accuracy)
+        return StepOutput(loss, len(accuracy))

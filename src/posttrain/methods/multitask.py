@@ -16,19 +16,16 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-import lightning as L
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
-from posttrain.data.targets import ABSENT, parse_tasks
+from posttrain.data.targets import ABSENT, TaskSpec, parse_tasks
 from posttrain.errors import require, require_choice, require_positive
-from posttrain.methods.metrics import DivergenceGuard, EpochMeans, ValidationTracker, log_step_loss
-from posttrain.methods.optim import configure_optimization
+from posttrain.methods.core import SPLITS, MethodCore, StepOutput
 from posttrain.regularizers import RegularizerSet
-
-SPLITS = ("train", "val", "test")
+from posttrain.regularizers.base import ModelParts
 
 
 def masked_cross_entropy(logits: Tensor, targets: Tensor, smoothing: float = 0.0) -> Tensor:
@@ -77,8 +74,42 @@ class LossWeighting(nn.Module):
         self.running, self.steps = torch.zeros(len(self.tasks)), 0
 
 
-class MultiTaskClassifier(L.LightningModule):
+class TaskMetrics(nn.Module):
+    """`<split>/<task>/acc` for every task, plus `<split>/acc` of the main (first) task, so
+    checkpointing and sweeps work as for every other method."""
+
+    def __init__(self, specs: list[TaskSpec], num_classes: int) -> None:
+        super().__init__()
+        self.task_names = [spec.name for spec in specs]
+        self.accuracy = nn.ModuleDict(
+            {
+                f"{split}_{spec.name}": MulticlassAccuracy(
+                    spec.classes(num_classes), ignore_index=ABSENT
+                )
+                for split in SPLITS
+                for spec in specs
+            }
+        )
+
+    def update(self, split: str, outputs: dict[str, Tensor], targets: dict[str, Tensor]) -> None:
+        for name in self.task_names:
+            self.accuracy[f"{split}_{name}"].update(outputs[name].detach(), targets[name])
+
+    def compute_and_reset(self, split: str) -> dict[str, Tensor]:
+        values = {}
+        for name in self.task_names:
+            metric = self.accuracy[f"{split}_{name}"]
+            values[f"{split}/{name}/acc"] = metric.compute()
+            metric.reset()
+        values[f"{split}/acc"] = values[f"{split}/{self.task_names[0]}/acc"]
+        return values
+
+
+class MultiTaskClassifier(MethodCore):
     """Shared `model.features`, one head per task of `data.targets`, weighted task losses."""
+
+    OFFERS = MethodCore.OFFERS | {"classifier_heads", "image_batches"}
+    method_name = "multitask"
 
     def __init__(
         self,
@@ -90,8 +121,6 @@ class MultiTaskClassifier(L.LightningModule):
         dwa_temperature: float = 2.0,
         regularizers: RegularizerSet | None = None,
     ) -> None:
-        super().__init__()
-        self.save_hyperparameters(ignore=["model", "regularizers"])
         require(
             bool(tasks),
             "`method=multitask` needs tasks: set `data.targets`, e.g. `experiment=digits_multitask`"
@@ -99,109 +128,49 @@ class MultiTaskClassifier(L.LightningModule):
         )
         specs = parse_tasks(dict(tasks))
         num_classes = model.head.out_features
-        self.task_names = [spec.name for spec in specs]
-        self.model = model
+        names = [spec.name for spec in specs]
+        metrics = TaskMetrics(specs, num_classes)
+        loss_parts = tuple(f"{name}/loss" for name in names)
+        super().__init__(model, optimizer, scheduler, regularizers, metrics, loss_parts)
+        self.task_names = names
         self.model.head = nn.Identity()  # replaced by one head per task
         self.heads = nn.ModuleDict(
             {spec.name: nn.Linear(model.feature_dim, spec.classes(num_classes)) for spec in specs}
         )
-        self.accuracy = nn.ModuleDict(
-            {
-                f"{split}_{spec.name}": MulticlassAccuracy(
-                    spec.classes(num_classes), ignore_index=ABSENT
-                )
-                for split in SPLITS
-                for spec in specs
-            }
-        )
         self.weighting = LossWeighting(self.task_names, weighting, dwa_temperature)
-        self.regularizers = regularizers or RegularizerSet()
-        self.tracker = ValidationTracker()
-        self.means = EpochMeans(
-            [f"{split}/{name}/loss" for split in SPLITS for name in self.task_names]
-            + [f"{split}/loss" for split in SPLITS]
-            + ["train/penalty"]
-        )
-        self.divergence = DivergenceGuard()
+
+    def regularized_parts(self) -> ModelParts:
+        """The shared backbone and every task head (penalties cover them all)."""
+        return ModelParts(self.model, self.model.features, list(self.heads.values()))
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
-        shared = self.model.head_dropout(self.model.features(x))
+        shared = self.model.embed(x)
         return {name: head(shared) for name, head in self.heads.items()}
 
-    def shared_step(self, batch: tuple[Tensor, dict[str, Tensor]], split: str) -> Tensor:
+    def step(self, batch: tuple[Tensor, dict[str, Tensor]], split: str) -> StepOutput:
+        """Task losses (masked where a target is absent); training weights them, evaluation
+        sums them."""
         images, targets = batch
         require(
             isinstance(targets, dict),
             "`method=multitask` needs per-task targets: set `data.targets`.",
         )
-        training = split == "train"
-        smoothing = self.regularizers.label_smoothing if training else 0.0
         outputs = self(images)
         losses = torch.stack(
             [
-                masked_cross_entropy(outputs[name], targets[name], smoothing)
+                masked_cross_entropy(outputs[name], targets[name], self.label_smoothing)
                 for name in self.task_names
             ]
         )
-        for name, loss in zip(self.task_names, losses, strict=True):
-            self.accuracy[f"{split}_{name}"].update(outputs[name].detach(), targets[name])
-            self.means.update(f"{split}/{name}/loss", loss, len(images))
-        if not training:
-            total = losses.sum()
-            self.means.update(f"{split}/loss", total, len(images))
-            return total
-        total = self.weighting(losses)
-        penalty = self.regularizers.penalty(self.model)
-        if penalty is not None:
-            self.means.update("train/penalty", penalty)
-            total = total + penalty
-        self.means.update("train/loss", total, len(images))
-        log_step_loss(self, total)
-        self.divergence.observe(total)
-        return total
+        self.metrics.update(split, outputs, targets)
+        total = self.weighting(losses) if split == "train" else losses.sum()
+        parts = {f"{name}/loss": loss for name, loss in zip(self.task_names, losses, strict=True)}
+        return StepOutput(total, len(images), parts)
 
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self.shared_step(batch, "train")
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self.shared_step(batch, "val")
-
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        self.shared_step(batch, "test")
-
-    def task_accuracies(self, split: str) -> dict[str, Tensor]:
-        """`<split>/<task>/acc` for every task, plus `<split>/acc` of the main (first) task."""
-        values = {}
-        for name in self.task_names:
-            metric = self.accuracy[f"{split}_{name}"]
-            values[f"{split}/{name}/acc"] = metric.compute()
-            metric.reset()
-        values[f"{split}/acc"] = values[f"{split}/{self.task_names[0]}/acc"]
-        return {**values, **self.means.compute_and_reset(f"{split}/")}
-
-    def on_train_epoch_end(self) -> None:
-        self.divergence.check(self.current_epoch)
-        values = self.task_accuracies("train")
-        values.update(self.tracker.gap(values["train/acc"]))
+    def extra_epoch_values(self, split: str) -> dict[str, Tensor]:
+        """`train/<task>/weight`, then the weighting moves to the next epoch (DWA)."""
+        if split != "train":
+            return {}
         weights = self.weighting.weights()
-        values.update(
-            {f"train/{n}/weight": w for n, w in zip(self.task_names, weights, strict=True)}
-        )
         self.weighting.end_epoch()
-        self.log_dict(values)
-
-    def on_validation_epoch_end(self) -> None:
-        values = self.task_accuracies("val")
-        if self.trainer.sanity_checking:
-            return
-        values.update(self.tracker.after_validation(values["val/acc"]))
-        self.log_dict(values, prog_bar=True)
-
-    def on_test_epoch_end(self) -> None:
-        self.log_dict(self.task_accuracies("test"))
-
-    def configure_callbacks(self) -> list[Any]:
-        return self.regularizers.callbacks()
-
-    def configure_optimizers(self) -> Any:
-        return configure_optimization(self, self.hparams.optimizer, self.hparams.scheduler)
+        return {f"train/{n}/weight": w for n, w in zip(self.task_names, weights, strict=True)}

@@ -1,38 +1,33 @@
-"""Supervised classification: training from scratch, and the base of fine-tuning.
+"""Supervised classification: training from scratch, and fine-tuning.
 
-The loop reads top to bottom: a shared step computes logits and loss, metrics accumulate
-per split, and epoch hooks log them together with `val/acc_best` (the default sweep
-objective) and `val/acc_gap` (train minus val accuracy: the over-fitting signal).
+Everything shared with other methods (metrics, losses, logging, regularizers, optimization)
+lives in `posttrain.methods.core`; this file holds only what is supervised: a batch becomes
+logits and a cross-entropy (soft targets allowed, for mixup/cutmix), the fine-tuning
+policies of `method.finetune`, and the test confusion matrix.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import lightning as L
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from posttrain.methods.core import MethodCore, StepOutput
 from posttrain.methods.finetune import (
     FinetuneSettings,
     FreezeSchedule,
     keep_frozen_norms_in_eval,
     reinit_top_layers,
 )
-from posttrain.methods.metrics import (
-    DivergenceGuard,
-    EpochMeans,
-    SplitMetrics,
-    ValidationTracker,
-    confusion_figure,
-    log_step_loss,
-)
-from posttrain.methods.optim import configure_optimization
+from posttrain.methods.metrics import SplitMetrics, confusion_figure
 from posttrain.regularizers import RegularizerSet
 
 
-class SupervisedClassifier(L.LightningModule):
+class SupervisedClassifier(MethodCore):
     """Cross-entropy classification of any `ImageClassifier` with configurable optimization."""
+
+    OFFERS = MethodCore.OFFERS | {"classifier_heads", "image_batches", "soft_targets"}
 
     def __init__(
         self,
@@ -42,16 +37,14 @@ class SupervisedClassifier(L.LightningModule):
         regularizers: RegularizerSet | None = None,
         finetune: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__()
-        self.save_hyperparameters(ignore=["model", "regularizers"])
-        self.model = model
-        self.regularizers = regularizers or RegularizerSet()
+        metrics = SplitMetrics(num_classes=model.head.out_features)
+        super().__init__(model, optimizer, scheduler, regularizers, metrics)
         self.finetune = FinetuneSettings(**(finetune or {}))
         reinit_top_layers(model.features, self.finetune.reinit_top_layers)
-        self.metrics = SplitMetrics(num_classes=model.head.out_features)
-        self.tracker = ValidationTracker()
-        self.means = EpochMeans(["train/loss_epoch", "train/penalty", "val/loss", "test/loss"])
-        self.divergence = DivergenceGuard()
+
+    @property
+    def method_name(self) -> str:
+        return "finetune" if self.hparams.get("finetune") else "supervised"
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
@@ -68,54 +61,17 @@ class SupervisedClassifier(L.LightningModule):
         # validation), so the BatchNorm modes above are applied here once.
         self.train(self.training)
 
-    def shared_step(self, batch: tuple[Tensor, Tensor], split: str) -> Tensor:
-        """Loss and metrics for one batch; targets may be soft (mixup/cutmix) in training."""
+    def step(self, batch: tuple[Tensor, Tensor], split: str) -> StepOutput:
+        """Logits and cross-entropy; targets may be soft (mixup/cutmix) in training."""
         images, targets = batch
         logits = self(images)
-        training = split == "train"
-        smoothing = self.regularizers.label_smoothing if training else 0.0
-        loss = F.cross_entropy(logits, targets, label_smoothing=smoothing)
+        loss = F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
         hard_targets = targets.argmax(dim=-1) if targets.is_floating_point() else targets
         self.metrics.update(split, logits, hard_targets)
-        self.means.update("train/loss_epoch" if training else f"{split}/loss", loss, len(images))
-        if training:
-            log_step_loss(self, loss)
-            penalty = self.regularizers.penalty(self.model)
-            if penalty is not None:
-                self.means.update("train/penalty", penalty)
-                loss = loss + penalty
-            self.divergence.observe(loss)
-        return loss
-
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        return self.shared_step(batch, "train")
-
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self.shared_step(batch, "val")
-
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self.shared_step(batch, "test")
-
-    def on_validation_epoch_end(self) -> None:
-        values = {**self.metrics.compute_and_reset("val"), **self.means.compute_and_reset("val/")}
-        if self.trainer.sanity_checking:
-            return
-        values.update(self.tracker.after_validation(values["val/acc"]))
-        self.log_dict(values, prog_bar=True)
-
-    def on_train_epoch_end(self) -> None:
-        self.divergence.check(self.current_epoch)
-        values = {
-            **self.metrics.compute_and_reset("train"),
-            **self.means.compute_and_reset("train/"),
-        }
-        values.update(self.tracker.gap(values["train/acc"]))
-        self.log_dict(values)
+        return StepOutput(loss, len(images))
 
     def on_test_epoch_end(self) -> None:
-        self.log_dict(
-            {**self.metrics.compute_and_reset("test"), **self.means.compute_and_reset("test/")}
-        )
+        super().on_test_epoch_end()
         matrix = self.metrics.confusion.compute()
         self.metrics.confusion.reset()
         self.log_confusion_matrix(matrix)
@@ -131,15 +87,9 @@ class SupervisedClassifier(L.LightningModule):
                     figure = confusion_figure(matrix, names)
                     logger.experiment.add_figure("test/confusion_matrix", figure, self.global_step)
 
-    def configure_callbacks(self) -> list[Any]:
-        schedule = [FreezeSchedule(self.finetune)] if self.finetune.starts_frozen else []
-        return [*schedule, *self.regularizers.callbacks()]
+    def method_callbacks(self) -> list[Any]:
+        return [FreezeSchedule(self.finetune)] if self.finetune.starts_frozen else []
 
-    def backbone_lr_scale(self, name: str) -> float:
+    def lr_scale(self, name: str) -> float:
         """Discriminative learning rates: backbone parameters get `backbone_lr_factor`."""
         return self.finetune.backbone_lr_factor if name.startswith("model.features.") else 1.0
-
-    def configure_optimizers(self) -> Any:
-        return configure_optimization(
-            self, self.hparams.optimizer, self.hparams.scheduler, self.backbone_lr_scale
-        )

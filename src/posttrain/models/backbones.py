@@ -89,7 +89,7 @@ BACKBONES: dict[str, Callable[..., tuple[nn.Module, int]]] = {
 
 
 class ImageClassifier(nn.Module):
-    """features -> head_dropout (identity unless a regularizer sets it) -> linear head."""
+    """features -> head_dropout (identity unless `reg=dropout` sets it) -> linear head."""
 
     def __init__(self, features: nn.Module, feature_dim: int, num_classes: int) -> None:
         super().__init__()
@@ -99,10 +99,15 @@ class ImageClassifier(nn.Module):
         self.head = nn.Linear(feature_dim, num_classes)
         self.channels_last = False
 
-    def forward(self, x: Tensor) -> Tensor:
+    def embed(self, x: Tensor) -> Tensor:
+        """The features every method predicts from (classifier head, prototypes, task heads),
+        after `head_dropout`, so dropout reaches all of them."""
         if self.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        return self.head(self.head_dropout(self.features(x)))
+        return self.head_dropout(self.features(x))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.embed(x))
 
 
 def build_classifier(

@@ -42,6 +42,8 @@ class Augment:
     """`policy`: basic (translate + optional flip), randaugment or trivialaugment on top."""
 
     POLICIES: ClassVar[tuple[str, ...]] = ("basic", "randaugment", "trivialaugment")
+    key = "augment"
+    needs: ClassVar[frozenset[str]] = frozenset({"image_batches"})
     stage = 0  # before mixing regularizers
 
     def __init__(

@@ -7,15 +7,24 @@ plain SGD the two coincide: `0.5 * weight * ||w||^2` has gradient `weight * w`.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import ClassVar
+
 import torch
 from torch import Tensor, nn
 
 from posttrain.errors import require
+from posttrain.regularizers.base import ModelParts
 
 
-def penalized_parameters(model: nn.Module, include_1d: bool) -> list[nn.Parameter]:
+def penalized_parameters(parameters: Iterable[nn.Parameter], include_1d: bool) -> list[Tensor]:
     """Trainable weights; biases and norm parameters (1-D) only when `include_1d`."""
-    return [p for p in model.parameters() if p.requires_grad and (include_1d or p.ndim > 1)]
+    return [p for p in parameters if p.requires_grad and (include_1d or p.ndim > 1)]
+
+
+def summed(terms: list[Tensor], like: Tensor) -> Tensor:
+    """The sum of `terms`, or a zero on `like`'s device when there are none."""
+    return torch.stack(terms).sum() if terms else like.new_zeros(())
 
 
 def check_weight(key: str, weight: float) -> float:
@@ -33,12 +42,16 @@ def one_d_note(include_1d: bool) -> str:
 class L1Penalty:
     """`weight * sum |w|`: pushes weights to exactly zero (sparsity)."""
 
+    key = "l1"
+    needs: ClassVar[frozenset[str]] = frozenset({"weights"})
+
     def __init__(self, weight: float = 1e-5, include_1d: bool = False) -> None:
         self.weight = check_weight("reg.l1.weight", weight)
         self.include_1d = include_1d
 
-    def penalty(self, model: nn.Module) -> Tensor:
-        params = penalized_parameters(model, self.include_1d)
+    def penalty(self, parts: ModelParts) -> Tensor:
+        """Over every trainable tensor the method trains: backbone and all its heads."""
+        params = penalized_parameters(parts.weights(), self.include_1d)
         return self.weight * torch.stack([p.abs().sum() for p in params]).sum()
 
     def describe(self) -> str:
@@ -48,12 +61,16 @@ class L1Penalty:
 class L2Penalty:
     """`0.5 * weight * sum w^2`: the classic L2 penalty in the loss."""
 
+    key = "l2"
+    needs: ClassVar[frozenset[str]] = frozenset({"weights"})
+
     def __init__(self, weight: float = 1e-4, include_1d: bool = False) -> None:
         self.weight = check_weight("reg.l2.weight", weight)
         self.include_1d = include_1d
 
-    def penalty(self, model: nn.Module) -> Tensor:
-        params = penalized_parameters(model, self.include_1d)
+    def penalty(self, parts: ModelParts) -> Tensor:
+        """Over every trainable tensor the method trains: backbone and all its heads."""
+        params = penalized_parameters(parts.weights(), self.include_1d)
         return 0.5 * self.weight * torch.stack([p.pow(2).sum() for p in params]).sum()
 
     def describe(self) -> str:
@@ -61,12 +78,18 @@ class L2Penalty:
 
 
 class L2SP:
-    """L2-SP (Li et al. 2018): `alpha/2 ||w - w_pretrained||^2` on the backbone plus
-    `beta/2 ||w||^2` on the new head, so fine-tuning stays near the starting point.
+    """L2-SP (Li et al. 2018): `alpha/2 ||w - w_start||^2` on the backbone plus
+    `beta/2 ||w||^2` on the method's classifier heads, so fine-tuning stays near the
+    starting point.
 
-    The reference is the backbone as it is when the regularizer is attached, i.e. right
-    after `model.pretrained` was loaded.
+    The reference is the backbone as training starts: right after `model.pretrained` was
+    loaded (and after `method.finetune.reinit_top_layers` restarted its top layers, whose
+    discarded weights would be no reference). A method without heads of its own (ProtoNet)
+    is refused unless `beta=0`.
     """
+
+    key = "l2sp"
+    refusal_hint = ", or set `reg.l2sp.beta=0` to keep only the backbone term"
 
     def __init__(self, alpha: float = 0.01, beta: float = 0.01, include_1d: bool = False) -> None:
         self.alpha = check_weight("reg.l2sp.alpha", alpha)
@@ -74,31 +97,34 @@ class L2SP:
         self.include_1d = include_1d
         self.reference: dict[str, Tensor] = {}
 
-    def modify_model(self, model: nn.Module) -> None:
+    @property
+    def needs(self) -> frozenset[str]:
+        return frozenset({"weights", "backbone"} | ({"classifier_heads"} if self.beta else set()))
+
+    def modify_model(self, parts: ModelParts) -> None:
         """Snapshot the starting backbone weights (nothing in the network changes)."""
         self.reference = {
             name: p.detach().clone()
-            for name, p in model.features.named_parameters()
+            for name, p in parts.backbone.named_parameters()
             if self.include_1d or p.ndim > 1
         }
 
-    def penalty(self, model: nn.Module) -> Tensor:
+    def penalty(self, parts: ModelParts) -> Tensor:
         require(bool(self.reference), "L2-SP needs its reference weights: attach it to a model.")
         drift = []
-        for name, p in model.features.named_parameters():
+        for name, p in parts.backbone.named_parameters():
             if name in self.reference and p.requires_grad:
                 start = self.reference[name]
                 if start.device != p.device:
                     start = self.reference[name] = start.to(p.device)
                 drift.append((p - start).pow(2).sum())
-        head = [p.pow(2).sum() for p in penalized_parameters(model.head, self.include_1d)]
-        zero = model.head.weight.new_zeros(())
-        backbone_term = torch.stack(drift).sum() if drift else zero
-        head_term = torch.stack(head).sum() if head else zero
-        return 0.5 * self.alpha * backbone_term + 0.5 * self.beta * head_term
+        heads = [p for head in parts.heads for p in head.parameters()]
+        head = [p.pow(2).sum() for p in penalized_parameters(heads, self.include_1d)]
+        like = next(iter(self.reference.values()))
+        return 0.5 * self.alpha * summed(drift, like) + 0.5 * self.beta * summed(head, like)
 
     def describe(self) -> str:
         return (
             f"l2sp: alpha={self.alpha:g} pulls {len(self.reference)} backbone tensors toward "
-            f"their starting (pretrained) values, beta={self.beta:g} L2 on the head"
+            f"their starting (pretrained) values, beta={self.beta:g} L2 on the heads"
         )

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from posttrain.errors import require, require_positive
 
 
 class LabelSmoothing:
     """Cross-entropy against (1 - epsilon) one-hot + epsilon uniform, training loss only."""
+
+    key = "label_smoothing"
+    needs: ClassVar[frozenset[str]] = frozenset({"cross_entropy"})
 
     def __init__(self, epsilon: float = 0.1) -> None:
         require(
@@ -23,6 +26,9 @@ class LabelSmoothing:
 
 class EarlyStopping:
     """Stop when `monitor` has not improved for `patience` validation epochs."""
+
+    key = "early_stopping"
+    needs: ClassVar[frozenset[str]] = frozenset({"validation_accuracy"})
 
     def __init__(self, patience: int = 10, monitor: str = "val/acc", mode: str = "max") -> None:
         require_positive("reg.early_stopping.patience", patience)
