@@ -103,7 +103,8 @@ def build_components(cfg: DictConfig) -> tuple[L.LightningDataModule, L.Lightnin
     """DataModule and method from `cfg.data`, `cfg.model`, `cfg.reg`, `cfg.method`.
 
     The model is sized to the data (classes, input channels) here, so no config repeats
-    those numbers; the selected regularizers are attached to model, data and method.
+    those numbers; the selected regularizers are checked against what the method offers
+    and attached to its model parts and the data, before any work is done.
     """
     from posttrain.regularizers import RegularizerSet
 
@@ -112,8 +113,8 @@ def build_components(cfg: DictConfig) -> tuple[L.LightningDataModule, L.Lightnin
         cfg.model, num_classes=datamodule.num_classes, in_channels=datamodule.in_channels
     )
     regularizers = RegularizerSet(instantiate_named(cfg.get("reg")))
-    regularizers.attach(model, datamodule)
     method = instantiate(cfg.method, model=model, regularizers=regularizers, _convert_="all")
+    regularizers.attach(method, datamodule)
     return datamodule, method
 
 
