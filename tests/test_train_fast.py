@@ -8,14 +8,78 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
+from torch import nn
 
 from posttrain.errors import PosttrainError
 from posttrain.methods.metrics import DivergenceGuard
 from posttrain.models import build_classifier
 from posttrain.train import train
+from tests.conftest import add_callbacks
 from tests.fixtures import write_cifar, write_image_folder
 
 FAST = ["trainer.fast_dev_run=true", "trainer.accelerator=cpu", "trainer.devices=1"]
+# The class count each data option below is set up with (the head must be sized to it).
+CLASSES = {"digits": 10, "fake": 4, "cifar10": 10, "imagefolder": 3}
+CHANNELS_LAST = torch.channels_last
+
+
+class TrainingProbe(Callback):
+    """What the training steps saw and did: logits, conv inputs/weights, weights before/after.
+
+    Hooks record only training-mode forwards (not validation/test) and are removed when
+    training ends.
+    """
+
+    def __init__(self) -> None:
+        self.logits: list[tuple[tuple[int, ...], torch.dtype]] = []
+        self.conv_inputs_channels_last: list[bool] = []
+        self.conv_weights_channels_last: list[bool] = []
+        self.losses: list[float] = []
+        self.before: dict[str, torch.Tensor] = {}
+        self.after: dict[str, torch.Tensor] = {}
+        self.hooks: list = []
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        model = pl_module.model
+        self.before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+        def record_logits(module: nn.Module, inputs, output: torch.Tensor) -> None:
+            if module.training:
+                self.logits.append((tuple(output.shape), output.dtype))
+
+        def record_conv(module: nn.Conv2d, inputs) -> None:
+            if module.training:
+                self.conv_inputs_channels_last.append(
+                    inputs[0].is_contiguous(memory_format=CHANNELS_LAST)
+                )
+                self.conv_weights_channels_last.append(
+                    module.weight.is_contiguous(memory_format=CHANNELS_LAST)
+                )
+
+        self.hooks.append(model.head.register_forward_hook(record_logits))
+        for module in model.modules():
+            if isinstance(module, nn.Conv2d):
+                self.hooks.append(module.register_forward_pre_hook(record_conv))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        self.after = {n: p.detach().clone() for n, p in pl_module.model.named_parameters()}
+
+
+def run_with_probe(cfg, monkeypatch: pytest.MonkeyPatch) -> tuple[dict[str, float], TrainingProbe]:
+    probe = TrainingProbe()
+    add_callbacks(monkeypatch, probe)
+    return train(cfg), probe
+
+
+def first_conv(model_parameters: dict[str, torch.Tensor]) -> str:
+    """The name of the stem's conv weight (the parameter farthest from the loss)."""
+    return next(n for n, p in model_parameters.items() if p.ndim == 4)
 
 
 def data_overrides(data: str, tmp_path: Path) -> list[str]:
@@ -27,19 +91,38 @@ def data_overrides(data: str, tmp_path: Path) -> list[str]:
         write_image_folder(tmp_path / "images", classes=3, per_class=10)
         return ["data=imagefolder", f"data.root={tmp_path / 'images'}", "data.options.size=32"]
     if data == "fake":
-        return ["data=fake", "data.options.num_samples=64", "data.options.size=16"]
+        return [
+            "data=fake",
+            "data.options.num_samples=64",
+            "data.options.size=16",
+            f"data.options.num_classes={CLASSES['fake']}",
+        ]
     return ["data=digits"]
 
 
 @pytest.mark.parametrize("model", ["small_cnn", "resnet18", "resnet50"])
 @pytest.mark.parametrize("data", ["digits", "fake", "cifar10", "imagefolder"])
-def test_fast_dev_run_every_model_and_data(make_config, tmp_path: Path, model: str, data: str):
+def test_fast_dev_run_every_model_and_data(
+    make_config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model: str, data: str
+) -> None:
+    """Every model x data pair trains one batch end to end and records its metrics."""
     cfg = make_config(*FAST, f"model={model}", *data_overrides(data, tmp_path), "data.batch_size=4")
-    metrics = train(cfg)
-    assert 0.0 <= metrics["test/acc"] <= 1.0
-    assert torch.isfinite(torch.tensor(metrics["test/loss"]))
+    metrics, probe = run_with_probe(cfg, monkeypatch)
+    # One training step, on logits sized (batch, the data's classes), with a finite loss ...
+    assert probe.logits and {shape for shape, _ in probe.logits} == {(4, CLASSES[data])}
+    assert len(probe.losses) == 1 and torch.isfinite(torch.tensor(probe.losses[0]))
+    # ... whose gradient reached both ends of the network: head and stem both moved.
+    stem = first_conv(probe.before)
+    for name in ("head.weight", "head.bias", stem):
+        assert not torch.equal(probe.before[name], probe.after[name]), f"{name} did not change"
+    # The run folder's metrics.json is complete and is what `train` returned.
     written = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
-    assert written["status"] == "completed" and written["test/acc"] == metrics["test/acc"]
+    assert written == {"status": "completed", **metrics}
+    expected = {"train/acc", "val/acc", "val/acc_best", "test/acc", "test/loss", "test/f1_macro"}
+    assert expected <= set(written), expected - set(written)
+    assert {"train/loss", "train/loss_epoch"} & set(written), "no epoch training loss"
+    assert written["global_step"] == 1.0
+    assert all(torch.isfinite(torch.tensor(v)) for k, v in written.items() if k != "status")
 
 
 @pytest.mark.parametrize("arch", ["small_cnn", "resnet18"])
@@ -62,10 +145,19 @@ def test_a_few_epochs_learn_something(make_config) -> None:
     assert (output / "csv" / "metrics.csv").is_file()
 
 
-@pytest.mark.parametrize("precision", ["bf16-mixed"])
-def test_precision_passes_through_on_cpu(make_config, precision: str) -> None:
+@pytest.mark.parametrize(
+    ("precision", "dtype"), [("bf16-mixed", torch.bfloat16), ("32-true", torch.float32)]
+)
+def test_precision_passes_through_on_cpu(
+    make_config, monkeypatch: pytest.MonkeyPatch, precision: str, dtype: torch.dtype
+) -> None:
     cfg = make_config(*FAST, f"trainer.precision={precision}")
-    assert train(cfg)["test/acc"] >= 0.0
+    metrics, probe = run_with_probe(cfg, monkeypatch)
+    assert probe.logits and {d for _, d in probe.logits} == {dtype}  # the forward ran in it
+    assert all(p.dtype == torch.float32 for p in probe.after.values())  # weights stay fp32
+    assert metrics["global_step"] == 1.0 and torch.isfinite(torch.tensor(probe.losses)).all()
+    written = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
+    assert written["status"] == "completed"
 
 
 def test_channels_last_gives_the_same_outputs() -> None:
@@ -78,9 +170,20 @@ def test_channels_last_gives_the_same_outputs() -> None:
     torch.testing.assert_close(plain.eval()(x), nhwc.eval()(x), rtol=1e-4, atol=1e-5)
 
 
-def test_channels_last_trains_through_the_cli_config(make_config) -> None:
-    cfg = make_config(*FAST, "model.channels_last=true")
-    assert train(cfg)["test/acc"] >= 0.0
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_channels_last_trains_through_the_cli_config(
+    make_config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, channels_last: bool
+) -> None:
+    # RGB data: with one input channel a NCHW tensor is also trivially channels_last.
+    data = data_overrides("fake", tmp_path)
+    cfg = make_config(*FAST, *data, "data.batch_size=4", f"model.channels_last={channels_last}")
+    metrics, probe = run_with_probe(cfg, monkeypatch)
+    # Every conv of the training step saw NHWC inputs and NHWC weights (or, off, none did).
+    assert probe.conv_inputs_channels_last == [channels_last] * 5  # small_cnn: 5 convs
+    assert probe.conv_weights_channels_last == [channels_last] * 5
+    convs = [p for p in probe.after.values() if p.ndim == 4]
+    assert [p.is_contiguous(memory_format=CHANNELS_LAST) for p in convs] == [channels_last] * 5
+    assert metrics["global_step"] == 1.0
 
 
 @pytest.mark.slow
