@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 import posttrain.runs
 from posttrain.errors import PosttrainError
+from posttrain.methods.metrics import documented_metric
 from posttrain.train import train
 from tests.conftest import CONF, compose_config
 
@@ -158,6 +159,7 @@ def test_method_and_regularizer_pair(
         return
     metrics = train(cfg)
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+    assert [name for name in metrics if not documented_metric(name)] == []
     show_effect(regularizer, probe, metrics)
 
 

@@ -57,9 +57,10 @@ class SplitMetricSet(Protocol):
 class MethodCore(L.LightningModule):
     """Shared loop: step -> (penalty, divergence, means) -> epoch metrics -> logging."""
 
-    OFFERS: ClassVar[frozenset[str]] = frozenset(
-        {"weights", "backbone", "embedding_dropout", "cross_entropy", "validation_accuracy"}
-    )
+    # What the core itself guarantees: it adds penalties over `regularized_parts()` and
+    # logs `val/acc`. A method adds what its `step` honours (e.g. `cross_entropy` only if
+    # it passes `self.label_smoothing` to its loss).
+    OFFERS: ClassVar[frozenset[str]] = frozenset({"weights", "backbone", "validation_accuracy"})
 
     def __init__(
         self,

@@ -243,7 +243,8 @@ class EpisodicLearner(MethodCore):
     @property
     def offers(self) -> frozenset[str]:
         """Episodes are not plain batches (no augmentation/mixing); only MAML has a head."""
-        return self.OFFERS | ({"classifier_heads"} if self.algorithm.has_head else set())
+        heads = {"classifier_heads"} if self.algorithm.has_head else set()
+        return self.OFFERS | {"embedding_dropout", "cross_entropy"} | heads
 
     def regularized_parts(self) -> ModelParts:
         heads = [self.model.head] if self.algorithm.has_head else []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -15,6 +16,39 @@ from torchmetrics.classification import (
 )
 
 SPLITS = ("train", "val", "test")
+
+# Every name a run logs, documented once (README "Metrics" renders this list; a test keeps
+# the two equal and checks that every method logs only these). `{split}` is train, val or
+# test; `{task}` a multi-task target name.
+METRICS: dict[str, str] = {
+    "train/loss_step": "the method's training loss on each logging step (penalty excluded)",
+    "{split}/loss": "epoch mean of the method's loss (training: penalty excluded)",
+    "train/penalty": "epoch mean of the regularizers' penalty (l1, l2, l2sp)",
+    "{split}/acc": "top-1 accuracy (episodic methods: mean query accuracy per episode)",
+    "{split}/f1_macro": "macro-averaged F1 (supervised, finetune)",
+    "{split}/ece": "expected calibration error, 15 bins (supervised, finetune)",
+    "val/acc_best": "best `val/acc` so far: the default sweep objective",
+    "val/acc_gap": "train minus validation accuracy, the over-fitting signal (only where "
+    "both measure the same task: episodic runs need equal ways and adaptation steps)",
+    "{split}/acc_ci95": "half-width of the 95% interval of the episode mean (val, test)",
+    "test/episodes": "number of test episodes behind `test/acc`",
+    "{split}/{task}/acc": "accuracy of one multi-task target",
+    "{split}/{task}/loss": "loss of one multi-task target",
+    "train/{task}/weight": "current loss weight of one multi-task target",
+    "lr-{optimizer}": "learning rate per parameter group (LearningRateMonitor)",
+    "epoch": "epochs completed (metrics.json)",
+    "global_step": "optimizer steps completed (metrics.json)",
+}
+
+
+def documented_metric(name: str) -> bool:
+    """Whether `name` is one of `METRICS` (placeholders match one path segment or more)."""
+    for pattern in METRICS:
+        regex = re.escape(pattern).replace(r"\{split\}", "(train|val|test)")
+        regex = regex.replace(r"\{task\}", "[^/]+").replace(r"\{optimizer\}", ".+")
+        if re.fullmatch(regex, name):
+            return True
+    return False
 
 
 def classification_metrics(num_classes: int, prefix: str) -> MetricCollection:
@@ -94,7 +128,14 @@ def to_floats(values: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-__all__ = ["SplitMetrics", "classification_metrics", "confusion_figure", "to_floats"]
+__all__ = [
+    "METRICS",
+    "SplitMetrics",
+    "classification_metrics",
+    "confusion_figure",
+    "documented_metric",
+    "to_floats",
+]
 
 
 class ValidationTracker(nn.Module):

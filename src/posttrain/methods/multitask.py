@@ -108,7 +108,12 @@ class TaskMetrics(nn.Module):
 class MultiTaskClassifier(MethodCore):
     """Shared `model.features`, one head per task of `data.targets`, weighted task losses."""
 
-    OFFERS = MethodCore.OFFERS | {"classifier_heads", "image_batches"}
+    OFFERS = MethodCore.OFFERS | {
+        "classifier_heads",
+        "embedding_dropout",
+        "cross_entropy",
+        "image_batches",
+    }
     method_name = "multitask"
 
     def __init__(

@@ -27,7 +27,13 @@ from posttrain.regularizers import RegularizerSet
 class SupervisedClassifier(MethodCore):
     """Cross-entropy classification of any `ImageClassifier` with configurable optimization."""
 
-    OFFERS = MethodCore.OFFERS | {"classifier_heads", "image_batches", "soft_targets"}
+    OFFERS = MethodCore.OFFERS | {
+        "classifier_heads",
+        "embedding_dropout",
+        "cross_entropy",
+        "image_batches",
+        "soft_targets",
+    }
 
     def __init__(
         self,
