@@ -7,6 +7,8 @@ checkpoint, so evaluation needs nothing but the file; trainer/logger/paths come 
 
 from __future__ import annotations
 
+import warnings
+
 import hydra
 from omegaconf import DictConfig
 
@@ -27,13 +29,20 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         resolved_config,
     )
 
-    L.seed_everything(cfg.seed, workers=True)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
     checkpoint = load_checkpoint(cfg.ckpt_path, key="ckpt_path")
     trained = OmegaConf.create(stored_config(checkpoint, cfg.ckpt_path, key="ckpt_path"))
     datamodule, method = build_components(trained)
     trainer = build_trainer(cfg, extra_callbacks=[])
     metrics: dict[str, float] = {}
-    for result in trainer.test(method, datamodule=datamodule, ckpt_path=cfg.ckpt_path):
+    with warnings.catch_warnings():
+        # Lightning asks for the training callbacks (checkpointing, LR monitor) to restore
+        # their state; a test does not use them.
+        warnings.filterwarnings("ignore", message="Be aware that when using `ckpt_path`")
+        results = trainer.test(
+            method, datamodule=datamodule, ckpt_path=cfg.ckpt_path, verbose=False
+        )
+    for result in results:
         metrics.update(epoch_metrics(result))
     config = {**resolved_config(cfg), "trained": OmegaConf.to_container(trained)}
     record_run(trainer, cfg, config, metrics)

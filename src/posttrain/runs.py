@@ -119,13 +119,20 @@ def build_components(cfg: DictConfig) -> tuple[L.LightningDataModule, L.Lightnin
 
 
 def build_trainer(cfg: DictConfig, extra_callbacks: list[Callback]) -> L.Trainer:
-    """The Trainer from `cfg.trainer` with `cfg.callbacks` and `cfg.logger` attached."""
+    """The Trainer from `cfg.trainer` with `cfg.callbacks` and `cfg.logger` attached.
+
+    The console shows only what `cfg.callbacks` configures (no tips, no duplicate lines).
+    """
+    from posttrain.console import console_flags, quiet_console
+
+    quiet_console()
     loggers = instantiate_named(cfg.get("logger"))
     callbacks = instantiate_named(cfg.get("callbacks")) + extra_callbacks
     if not loggers:
         # The LR monitor writes only to loggers; with `logger=none` it has nowhere to write.
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    callbacks, flags = console_flags(cfg.trainer, callbacks)
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **flags)
 
 
 def flat_hparams(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -164,13 +171,16 @@ def log_hparams(trainer: L.Trainer, config: dict[str, Any], metrics: dict[str, f
 
 def print_summary(output_dir: Path, metrics: dict[str, float], log_root: str) -> None:
     """A few lines a person reads at the end of a run: where, how well, what next."""
+    from posttrain.console import tensorboard_logdir
+
     shown = {k: v for k, v in sorted(metrics.items()) if k.startswith(("test/", "val/acc"))}
+    logdir = tensorboard_logdir(output_dir, log_root)
     lines = [
         "",
         f"posttrain: run folder   {output_dir}",
         *(f"  {name:<18} {value:.4f}" for name, value in shown.items()),
         f"  metrics.json       {output_dir / 'metrics.json'}",
-        f"  TensorBoard        tensorboard --logdir {log_root}",
+        *([f"  TensorBoard        tensorboard --logdir {logdir}"] if logdir else []),
         "",
     ]
     print("\n".join(lines), flush=True)

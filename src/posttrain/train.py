@@ -29,7 +29,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         resolved_config,
     )
 
-    L.seed_everything(cfg.seed, workers=True)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)  # the start statement says it
     if cfg.get("ckpt_path"):
         load_checkpoint(cfg.ckpt_path, key="ckpt_path")  # fail before any work is done
     config = resolved_config(cfg)
@@ -40,7 +40,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer.fit(method, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     metrics = epoch_metrics(trainer.callback_metrics)
     best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
-    for result in trainer.test(method, datamodule=datamodule, ckpt_path=best):
+    for result in trainer.test(method, datamodule=datamodule, ckpt_path=best, verbose=False):
         metrics.update(epoch_metrics(result))
     metrics.update(
         {"epoch": float(trainer.current_epoch), "global_step": float(trainer.global_step)}
