@@ -135,37 +135,200 @@ def build_trainer(cfg: DictConfig, extra_callbacks: list[Callback]) -> L.Trainer
     return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **flags)
 
 
-def flat_hparams(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Flatten a nested config into `a.b.c: scalar` pairs for TensorBoard's HPARAMS tab."""
+# What a person compares between runs, in TensorBoard's HPARAMS tab and the run's hparams.yaml.
+# Config groups whose chosen option is itself a hyper-parameter (`reg=l2`, `model=resnet18`).
+CHOICE_GROUPS = ("experiment", "data", "model", "method", "optimizer", "scheduler", "reg")
+# Knobs shown for every run (where the chosen option has them); the rest appear when overridden.
+SUMMARY_KNOBS = (
+    "seed",
+    "data.dataset",
+    "data.batch_size",
+    "data.samples_per_class",
+    "data.image_size",
+    "data.ways",
+    "data.shots",
+    "model.arch",
+    "model.width",
+    "model.hidden",
+    "model.pretrained",
+    "optimizer.name",
+    "optimizer.lr",
+    "optimizer.weight_decay",
+    "scheduler.name",
+    "trainer.max_epochs",
+    "trainer.precision",
+)
+# Method keys that repeat other groups (`${optimizer}`, `${data.targets}`): not method knobs.
+METHOD_MIRRORS = frozenset({"optimizer", "scheduler", "tasks"})
+# Trainer keys that change the result; devices, batch limits and logging cadence do not.
+TRAINER_KNOBS = frozenset(
+    {"max_epochs", "max_steps", "precision", "gradient_clip_val", "accumulate_grad_batches"}
+)
+# Where files go and how the run is wired: never a column, even when overridden.
+PLUMBING_PREFIXES = ("callbacks.", "logger.", "paths.", "hydra.")
+PLUMBING_KEYS = frozenset({"ckpt_path", "task_name", "optimized_metric", "data.root"})
+
+
+def readable(value: Any) -> bool | int | float | str:
+    """A value as TensorBoard can show it: numbers stay numbers, the rest is command-line text.
+
+    TensorBoard would turn booleans into 0/1 and drop None; `reg=[dropout,l2]` reads as
+    "dropout,l2", the way it was typed.
+    """
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, int | float | str):
+        return value
+    if isinstance(value, list | tuple):
+        return ",".join(str(readable(item)) for item in value)
+    return str(value)
+
+
+def is_plumbing(key: str) -> bool:
+    """True for keys that say how a run is wired rather than what was trained."""
+    if "_target_" in key or key in PLUMBING_KEYS or key.startswith(PLUMBING_PREFIXES):
+        return True
+    return key.startswith("trainer.") and key.split(".")[1] not in TRAINER_KNOBS
+
+
+def flat_knobs(value: Any, name: str) -> dict[str, Any]:
+    """`name: value`, or `name.sub: leaf` for every leaf of a config dict (no `_target_`)."""
+    if not isinstance(value, dict):
+        return {name: readable(value)}
     flat: dict[str, Any] = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flat_hparams(value, f"{name}."))
-        elif isinstance(value, bool | int | float | str) or value is None:
-            flat[name] = "null" if value is None else value
-        else:
-            flat[name] = str(value)
+    for key, item in value.items():
+        if key != "_target_":
+            flat.update(flat_knobs(item, f"{name}.{key}"))
     return flat
 
 
-def log_hparams(trainer: L.Trainer, config: dict[str, Any], metrics: dict[str, float]) -> None:
-    """Log the run's config with its final metrics, so HPARAMS compares runs on real numbers.
+def lookup(config: dict[str, Any], dotted: str) -> tuple[bool, Any]:
+    """(found, value) of a dotted key in a nested config dict."""
+    node: Any = config
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
 
-    Only the hparams summaries are written: the metric curves are already in the run under
-    the same tags, and Lightning's `log_hyperparams(metrics=...)` would add a stray point to
-    each of them.
+
+def group_choices(config: dict[str, Any], choices: dict[str, Any]) -> dict[str, Any]:
+    """The option chosen in each compared group, e.g. `{"model": "small_cnn", "reg": "l2"}`.
+
+    Hydra records no choice for a list (`reg=[dropout,l2]`) and none exists outside Hydra
+    (eval rebuilds the run from its checkpoint), so `reg` falls back to the selected
+    regularizers' names: each `conf/reg` option is one key named after itself.
+    """
+    chosen = {group: choices[group] for group in CHOICE_GROUPS if choices.get(group) is not None}
+    if "reg" not in chosen and isinstance(config.get("reg"), dict):
+        chosen["reg"] = list(config["reg"]) or "none"
+    return {group: readable(choice) for group, choice in chosen.items()}
+
+
+def run_knobs(config: dict[str, Any]) -> dict[str, Any]:
+    """Every knob of each chosen regularizer, the method's own knobs, then the summary knobs."""
+    knobs: dict[str, Any] = {}
+    for name, regularizer in (config.get("reg") or {}).items():
+        knobs.update(flat_knobs(regularizer, f"reg.{name}"))
+    for key, value in (config.get("method") or {}).items():
+        if key not in METHOD_MIRRORS:
+            knobs.update(flat_knobs(value, f"method.{key}"))
+    for key in SUMMARY_KNOBS:
+        found, value = lookup(config, key)
+        if found:
+            knobs[key] = readable(value)
+    return knobs
+
+
+def override_keys(overrides: list[str], choices: dict[str, Any]) -> list[str]:
+    """The config keys the command line set, in its order (`+key`, `++key` as `key`).
+
+    Deletions (`~key`), groups other than the compared ones (`trainer=cpu`, `debug=fast`) and
+    nested group paths (`hydra/launcher=joblib`) name no single value and are skipped.
+    """
+    keys = []
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+")
+        if key.startswith("~") or "/" in key or (key in choices and key not in CHOICE_GROUPS):
+            continue
+        keys.append(key)
+    return keys
+
+
+def flat_hparams(
+    config: dict[str, Any],
+    choices: dict[str, Any] | None = None,
+    overrides: list[str] | None = None,
+) -> dict[str, Any]:
+    """The hyper-parameters a person compares, the ones the command line set first.
+
+    A full config flattened is ~80 columns led by `callbacks.*._target_`, which buries the
+    knob a sweep varies. Logged instead: the group choices, the knobs that define the run
+    (data size, model, optimizer, scheduler, method, every knob of each chosen regularizer)
+    and anything else overridden, never wiring (`_target_`, callbacks, loggers, paths).
+    An eval run's config holds the trained run under `trained`: that run is described.
+    """
+    choices = choices or {}
+    described = config.get("trained", config)
+    selected = {**group_choices(described, choices), **run_knobs(described)}
+    first: dict[str, Any] = {}
+    for key in override_keys(overrides or [], choices):
+        if key in CHOICE_GROUPS:
+            first.update({key: selected[key]} if key in selected else {})
+            continue
+        found, value = lookup(config, key)  # the config the override was applied to
+        first.update(flat_knobs(value, key) if found else {})
+    ordered = {**first, **{k: v for k, v in selected.items() if k not in first}}
+    return {k: v for k, v in ordered.items() if not is_plumbing(k)}
+
+
+def hydra_choices_and_overrides() -> tuple[dict[str, Any], list[str]]:
+    """Group choices and command-line overrides of the current Hydra run; empty outside Hydra."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return {}, []
+    hydra_cfg = HydraConfig.get()
+    choices = OmegaConf.to_container(hydra_cfg.runtime.choices)
+    return choices, list(hydra_cfg.overrides.task)  # type: ignore[return-value]
+
+
+def write_hparams_yaml(logger: TensorBoardLogger, params: dict[str, Any]) -> None:
+    """hparams.yaml beside the events, holding exactly the logged columns.
+
+    Lightning writes the file once, early in fit, from the method's init arguments; it is
+    replaced so the file and the HPARAMS tab agree.
+    """
+    from lightning.pytorch.core.saving import save_hparams_to_yaml
+
+    logger.hparams = dict(params)
+    save_hparams_to_yaml(Path(logger.log_dir) / logger.NAME_HPARAMS_FILE, logger.hparams)
+
+
+def log_hparams(trainer: L.Trainer, config: dict[str, Any], metrics: dict[str, float]) -> None:
+    """Log the compared hyper-parameters of the run (see `flat_hparams`) for HPARAMS.
+
+    Only the session summaries are written, no experiment summary: TensorBoard takes every
+    column from the first experiment summary it meets under `--logdir`, so one per run hid
+    the keys other runs lacked (an L2 sweep beside a `reg=none` run had no `reg.*` column).
+    Without it TensorBoard unites the keys of all runs and puts those whose values differ
+    first. The metric columns (`val/acc_best`, `test/acc`, ...) are the last points of the
+    scalars already in the run under those tags, so `metrics` is not written a second time
+    (Lightning's `log_hyperparams(metrics=...)` would add a stray point to each curve).
     """
     from torch.utils.tensorboard.summary import hparams
 
-    params = flat_hparams({k: v for k, v in config.items() if k not in ("paths", "hydra")})
-    tracked = {k: v for k, v in metrics.items() if k.startswith(("train/", "val/", "test/"))}
+    choices, overrides = hydra_choices_and_overrides()
+    params = flat_hparams(config, choices, overrides)
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
-            logger.log_hyperparams(params)  # hparams.yaml beside the events
+            write_hparams_yaml(logger, params)
             writer = logger.experiment._get_file_writer()
-            for summary in hparams(params, tracked):
-                writer.add_summary(summary)
+            _, session_start, session_end = hparams(params, {})
+            writer.add_summary(session_start)
+            writer.add_summary(session_end)
             logger.finalize("success")
 
 
