@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import socket
 from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from posttrain.errors import PosttrainError
@@ -16,6 +19,7 @@ from posttrain.models.pretrained import load_pretrained
 from posttrain.regularizers.base import ModelParts
 from posttrain.regularizers.penalties import L2SP
 from posttrain.train import train
+from tests.conftest import add_callbacks
 from tests.fixtures import write_cifar, write_malicious_checkpoint
 
 CPU = ["trainer.accelerator=cpu", "logger=none", "callbacks.progress_bar=null"]
@@ -293,7 +297,7 @@ def test_l2sp_is_zero_at_the_start_and_grows_away() -> None:
 
 @pytest.mark.slow
 def test_cifar10_resnet50_recipe_runs_offline(make_config, tmp_path, monkeypatch) -> None:
-    place_torchvision_weights(tmp_path / "torch", "resnet50", monkeypatch)
+    imagenet = place_torchvision_weights(tmp_path / "torch", "resnet50", monkeypatch)
     write_cifar(tmp_path / "cifar")
     cfg = make_config(
         "experiment=cifar10_resnet50_finetune",
@@ -307,5 +311,30 @@ def test_cifar10_resnet50_recipe_runs_offline(make_config, tmp_path, monkeypatch
         "logger=none",
     )
     assert cfg.model.pretrained == "imagenet" and cfg.reg.augment.flip
+
+    def no_network(*args, **kwargs):
+        raise OSError("this test runs offline")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    seen: dict = {}
+
+    class AtTrainStart(Callback):
+        def on_train_start(self, trainer, pl_module) -> None:
+            model = pl_module.model
+            seen["backbone"] = model.features.layer4[1].conv2.weight.detach().clone()
+            seen["head"] = (model.head.in_features, model.head.out_features)
+            seen["trainable"] = all(p.requires_grad for p in model.parameters())
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            seen["images"] = tuple(batch[0].shape)
+
+    add_callbacks(monkeypatch, AtTrainStart())
     metrics = train(cfg)
-    assert 0.0 <= metrics["test/acc"] <= 1.0
+    # The ImageNet weights came from the local cache (no network), under a new 10-way head,
+    # fully trainable (policy full), on 64 px images; the one step completed.
+    assert torch.equal(seen["backbone"], imagenet["layer4.1.conv2.weight"])
+    assert seen["head"] == (2048, 10) and seen["trainable"]
+    assert seen["images"] == (4, 3, 64, 64)
+    assert metrics["global_step"] == 1.0
+    written = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
+    assert written["status"] == "completed"
