@@ -41,3 +41,17 @@ def test_result_records_its_provenance(name: str) -> None:
     for key in ("command", "date", "machine"):
         assert result.get(key), f"{name}.json lacks {key!r}"
     assert result["command"].startswith("python -m benchmarks.")
+
+
+def test_make_train_example_is_seed_0_of_the_default_run() -> None:
+    """The sample summary under "The two commands" quotes metrics too: they must be the
+    default-run benchmark's seed 0, as the README says."""
+    example = TEXT.split("`make train` ends with a summary like this", 1)[1].split("```")[1]
+    quoted = {
+        line.split()[0]: line.split()[1]
+        for line in example.splitlines()
+        if line.strip().startswith("test/")
+    }
+    seed0 = next(r for r in readme.load("default_run")["runs"] if r["seed"] == 0)
+    assert quoted, "no test/ metrics in the make train example"
+    assert quoted == {key: f"{seed0['metrics'][key]:.4f}" for key in quoted}
