@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, open_dict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,3 +71,34 @@ def run_cli(script: str, *args: str, cwd: Path | None = None, timeout: int = HAN
         text=True,
         timeout=timeout,
     )
+
+
+class RunProbe(Callback):
+    """A callback for CLI runs: `+callbacks.probe._target_=tests.conftest.RunProbe`.
+
+    Writes `probe-rank<r>.json` into the run folder when training ends: the process's world
+    size and pid, the optimizer steps taken, and which of the method's parameters changed
+    during training, so a subprocess test can check what the run really did.
+    """
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.start = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        changed = {n: not p.detach().equal(self.start[n]) for n, p in pl_module.named_parameters()}
+        report = {
+            "world_size": trainer.world_size,
+            "pid": os.getpid(),
+            "global_step": trainer.global_step,
+            "changed": changed,
+        }
+        folder = Path(trainer.default_root_dir)
+        (folder / f"probe-rank{trainer.global_rank}.json").write_text(json.dumps(report))
+
+
+PROBE = "+callbacks.probe._target_=tests.conftest.RunProbe"
+
+
+def read_probes(run_dir: Path) -> list[dict]:
+    """The RunProbe reports of a run folder, rank 0 first."""
+    return [json.loads(p.read_text()) for p in sorted(run_dir.glob("probe-rank*.json"))]

@@ -12,7 +12,7 @@ from posttrain.data import ImageClassificationDataModule
 from posttrain.errors import PosttrainError
 from posttrain.methods.multitask import MultiTaskClassifier, masked_cross_entropy
 from posttrain.models import build_classifier
-from tests.conftest import run_cli
+from tests.conftest import PROBE, read_probes, run_cli
 
 TASKS = {"digit": {"target": "label"}, "parity": {"target": "parity"}, "large": {"target": "large"}}
 OPTIMIZER = {"name": "adamw", "lr": 0.01}
@@ -111,11 +111,22 @@ def test_cli_trains_and_writes_per_task_metrics(tmp_path: Path) -> None:
         "method.weighting=uncertainty",
         "debug=limit",
         "logger=tensorboard",
+        PROBE,
         f"hydra.run.dir={tmp_path}",
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    for task in ("digit", "parity", "large"):
-        assert 0.0 <= metrics[f"test/{task}/acc"] <= 1.0
-        assert f"train/{task}/weight" in metrics
-    assert metrics["test/acc"] == metrics["test/digit/acc"]
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    tasks = ("digit", "parity", "large")
+    # Each task's test accuracy and loss weight is in metrics.json and TensorBoard, the same.
+    for task in tasks:
+        for key in (f"test/{task}/acc", f"train/{task}/weight"):
+            assert events.Scalars(key)[-1].value == pytest.approx(metrics[key]), key
+    assert metrics["test/acc"] == metrics["test/digit/acc"]  # the first task is the main one
+    # Uncertainty weighting learned: its log-variances trained, so the weights left 1.0.
+    (probe,) = read_probes(tmp_path)
+    assert [v for n, v in probe["changed"].items() if "log_vars" in n] == [True]
+    assert all(metrics[f"train/{task}/weight"] != 1.0 for task in tasks)

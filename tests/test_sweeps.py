@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from posttrain.report import write_report
-from tests.conftest import run_cli
+from tests.conftest import PROBE, read_probes, run_cli
 
 
 def fake_job(sweep: Path, name: str, overrides: list[str], metrics: dict | None) -> None:
@@ -138,14 +138,20 @@ def test_ddp_on_two_cpu_processes_writes_one_run_folder(tmp_path: Path) -> None:
         "trainer.devices=2",
         "debug=limit",
         "logger=csv",
+        PROBE,
         f"hydra.run.dir={run_dir}",
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    # Two processes of one 2-process group trained, and both reported into the one folder.
+    ranks = read_probes(run_dir)
+    assert [r["world_size"] for r in ranks] == [2, 2] and ranks[0]["pid"] != ranks[1]["pid"]
+    assert [r["global_step"] for r in ranks] == [8, 8]  # debug=limit: 2 epochs x 4 batches
+    assert ranks[0]["changed"] == ranks[1]["changed"] and all(ranks[0]["changed"].values())
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["status"] == "completed" and 0 <= metrics["test/acc"] <= 1
+    assert metrics["status"] == "completed" and metrics["global_step"] == 8
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
-    assert not (tmp_path / "outputs").exists()  # no stray folder from the second rank
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no stray folder of rank 1
 
 
 @pytest.mark.slow
@@ -177,7 +183,7 @@ def test_submitit_local_launcher_runs_a_two_job_sweep(tmp_path: Path) -> None:
         "train.py",
         "-m",
         "hydra/launcher=submitit_local",
-        "hydra.launcher.timeout_min=10",
+        "hydra.launcher.timeout_min=30",  # a hang guard, as run_cli's timeout
         "reg=l2",
         "reg.l2.weight=0,1e-3",
         "debug=fast",
