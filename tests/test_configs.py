@@ -337,14 +337,11 @@ def test_callbacks_option_instantiates_callbacks(tmp_path: Path, option: str) ->
     assert len(callbacks) == len([v for v in cfg.callbacks.values() if v])
     assert all(isinstance(callback, Callback) for callback in callbacks)
     checkpoints = [c for c in callbacks if isinstance(c, ModelCheckpoint)]
-    if option == "default":
-        (checkpoint,) = checkpoints
-        assert (checkpoint.monitor, checkpoint.mode, checkpoint.save_last) == (
-            "val/acc",
-            "max",
-            True,
-        )
-        assert Path(checkpoint.dirpath) == tmp_path / "checkpoints"
+    if option == "default":  # best.ckpt by val/acc, and last.ckpt after every epoch
+        best, last = checkpoints
+        assert (best.monitor, best.mode, best.filename) == ("val/acc", "max", "best")
+        assert (last.monitor, last.filename, last.every_n_epochs) == (None, "last", 1)
+        assert {Path(c.dirpath) for c in checkpoints} == {tmp_path / "checkpoints"}
 
 
 # --- experiment recipes: what each one's opening comment says -----------------------------------

@@ -1,13 +1,56 @@
-"""Reading checkpoints safely: `weights_only=True` always, errors that name the key."""
+"""Checkpoints: read safely, written atomically, carrying every random state for exact resume.
+
+- Reading: `torch.load(weights_only=True)` always; errors name the config key and say what
+  the file is (not a checkpoint at all, a truncated one, or one that needs code to unpickle).
+- Writing (`AtomicCheckpointIO`): a complete file appears under its name in one `os.replace`
+  from the same folder, so a kill at any instant leaves the old or the new file, never a torn
+  one (Lightning's default stages the file in TMPDIR, and a move across filesystems is a copy).
+- Resuming (`RandomStateInCheckpoint`): Lightning restores weights, optimizer and loops but
+  not the random generators; batch order, augmentation, dropout and mixing draw from them.
+"""
 
 from __future__ import annotations
 
+import io
+import logging
+import os
 from pathlib import Path
 from typing import Any
 
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
 from posttrain.errors import PosttrainError, require
 
+log = logging.getLogger("posttrain")
+
 CONFIG_KEY = "posttrain_config"
+RANDOM_STATE_KEY = "posttrain_random_state"
+TEMP_MARK = ".partial-"
+# How files written by torch.save start: a zip archive, or a legacy pickle (protocol 2+).
+TORCH_FILE_MAGIC = (b"PK\x03\x04", b"\x80")
+
+
+def describe_unreadable(file: Path, error: Exception) -> str:
+    """What the file is, for the refusal: not a torch file, truncated, or unsafe to unpickle."""
+    with file.open("rb") as handle:
+        head = handle.read(4)
+    if not head.startswith(TORCH_FILE_MAGIC):
+        return (
+            f"{file} is not a PyTorch checkpoint at all (it does not start like a file written "
+            "by torch.save: it may be text, an image or another format)"
+        )
+    if "weights only load failed" in str(error).lower() and "unsupported" in str(error).lower():
+        return (
+            f"{file} was refused: it holds objects that only a full unpickle could rebuild "
+            "(which may run arbitrary code). posttrain only loads tensors and plain containers "
+            "(`weights_only=True`); re-save it as a state dict"
+        )
+    first_line = str(error).splitlines()[0] if str(error) else ""
+    return (
+        f"{file} is a damaged or truncated PyTorch file ({type(error).__name__}: {first_line}); "
+        "if a run was killed while writing it, use the run's other checkpoint"
+    )
 
 
 def load_checkpoint(path: str | Path, key: str) -> dict[str, Any]:
@@ -22,16 +65,9 @@ def load_checkpoint(path: str | Path, key: str) -> dict[str, Any]:
     try:
         loaded = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as error:  # a corrupt file surfaces as any of a dozen error types
-        if "weights only load failed" in str(error).lower():
-            raise PosttrainError(
-                f"Config key `{key}`: {file} was refused: it holds objects that only a full "
-                "unpickle could rebuild (which may run arbitrary code). posttrain only loads "
-                "tensors and plain containers (`weights_only=True`); re-save it as a state dict."
-            ) from error
         raise PosttrainError(
-            f"Config key `{key}`: {file} is not a readable PyTorch checkpoint "
-            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). "
-            "Point it at a .ckpt/.pt file written by posttrain or torch.save."
+            f"Config key `{key}`: {describe_unreadable(file, error)}. Point it at a .ckpt/.pt "
+            "file written by posttrain or torch.save."
         ) from error
     require(
         isinstance(loaded, dict),
@@ -49,3 +85,185 @@ def stored_config(checkpoint: dict[str, Any], path: str | Path, key: str) -> dic
         f"`{CONFIG_KEY}` entry), so the model and data to rebuild are unknown.",
     )
     return config
+
+
+def write_fd(fd: int, payload: bytes) -> None:
+    view = memoryview(payload)
+    while view:
+        view = view[os.write(fd, view) :]
+    os.fsync(fd)
+
+
+def link_unnamed(fd: int, name: Path) -> None:
+    """Give an `O_TMPFILE` file a name (`linkat` with AT_SYMLINK_FOLLOW: CPython's `os.link`
+    does not follow the `/proc/self/fd` link on Linux)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    at_fdcwd, at_symlink_follow = -100, 0x400
+    source = f"/proc/self/fd/{fd}".encode()
+    if libc.linkat(at_fdcwd, source, at_fdcwd, os.fsencode(name), at_symlink_follow) != 0:
+        raise OSError(ctypes.get_errno(), "linkat failed", str(name))
+
+
+def stage_unnamed(payload: bytes, staged: Path) -> bool:
+    """Write to an unnamed file in the folder, named only once complete; False if the
+    filesystem cannot (no `O_TMPFILE`)."""
+    try:
+        fd = os.open(staged.parent, os.O_TMPFILE | os.O_WRONLY, 0o644)
+    except (AttributeError, OSError):
+        return False
+    try:
+        write_fd(fd, payload)
+        link_unnamed(fd, staged)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def write_atomically(payload: bytes, target: Path) -> None:
+    """`target` becomes `payload` in one step: written and fsynced beside it, then renamed.
+
+    The bytes go to an unnamed file (`O_TMPFILE`) that gets a name only once complete, so
+    even a `kill -9` mid-write leaves nothing behind; where the filesystem lacks it, a named
+    `.partial-<pid>-<name>` file is used (removed by `remove_partial_files` on the next start).
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staged = target.parent / f"{TEMP_MARK}{os.getpid()}-{target.name}"
+    staged.unlink(missing_ok=True)
+    if not stage_unnamed(payload, staged):
+        fd = os.open(staged, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o644)
+        try:
+            write_fd(fd, payload)
+        finally:
+            os.close(fd)
+    os.replace(staged, target)
+    directory = os.open(target.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # the rename itself survives a power cut
+    finally:
+        os.close(directory)
+
+
+def remove_partial_files(folder: Path) -> None:
+    """Staged files of writers that were killed (never a complete checkpoint)."""
+    for stale in folder.glob(f"{TEMP_MARK}*"):
+        pid = stale.name[len(TEMP_MARK) :].split("-", 1)[0]
+        if not (pid.isdigit() and Path(f"/proc/{pid}").exists()):
+            stale.unlink(missing_ok=True)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint IO, with the write made atomic in the checkpoint's own folder."""
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
+        import torch
+
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        write_atomically(buffer.getbuffer().tobytes(), Path(path))
+
+
+def collect_random_states() -> dict[str, Any]:
+    """The global generators the loop draws from: torch (CPU/CUDA), numpy, python. (The
+    DataModules save their own training-batch generators in their `state_dict`.)
+
+    Stored as tensors and plain values only, so `weights_only=True` loads them.
+    """
+    import random
+
+    import numpy as np
+    import torch
+
+    key, keys, position, has_gauss, cached = np.random.get_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": cuda,
+        "numpy": [key, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached],
+        "python": random.getstate(),
+    }
+
+
+def restore_random_states(states: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    key, keys, position, has_gauss, cached = states["numpy"]
+    np.random.set_state((key, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+class RandomStateInCheckpoint(Callback):
+    """Saves the random states with every checkpoint and restores them on resume, so a
+    resumed run draws exactly what the uninterrupted run would have drawn."""
+
+    def __init__(self) -> None:
+        self.pending: dict[str, Any] | None = None
+
+    def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        checkpoint[RANDOM_STATE_KEY] = collect_random_states()
+
+    def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        self.pending = checkpoint.get(RANDOM_STATE_KEY)
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        """Restored here, after everything that set-up draws (model init, splits, loaders)."""
+        if self.pending is not None:
+            restore_random_states(self.pending)
+            self.pending = None
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint that keeps the run's best when resuming into a new folder.
+
+    Lightning forgets the best score when the checkpoint folder changed, so a run resumed
+    elsewhere would choose "best" among the resumed epochs only and test that model. Here
+    the best checkpoint so far is copied into the new folder and its score kept; if it is
+    gone, the run says so loudly.
+    """
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if self.dirpath and Path(self.dirpath).is_dir():
+            remove_partial_files(Path(self.dirpath))  # left by a writer killed mid-save
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        old_dir = state_dict.get("dirpath")
+        if old_dir and self.dirpath and Path(old_dir) != Path(self.dirpath):
+            state_dict = self.adopt(state_dict)
+        super().load_state_dict(state_dict)
+
+    def adopt(self, state: dict[str, Any]) -> dict[str, Any]:
+        best = Path(state.get("best_model_path") or "")
+        if not best.is_file():
+            log.warning(
+                "resuming: the best checkpoint so far (%s) is gone, so `best.ckpt`, "
+                "`val/acc_best` and the test use only the epochs from here on",
+                best,
+            )
+            return state
+        moved = Path(self.dirpath) / best.name
+        if best.resolve() != moved.resolve():
+            write_atomically(best.read_bytes(), moved)
+        renamed = {str(best): str(moved)}
+        return {
+            **state,
+            "dirpath": self.dirpath,
+            "best_model_path": str(moved),
+            "kth_best_model_path": renamed.get(state.get("kth_best_model_path") or "", ""),
+            "best_k_models": {
+                renamed[p]: s for p, s in state["best_k_models"].items() if p in renamed
+            },
+            "last_model_path": "",
+        }

@@ -18,7 +18,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Train, test the best checkpoint, write metrics.json; returns the flat metrics."""
     import lightning as L
 
-    from posttrain.checkpoints import load_checkpoint
+    from posttrain.checkpoints import RandomStateInCheckpoint, load_checkpoint
     from posttrain.ddp_jobs import remember_job_for_ddp_children
     from posttrain.runs import (
         ConfigInCheckpoint,
@@ -35,7 +35,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     config = resolved_config(cfg)
     remember_job_for_ddp_children(cfg.paths.output_dir)
     datamodule, method = build_components(cfg)
-    trainer = build_trainer(cfg, extra_callbacks=[ConfigInCheckpoint(config)])
+    resumable = [ConfigInCheckpoint(config), RandomStateInCheckpoint()]
+    trainer = build_trainer(cfg, extra_callbacks=resumable)
 
     trainer.fit(method, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     metrics = epoch_metrics(trainer.callback_metrics)

@@ -87,9 +87,48 @@ def keep_classes(data: LabelledImages | None, classes: list[int]) -> LabelledIma
 
 
 class SourceDataModule(L.LightningDataModule):
-    """What every DataModule reading one registered source (`self.source`) answers alike."""
+    """What every DataModule reading one registered source (`self.source`) answers alike,
+    including the random state of its training batches (saved with checkpoints)."""
 
     source: Source
+    _train_generator: torch.Generator | None = None
+    _pending_random_state: dict[str, Any] | None = None
+
+    def train_generator(self) -> torch.Generator:
+        """The generator behind the training batches' order (and loader seeds).
+
+        Its own, not the global one: the global generator's draws at iterator creation
+        depend on when Lightning creates iterators, which differs between a run and its
+        resumption. Seeded from the run's `seed`; restored exactly on resume.
+        """
+        if self._train_generator is None:
+            seed = int(torch.randint(2**62, (1,)))  # a draw from the seeded global generator
+            self._train_generator = torch.Generator().manual_seed(seed)
+            self.apply_pending_random_state()
+        return self._train_generator
+
+    def random_state(self) -> dict[str, Any]:
+        generator = self._train_generator
+        return {"train_batches": None if generator is None else generator.get_state()}
+
+    def load_random_state(self, state: dict[str, Any]) -> None:
+        """Kept until the training loader exists (restore happens before it is built)."""
+        self._pending_random_state = state
+        self.apply_pending_random_state()
+
+    def apply_pending_random_state(self) -> None:
+        state = self._pending_random_state
+        if state is not None and self._train_generator is not None:
+            if state.get("train_batches") is not None:
+                self._train_generator.set_state(state["train_batches"])
+            self._pending_random_state = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"random_state": self.random_state()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "random_state" in state_dict:
+            self.load_random_state(state_dict["random_state"])
 
     @property
     def info(self) -> SourceInfo:
@@ -210,6 +249,7 @@ class ImageClassificationDataModule(SourceDataModule):
             InMemoryDataset(data, self.task_targets.get(split)),
             batch_size=self.batch_size if split == "train" else self.eval_batch_size,
             shuffle=shuffle,
+            generator=self.train_generator() if split == "train" else None,
             collate_fn=keep_batch,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
@@ -245,10 +285,12 @@ class ImageClassificationDataModule(SourceDataModule):
 
     def state_dict(self) -> dict[str, Any]:
         """Normalization statistics travel with checkpoints so evaluation matches training."""
-        if self._stats is None:
-            return {}
-        return {"mean": self._stats[0].tolist(), "std": self._stats[1].tolist()}
+        state = super().state_dict()
+        if self._stats is not None:
+            state.update(mean=self._stats[0].tolist(), std=self._stats[1].tolist())
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict:
+        super().load_state_dict(state_dict)
+        if "mean" in state_dict:
             self._stats = (torch.tensor(state_dict["mean"]), torch.tensor(state_dict["std"]))

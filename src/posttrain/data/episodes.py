@@ -196,7 +196,25 @@ class EpisodicDataModule(SourceDataModule):
             seed=self.seed * 10 + SPLIT_IDS[split],
             fixed=split != "train",
         )
-        return DataLoader(stream, batch_size=self.meta_batch_size, collate_fn=stack_episodes)
+        generator = None
+        if split == "train":
+            self.train_stream = stream  # before the generator: a pending resume restores both
+            generator = self.train_generator()
+        return DataLoader(
+            stream, batch_size=self.meta_batch_size, collate_fn=stack_episodes, generator=generator
+        )
+
+    def random_state(self) -> dict[str, Any]:
+        """Also where the training episode stream is, for exact resume."""
+        stream = getattr(self, "train_stream", None)
+        episodes = None if stream is None else stream.stream.get_state()
+        return {**super().random_state(), "episodes": episodes}
+
+    def apply_pending_random_state(self) -> None:
+        state, stream = self._pending_random_state, getattr(self, "train_stream", None)
+        if state is not None and stream is not None and state.get("episodes") is not None:
+            stream.stream.set_state(state["episodes"])
+        super().apply_pending_random_state()
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")

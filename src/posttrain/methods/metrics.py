@@ -145,6 +145,7 @@ class ValidationTracker(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.best = MaxMetric()
+        self.best.persistent(True)  # in checkpoints: a resumed run keeps its best so far
         self.last_val_acc: float | None = None
 
     def after_validation(self, val_acc: Tensor) -> dict[str, Tensor]:

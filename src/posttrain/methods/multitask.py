@@ -68,6 +68,13 @@ class LossWeighting(nn.Module):
             return (torch.exp(-self.log_vars) * losses + 0.5 * self.log_vars).sum()
         return (self.weights().to(losses.device) * losses).sum()
 
+    def get_extra_state(self) -> dict[str, Any]:
+        """DWA's loss history travels with checkpoints, so a resumed run weighs the same."""
+        return {"epoch_losses": [t.tolist() for t in self.epoch_losses]}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.epoch_losses = [torch.tensor(losses) for losses in state["epoch_losses"]]
+
     def end_epoch(self) -> None:
         if self.steps:
             self.epoch_losses.append(self.running / self.steps)

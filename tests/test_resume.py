@@ -1,0 +1,112 @@
+"""Interrupted work resumes exactly: a run stopped between epochs and resumed from its
+`last.ckpt` ends with the metrics of the uninterrupted run (bitwise on CPU), for every
+method family; checkpoints are written atomically; unreadable files are named for what
+they are."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from posttrain.checkpoints import load_checkpoint, remove_partial_files, write_atomically
+from posttrain.errors import PosttrainError
+from posttrain.train import train
+from tests.conftest import compose_config
+
+SMALL = ["logger=none", "trainer.accelerator=cpu", "trainer.devices=1", "debug=limit"]
+METHODS = {
+    "supervised": ["reg=[augment,dropout]", "model.width=8", "trainer.max_epochs=3"],
+    "maml": ["experiment=digits_maml", "model.hidden=8", "data.image_size=16", "data.queries=3"],
+    "protonet": ["experiment=digits_protonet", "model.hidden=8", "data.image_size=16"],
+    "multitask": ["experiment=digits_multitask", "method.weighting=dwa", "model.width=8"],
+}
+
+
+class Interrupted(Exception):
+    """Stands in for a kill: the process is gone, only the files it wrote remain."""
+
+
+class InterruptAtEpoch(Callback):
+    """Dies when epoch `epoch` starts, after the previous epoch's checkpoints were written."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == self.epoch:
+            raise Interrupted
+
+
+def run(folder: Path, overrides: list[str]) -> dict[str, float]:
+    torch.set_num_threads(1)  # one thread: reductions in one order, bitwise comparable
+    train(compose_config(folder, overrides))
+    return json.loads((folder / "metrics.json").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", list(METHODS))
+def test_resume_after_an_interruption_matches_the_uninterrupted_run(
+    method: str, tmp_path: Path
+) -> None:
+    overrides = [*SMALL, *METHODS[method], "trainer.max_epochs=3"]
+    uninterrupted = run(tmp_path / "whole", overrides)
+    interrupt = [
+        "+callbacks.interrupt._target_=tests.test_resume.InterruptAtEpoch",
+        "+callbacks.interrupt.epoch=2",
+    ]
+    with pytest.raises(Interrupted):
+        run(tmp_path / "cut", [*overrides, *interrupt])
+    last = tmp_path / "cut" / "checkpoints" / "last.ckpt"
+    assert load_checkpoint(last, key="ckpt_path")["epoch"] == 1  # the last completed epoch
+    resumed = run(tmp_path / "resumed", [*overrides, f"ckpt_path={last}"])
+    assert resumed == uninterrupted
+
+
+def test_last_checkpoint_is_the_last_epoch_even_when_best_did_not_improve(tmp_path: Path) -> None:
+    """Observed: `last.ckpt` was written only when `best.ckpt` improved (epoch 5 of 10)."""
+    overrides = [*SMALL, "model.width=4", "trainer.max_epochs=4", "optimizer.lr=1e-9"]
+    run(tmp_path / "run", overrides)  # lr ~0: val/acc never improves after epoch 0
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert load_checkpoint(checkpoints / "last.ckpt", key="ckpt_path")["epoch"] == 3
+    assert load_checkpoint(checkpoints / "best.ckpt", key="ckpt_path")["epoch"] == 0
+
+
+def test_atomic_write_replaces_whole_files_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    target = tmp_path / "last.ckpt"
+    write_atomically(b"old", target)
+    write_atomically(b"new" * 1000, target)
+    assert target.read_bytes() == b"new" * 1000
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_partial_files_of_dead_writers_are_removed(tmp_path: Path) -> None:
+    import os
+
+    dead = tmp_path / ".partial-999999999-last.ckpt"  # no such process
+    alive = tmp_path / f".partial-{os.getpid()}-best.ckpt"  # a writer still at work
+    dead.write_bytes(b"torn")
+    alive.write_bytes(b"in progress")
+    remove_partial_files(tmp_path)
+    assert not dead.exists() and alive.exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b"just some notes\n", "not a PyTorch checkpoint at all"),
+        (b"PK\x03\x04 truncated zip", "damaged or truncated"),
+    ],
+)
+def test_unreadable_files_are_named_for_what_they_are(
+    tmp_path: Path, content: bytes, expected: str
+) -> None:
+    """Observed: a plain text file was said to hold objects that "may run arbitrary code"."""
+    file = tmp_path / "model.ckpt"
+    file.write_bytes(content)
+    with pytest.raises(PosttrainError, match=expected) as refused:
+        load_checkpoint(file, key="ckpt_path")
+    assert "arbitrary code" not in str(refused.value) and "`ckpt_path`" in str(refused.value)
