@@ -267,3 +267,44 @@ class RunCheckpoint(ModelCheckpoint):
             },
             "last_model_path": "",
         }
+
+
+def resume_path(value: str | None, output_dir: str | Path) -> str | None:
+    """`ckpt_path`: a file, or `last` for this run folder's own `checkpoints/last.ckpt`
+    (`python train.py ckpt_path=last hydra.run.dir=<run>` continues a run in place)."""
+    if value != "last":
+        return value
+    last = Path(output_dir) / "checkpoints" / "last.ckpt"
+    require(
+        last.is_file(),
+        f"Config key `ckpt_path=last` resumes the run in `hydra.run.dir`, but {last} does not "
+        "exist. Point `hydra.run.dir` at the folder of the run to continue, or give "
+        "`ckpt_path` a checkpoint file.",
+    )
+    return str(last)
+
+
+def check_resumable(checkpoint: dict[str, Any], method: Any, path: str | Path) -> None:
+    """The checkpoint's weights fit the model this config builds (same names and shapes),
+    so a changed architecture or class count is one paragraph, not a size-mismatch trace."""
+    stored = checkpoint.get("state_dict")
+    require(
+        isinstance(stored, dict),
+        f"Config key `ckpt_path`: {path} has no `state_dict`: it is not a training checkpoint "
+        "(to start from weights, use `model.pretrained` instead).",
+    )
+    built = method.state_dict()
+    differing = [
+        f"{name} is {list(stored[name].shape)} there, {list(tensor.shape)} here"
+        for name, tensor in built.items()
+        if name in stored and hasattr(stored[name], "shape") and stored[name].shape != tensor.shape
+    ]
+    missing = sorted(set(built) - set(stored))
+    require(
+        not differing and not missing,
+        f"Config key `ckpt_path`: {path} was trained with another model or data than this "
+        f"config builds ({'; '.join(differing[:3]) or 'missing: ' + ', '.join(missing[:3])}). "
+        "Resume with the run's own config (its `.hydra/config.yaml`): the same `model.*`, "
+        "`data.*` and `method.*`; to start a new run from these weights, use "
+        "`model.pretrained=<file>` instead.",
+    )

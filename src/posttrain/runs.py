@@ -45,8 +45,32 @@ def is_multirun() -> bool:
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    """Written atomically: a reader (or a kill) never sees half a file."""
+    from posttrain.checkpoints import write_atomically
+
+    write_atomically((json.dumps(payload, indent=2, sort_keys=True) + "\n").encode(), path)
+
+
+def record_interruption(output_dir: Path, stop: Any) -> None:
+    """metrics.json says `interrupted` (never `completed`), and how to continue."""
+    resume = f"python train.py <same overrides> ckpt_path=last hydra.run.dir={output_dir}"
+    write_json(
+        output_dir / "metrics.json",
+        {
+            "status": "interrupted",
+            "reason": f"stopped by {stop.signal_name}",
+            "epochs_completed": stop.epochs_completed,
+            "global_step": stop.global_step,
+            "resume": resume,
+        },
+    )
+    print(
+        f"\nposttrain: interrupted by {stop.signal_name} after {stop.epochs_completed} completed "
+        f"epoch(s); the current one was abandoned. {output_dir / 'checkpoints' / 'last.ckpt'} "
+        f"holds the last completed epoch; continue exactly with: {resume}\n",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def guarded(task: Callable[[DictConfig], dict[str, float]], cfg: DictConfig) -> float | None:
@@ -56,9 +80,14 @@ def guarded(task: Callable[[DictConfig], dict[str, float]], cfg: DictConfig) -> 
     on (the sweeper gets NaN); in a single run a user error exits with status 2 and no
     traceback, while a bug keeps its traceback.
     """
+    from posttrain.interrupts import RunInterrupted
+
     output_dir = Path(cfg.paths.output_dir)
     try:
         metrics = task(cfg)
+    except RunInterrupted as stop:  # also in a sweep: the scheduler is stopping everything
+        record_interruption(output_dir, stop)
+        raise SystemExit(stop.exit_status) from None
     except Exception as error:
         user_error = find_user_error(error)
         detail = str(user_error) if user_error else "".join(traceback.format_exception(error))

@@ -18,8 +18,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Train, test the best checkpoint, write metrics.json; returns the flat metrics."""
     import lightning as L
 
-    from posttrain.checkpoints import RandomStateInCheckpoint, load_checkpoint
+    from posttrain.checkpoints import (
+        RandomStateInCheckpoint,
+        check_resumable,
+        load_checkpoint,
+        resume_path,
+    )
     from posttrain.ddp_jobs import remember_job_for_ddp_children
+    from posttrain.interrupts import RunInterrupted, stop_on_signals
     from posttrain.runs import (
         ConfigInCheckpoint,
         build_components,
@@ -30,15 +36,22 @@ def train(cfg: DictConfig) -> dict[str, float]:
     )
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # the start statement says it
-    if cfg.get("ckpt_path"):
-        load_checkpoint(cfg.ckpt_path, key="ckpt_path")  # fail before any work is done
+    ckpt_path = resume_path(cfg.get("ckpt_path"), cfg.paths.output_dir)
+    resumed = load_checkpoint(ckpt_path, key="ckpt_path") if ckpt_path else None
     config = resolved_config(cfg)
     remember_job_for_ddp_children(cfg.paths.output_dir)
     datamodule, method = build_components(cfg)
+    if resumed is not None:
+        check_resumable(resumed, method, ckpt_path)  # before any work is done
     resumable = [ConfigInCheckpoint(config), RandomStateInCheckpoint()]
     trainer = build_trainer(cfg, extra_callbacks=resumable)
 
-    trainer.fit(method, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    try:
+        with stop_on_signals():
+            trainer.fit(method, datamodule=datamodule, ckpt_path=ckpt_path)
+    except RunInterrupted as stop:
+        stop.epochs_completed, stop.global_step = trainer.current_epoch, trainer.global_step
+        raise
     metrics = epoch_metrics(trainer.callback_metrics)
     best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
     for result in trainer.test(method, datamodule=datamodule, ckpt_path=best, verbose=False):

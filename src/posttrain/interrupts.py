@@ -1,0 +1,62 @@
+"""SIGTERM and SIGINT end a run honestly: at once, recorded as interrupted, exit status 128+N.
+
+Lightning turns SIGTERM into a clean exit (status 0) at the next step boundary, which can be
+a minute away on a large model, and Ctrl-C into `sys.exit(1)`: both leave no record, and a
+pre-empted job reads as a success. Here the first signal abandons the current step at once
+(the checkpoints of completed epochs stay: `last.ckpt` is the resume point, so a resumed run
+matches an uninterrupted one exactly), and the entry point records `"status": "interrupted"`.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+HANDLED = (signal.SIGTERM, signal.SIGINT)
+
+
+class RunInterrupted(Exception):
+    """The run was stopped by a signal; carries what the record and the message need."""
+
+    def __init__(self, signum: int, epochs_completed: int = 0, global_step: int = 0) -> None:
+        self.signum, self.epochs_completed, self.global_step = signum, epochs_completed, global_step
+        super().__init__(f"interrupted by {self.signal_name}")
+
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.signum).name
+
+    @property
+    def exit_status(self) -> int:
+        """What a shell reports for a process killed by the signal: 143 SIGTERM, 130 SIGINT."""
+        return 128 + self.signum
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[dict[str, Any]]:
+    """Within the block, SIGTERM/SIGINT raise `KeyboardInterrupt` immediately (Lightning
+    shuts its loop down on it) and the block re-raises it as `RunInterrupted`."""
+    received: dict[str, Any] = {}
+    if threading.current_thread() is not threading.main_thread():
+        yield received  # signals reach the main thread only
+        return
+
+    def on_signal(signum: int, frame: Any) -> None:
+        if "signum" in received:
+            return  # a second signal during shutdown: the first one is being handled
+        received["signum"] = signum
+        raise KeyboardInterrupt
+
+    previous = {signum: signal.signal(signum, on_signal) for signum in HANDLED}
+    try:
+        yield received
+    except (KeyboardInterrupt, SystemExit) as stop:
+        if "signum" not in received:
+            raise
+        raise RunInterrupted(received["signum"]) from stop
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

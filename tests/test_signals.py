@@ -1,0 +1,92 @@
+"""SIGTERM and SIGINT, as a scheduler or a person sends them to the real CLI: the run stops
+at once, says `interrupted` (never `completed`), exits 143/130, and resumes to the same
+result as a run that was never interrupted."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from lightning.pytorch.callbacks import Callback
+
+from tests.conftest import ROOT
+
+TINY = [
+    "debug=limit",
+    "trainer.max_epochs=3",
+    "model.width=8",
+    "logger=none",
+    "trainer.accelerator=cpu",
+]
+
+
+class StallAtEpoch(Callback):
+    """Marks `marker` and sleeps in the first step of epoch `epoch`: a long step to stop."""
+
+    def __init__(self, marker: str, epoch: int = 1, seconds: float = 600.0) -> None:
+        self.marker, self.epoch, self.seconds = Path(marker), epoch, seconds
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.current_epoch == self.epoch and batch_idx == 0:
+            self.marker.write_text("stalled")
+            time.sleep(self.seconds)
+
+
+def start(run_dir: Path, *overrides: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(ROOT / "train.py"), *TINY, *overrides]
+    return subprocess.Popen(
+        [*command, f"hydra.run.dir={run_dir}"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_for(path: Path, process: subprocess.Popen, limit: float = 1800) -> None:
+    """Until `path` exists (a hang guard only: `limit` is never reached on a working run)."""
+    deadline = time.monotonic() + limit
+    while not path.exists():
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "the run never reached the point to interrupt"
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("signum", "status"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_stops_at_once_records_interrupted_and_resumes_exactly(
+    tmp_path: Path, signum: int, status: int
+) -> None:
+    marker = tmp_path / "stalled"
+    stall = [
+        "+callbacks.stall._target_=tests.test_signals.StallAtEpoch",
+        f"+callbacks.stall.marker={marker}",
+    ]
+    run_dir = tmp_path / "run"
+    process = start(run_dir, *stall)
+    wait_for(marker, process)  # asleep in a step that would last 10 minutes
+    sent = time.monotonic()
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=1800)
+    assert time.monotonic() - sent < 120, "the step was not abandoned"  # Lightning: 600 s
+    assert process.returncode == status, stderr[-3000:]
+    record = json.loads((run_dir / "metrics.json").read_text())
+    assert record["status"] == "interrupted" and record["epochs_completed"] == 1
+    assert signal.Signals(signum).name in record["reason"]
+    assert "ckpt_path=last" in stderr and "Traceback" not in stderr
+
+    resumed = start(run_dir, "ckpt_path=last")  # in place: same folder, no stall callback
+    assert resumed.wait(timeout=1800) == 0, resumed.communicate()[1][-3000:]
+    whole = start(tmp_path / "whole")
+    assert whole.wait(timeout=1800) == 0, whole.communicate()[1][-3000:]
+    final = json.loads((run_dir / "metrics.json").read_text())
+    assert final == json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    assert final["status"] == "completed"
