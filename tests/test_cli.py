@@ -68,15 +68,15 @@ def test_tensorboard_events_hold_the_expected_tags(default_run: Path) -> None:
         "test/ece",
     }
     assert expected <= scalars, expected - scalars
-    assert scalars & {"train/loss", "train/loss_epoch"}, "no epoch training loss"
+    assert "train/loss" in scalars, "no epoch training loss"
     assert any(tag.startswith("lr-") for tag in scalars)
     assert "test/confusion_matrix" in events.Tags()["images"]
     hparams = events.PluginTagToContent("hparams")
     assert "_hparams_/session_start_info" in hparams
     start_info = hparams["_hparams_/session_start_info"].decode("latin1")
     assert "optimizer.lr" in start_info and "model.arch" in start_info
-    assert "_hparams_/experiment" in hparams
-    assert "test/acc" in hparams["_hparams_/experiment"].decode("latin1")
+    # Each run writes its session only; TensorBoard unites them (see tests/test_hparams.py).
+    assert "_hparams_/session_end_info" in hparams
     assert len(events.Scalars("val/acc")) == 30  # one point per epoch
 
 

@@ -57,20 +57,7 @@ def test_all_required_groups_exist() -> None:
 REWRITTEN_BY_THE_FIXTURE = {"paths.output_dir", "paths.log_dir", "paths.data_dir"}
 
 
-# OmegaConf keeps an existing value when `???` is merged onto it, so the recipe's
-# `model.pretrained: ???` leaves `model/small_cnn.yaml`'s `null`: the recipe then trains from
-# scratch without asking for weights. A conf/ fix (not in this file) turns these green.
-MISSING_IS_LOST = pytest.mark.xfail(
-    strict=True, reason="experiment=digits_transfer: `model.pretrained: ???` is overridden by null"
-)
-
-
-def with_known_bugs(group: str, option: str) -> Any:
-    marks = [MISSING_IS_LOST] if (group, option) == ("experiment", "digits_transfer") else []
-    return pytest.param(group, option, marks=marks, id=f"{group}={option}")
-
-
-@pytest.mark.parametrize(("group", "option"), [with_known_bugs(g, o) for g, o in OPTIONS])
+@pytest.mark.parametrize(("group", "option"), OPTIONS)
 def test_option_composes_and_its_values_are_applied(make_config, group: str, option: str) -> None:
     """Every value the option file sets is in the composed config, at its place."""
     cfg = make_config(f"{group}={option}")
@@ -225,6 +212,15 @@ def test_method_option_instantiates_with_its_settings(tmp_path: Path, option: st
 
     assert option in METHODS, f"add method={option} to METHODS"
     overrides, cls, key, check = METHODS[option]
+    if option == "finetune":  # it needs something to fine-tune
+        weights = tmp_path / "weights.pt"
+        torch.save(
+            instantiate(
+                compose_config(tmp_path, []).model, num_classes=10, in_channels=1
+            ).state_dict(),
+            weights,
+        )
+        overrides = [*overrides, f"model.pretrained={weights}"]
     cfg = compose_config(tmp_path, [f"method={option}", *overrides, "optimizer.lr=0.0123"])
     data = instantiate(cfg.data)
     model = instantiate(cfg.model, num_classes=data.num_classes, in_channels=data.in_channels)
@@ -412,10 +408,17 @@ def test_experiment_recipe_sets_what_its_comment_says(make_config, option: str) 
         assert lookup(composed, key) == value, f"experiment={option}: {key}"
 
 
-@MISSING_IS_LOST
 def test_transfer_recipe_demands_pretrained_weights(make_config) -> None:
-    cfg = make_config("experiment=digits_transfer")
-    assert OmegaConf.is_missing(cfg.model, "pretrained")
+    """Observed: `model.pretrained: ???` in the recipe lost to the model's `null` in Hydra's
+    merge, so the recipe trained from scratch without a word. `method=finetune` now
+    refuses to start without weights, before any work."""
+    from posttrain.errors import PosttrainError
+    from posttrain.runs import build_components, find_user_error
+
+    with pytest.raises(Exception) as refused:
+        build_components(make_config("experiment=digits_transfer"))
+    error = find_user_error(refused.value)
+    assert isinstance(error, PosttrainError) and "model.pretrained" in str(error)
 
 
 def test_hparams_search_tunes_keys_that_exist(tmp_path: Path) -> None:

@@ -141,14 +141,30 @@ def show_effect(regularizer: str, probe: Probe, metrics: dict[str, float]) -> No
         assert not stoppers
 
 
+@pytest.fixture(scope="module")
+def pretrained_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """What `method=finetune` fine-tunes: a state dict of the matrix's small CNN."""
+    from posttrain.models import build_classifier
+
+    path = tmp_path_factory.mktemp("weights") / "small_cnn.pt"
+    torch.save(build_classifier("small_cnn", 10, 1, width=8).state_dict(), path)
+    return path
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("regularizer", REGULARIZERS)
 @pytest.mark.parametrize("method", list(METHODS))
 def test_method_and_regularizer_pair(
-    method: str, regularizer: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    method: str,
+    regularizer: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    pretrained_weights: Path,
 ) -> None:
     torch.set_num_threads(1)  # tiny models: threads only add contention on a busy machine
-    cfg = compose_config(tmp_path / "run", [*METHODS[method], *FAST, f"reg={regularizer}"])
+    weights = [f"model.pretrained={pretrained_weights}"] if method == "finetune" else []
+    overrides = [*METHODS[method], *weights, *FAST, f"reg={regularizer}"]
+    cfg = compose_config(tmp_path / "run", overrides)
     probe = Probe(monkeypatch)
     if (method, regularizer) in REFUSED:
         with pytest.raises(PosttrainError, match=REFUSED[(method, regularizer)]) as refused:

@@ -39,6 +39,24 @@ class FinetuneSettings:
     backbone_lr_factor: float = 1.0
     freeze_bn_stats: bool = False
     reinit_top_layers: int = 0
+    weights: str | None = None  # `${model.pretrained}`: what is being fine-tuned
+
+    @classmethod
+    def for_method(cls, finetune: dict[str, Any] | None) -> FinetuneSettings:
+        """`method=supervised` passes none (plain training); `method=finetune` must have
+        pretrained weights: fine-tuning random weights would silently be training from
+        scratch under another name (a recipe's `???` does not survive Hydra's merge)."""
+        if finetune is None:
+            return cls()
+        settings = cls(**finetune)
+        require(
+            bool(settings.weights),
+            "`method=finetune` fine-tunes pretrained weights, but `model.pretrained` is not set. "
+            "Set it to `imagenet` (torchvision models), a posttrain checkpoint or a state-dict "
+            "file, e.g. `model.pretrained=outputs/<run>/checkpoints/best.ckpt`; to train from "
+            "scratch, use `method=supervised`.",
+        )
+        return settings
 
     def __post_init__(self) -> None:
         require_choice("method.finetune.policy", self.policy, POLICIES)

@@ -45,7 +45,7 @@ class SupervisedClassifier(MethodCore):
     ) -> None:
         metrics = SplitMetrics(num_classes=model.head.out_features)
         super().__init__(model, optimizer, scheduler, regularizers, metrics)
-        self.finetune = FinetuneSettings(**(finetune or {}))
+        self.finetune = FinetuneSettings.for_method(finetune)
         reinit_top_layers(model.features, self.finetune.reinit_top_layers)
 
     @property
