@@ -15,8 +15,11 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, open_dict
 
+from posttrain.run_names import register_resolvers
+
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
+register_resolvers()  # the run folder names in conf/hydra use `${run_id:}`
 
 
 def compose_config(

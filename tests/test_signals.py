@@ -90,3 +90,19 @@ def test_signal_stops_at_once_records_interrupted_and_resumes_exactly(
     final = json.loads((run_dir / "metrics.json").read_text())
     assert final == json.loads((tmp_path / "whole" / "metrics.json").read_text())
     assert final["status"] == "completed"
+
+
+@pytest.mark.slow
+def test_two_runs_started_together_get_two_folders(tmp_path: Path) -> None:
+    """Observed: two default runs in the same second shared one folder (and one metrics.json)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, str(ROOT / "train.py"), *TINY, f"paths.log_dir={tmp_path}"]
+    runs = [subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True) for _ in range(2)]  # fmt: skip
+    for run in runs:
+        assert run.wait(timeout=1800) == 0, run.communicate()[1][-3000:]
+    folders = sorted((tmp_path / "train" / "runs").iterdir())
+    assert len(folders) == 2, folders
+    for folder in folders:
+        assert json.loads((folder / "metrics.json").read_text())["status"] == "completed"
+        assert (folder / "checkpoints" / "last.ckpt").is_file()

@@ -11,7 +11,10 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from posttrain.run_names import register_resolvers
+
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+register_resolvers()  # before Hydra composes: the run folder's name uses `${run_id:}`
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
