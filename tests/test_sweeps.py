@@ -39,7 +39,7 @@ def test_report_tables_and_plot(tmp_path: Path) -> None:
     assert [r["reg.l2.weight"] for r in table] == ["1e-5", "1e-4", "1e-3", "1", "2"]
     assert table[0]["test/acc"] == "0.9000" and table[3]["error"] == "PosttrainError: diverged"
     report = (tmp_path / "report.md").read_text()
-    assert "5 jobs, 3 completed, 2 failed or missing" in report
+    assert "5 jobs: 3 completed, 1 failed, 1 missing" in report
     assert (tmp_path / "report.png").stat().st_size > 1000
 
 

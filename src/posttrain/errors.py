@@ -14,6 +14,15 @@ from collections.abc import Iterable
 class PosttrainError(Exception):
     """A problem with the user's input, explained in one paragraph."""
 
+    status = "failed"  # what metrics.json records
+
+
+class RunDiverged(PosttrainError):
+    """Training blew up (NaN/inf, or a loss far above where it started): the settings, not
+    the code, are at fault, and the run's numbers must not read as a result."""
+
+    status = "diverged"
+
 
 def require(condition: bool, message: str) -> None:
     """Raise `PosttrainError(message)` unless `condition` holds."""

@@ -21,6 +21,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     from omegaconf import OmegaConf
 
     from posttrain.checkpoints import load_checkpoint, stored_config
+    from posttrain.checks import check_run_config
     from posttrain.runs import (
         build_components,
         build_trainer,
@@ -29,6 +30,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         resolved_config,
     )
 
+    check_run_config(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     checkpoint = load_checkpoint(cfg.ckpt_path, key="ckpt_path")
     trained = OmegaConf.create(stored_config(checkpoint, cfg.ckpt_path, key="ckpt_path"))
@@ -50,11 +52,20 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
-def main(cfg: DictConfig) -> float | None:
-    """`python eval.py ckpt_path=...`"""
+def hydra_main(cfg: DictConfig) -> float | None:
     from posttrain.runs import guarded
 
     return guarded(evaluate, cfg)
+
+
+def main() -> float | None:
+    """`python eval.py ckpt_path=...`"""
+    import sys
+
+    from posttrain.run_names import refuse_unwritable_output
+
+    refuse_unwritable_output(sys.argv[1:])
+    return hydra_main()
 
 
 if __name__ == "__main__":

@@ -92,6 +92,15 @@ def format_cell(value: float | None) -> str:
     return "" if value is None else f"{value:.4f}"
 
 
+def status_counts(rows: list[JobRow]) -> str:
+    """`3 completed, 1 diverged`: every status by name, so no bad job hides in a total."""
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row.status] = counts.get(row.status, 0) + 1
+    order = sorted(counts, key=lambda status: (status != "completed", status))
+    return ", ".join(f"{counts[status]} {status}" for status in order)
+
+
 def write_tables(rows: list[JobRow], keys: list[str], sweep_dir: Path) -> None:
     header = ["job", *keys, "status", *COLUMNS, "overrides", "error"]
     records = [
@@ -109,11 +118,10 @@ def write_tables(rows: list[JobRow], keys: list[str], sweep_dir: Path) -> None:
         writer = csv.writer(handle)
         writer.writerow(header)
         writer.writerows(records)
-    done = sum(row.status == "completed" for row in rows)
     lines = [
         f"# Sweep report: {sweep_dir}",
         "",
-        f"{len(rows)} jobs, {done} completed, {len(rows) - done} failed or missing.",
+        f"{len(rows)} jobs: {status_counts(rows)}.",
         "",
         "| " + " | ".join(header[:-2]) + " |",
         "|" + "---|" * (len(header) - 2),
@@ -194,8 +202,9 @@ class SweepReportCallback(Callback):
         except Exception as error:  # a report problem must not hide the sweep's results
             log.warning("sweep report for %s failed: %s", sweep_dir, error)
             return
-        failed = sum(row.status != "completed" for row in rows)
-        log.info("sweep report: %s/report.md (%d jobs, %d failed)", sweep_dir, len(rows), failed)
+        log.info(
+            "sweep report: %s/report.md (%d jobs: %s)", sweep_dir, len(rows), status_counts(rows)
+        )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import secrets
+from pathlib import Path
 
 from omegaconf import OmegaConf
 
@@ -22,3 +23,46 @@ def register_resolvers() -> None:
     """`${run_id:}` in `conf/hydra/default.yaml`; safe to call more than once."""
     if not OmegaConf.has_resolver("run_id"):
         OmegaConf.register_new_resolver("run_id", lambda: RUN_ID)
+
+
+FOLDER_KEYS = ("hydra.run.dir", "hydra.sweep.dir", "paths.log_dir", "paths.root_dir")
+
+
+def unwritable_folder(path: Path) -> Path | None:
+    """The first existing ancestor of `path` if it cannot hold a new folder, else None."""
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            usable = candidate.is_dir() and os.access(candidate, os.W_OK | os.X_OK)
+            return None if usable else candidate
+    return None
+
+
+def check_output_folders(argv: list[str]) -> str | None:
+    """A paragraph if a run folder given on the command line cannot be created.
+
+    Hydra creates the folder before any posttrain code runs, and reports a failure as a
+    traceback with exit status 1; checked here, before Hydra, it is one paragraph.
+    """
+    given = dict(arg.split("=", 1) for arg in argv if arg.split("=", 1)[0] in FOLDER_KEYS)
+    folders = {key: value for key, value in given.items() if "${" not in value}
+    if not folders:
+        folders = {"the current folder (runs go to ./outputs)": "."}
+    for key, value in folders.items():
+        blocked = unwritable_folder(Path(value).expanduser())
+        if blocked is not None:
+            what = "is not a folder" if not blocked.is_dir() else "is not writable"
+            return (
+                f"Config key `{key}`: the run folder {value} cannot be created, because "
+                f"{blocked} {what}. Choose a writable place, e.g. `{key}=/tmp/posttrain-run`."
+            )
+    return None
+
+
+def refuse_unwritable_output(argv: list[str]) -> None:
+    """Exit with status 2 and one paragraph if the run folder cannot be created."""
+    import sys
+
+    problem = check_output_folders(argv)
+    if problem is not None:
+        print(f"\nposttrain: error: {problem}\n", file=sys.stderr)
+        raise SystemExit(2)

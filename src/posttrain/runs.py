@@ -91,7 +91,8 @@ def guarded(task: Callable[[DictConfig], dict[str, float]], cfg: DictConfig) -> 
     except Exception as error:
         user_error = find_user_error(error)
         detail = str(user_error) if user_error else "".join(traceback.format_exception(error))
-        write_json(output_dir / "metrics.json", {"status": "failed", "error": detail})
+        status = user_error.status if user_error else "failed"
+        write_json(output_dir / "metrics.json", {"status": status, "error": detail})
         if is_multirun():
             log.error("job failed (the sweep continues): %s", detail)
             return float("nan")

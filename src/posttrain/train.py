@@ -6,12 +6,13 @@ in `conf/`. Heavy imports happen inside the task so `--help` and `--cfg job` sta
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from posttrain.run_names import register_resolvers
+from posttrain.run_names import refuse_unwritable_output, register_resolvers
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 register_resolvers()  # before Hydra composes: the run folder's name uses `${run_id:}`
@@ -27,6 +28,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         load_checkpoint,
         resume_path,
     )
+    from posttrain.checks import check_run_config
     from posttrain.ddp_jobs import remember_job_for_ddp_children
     from posttrain.interrupts import RunInterrupted, stop_on_signals
     from posttrain.runs import (
@@ -38,6 +40,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         resolved_config,
     )
 
+    check_run_config(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # the start statement says it
     ckpt_path = resume_path(cfg.get("ckpt_path"), cfg.paths.output_dir)
     resumed = load_checkpoint(ckpt_path, key="ckpt_path") if ckpt_path else None
@@ -78,6 +81,7 @@ def main() -> float | None:
     from posttrain.ddp_jobs import pin_ddp_child_to_its_job
 
     pin_ddp_child_to_its_job()
+    refuse_unwritable_output(sys.argv[1:])
     return hydra_main()
 
 

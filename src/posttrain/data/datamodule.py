@@ -224,6 +224,7 @@ class ImageClassificationDataModule(SourceDataModule):
         if self.samples_per_class is not None:
             train = train.subset(per_class_subset(train.labels, self.samples_per_class, generator))
         self.splits = {"train": train, "val": val, "test": test}
+        self.check_splits_not_empty()
         if self.tasks is not None:
             self.task_targets = {
                 split: derive_targets(
@@ -238,13 +239,21 @@ class ImageClassificationDataModule(SourceDataModule):
         self.class_names = class_names
         self._stats = channel_stats(train.images, self.image_size, generator)
 
+    def check_splits_not_empty(self) -> None:
+        """At set-up, before any training: an empty test split used to fail only after the
+        whole training had run."""
+        for split, data in self.splits.items():
+            key = {"train": "data.samples_per_class", "val": "data.val_fraction"}.get(
+                split, "data.test_fraction"
+            )
+            require(
+                len(data) > 0,
+                f"The {split} split is empty (`{key}` leaves it no images): raise "
+                "`data.val_fraction`/`data.test_fraction` above 0 (e.g. 0.1), or use more data.",
+            )
+
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         data = self.splits[split]
-        require(
-            len(data) > 0,
-            f"The {split} split is empty: raise `data.val_fraction`/`data.test_fraction` or "
-            "use more data.",
-        )
         return DataLoader(
             InMemoryDataset(data, self.task_targets.get(split)),
             batch_size=self.batch_size if split == "train" else self.eval_batch_size,

@@ -152,8 +152,8 @@ class MethodCore(L.LightningModule):
         }
 
     def on_train_epoch_end(self) -> None:
-        self.divergence.check(self.current_epoch)
         values = self.epoch_values("train")
+        self.divergence.check(self.current_epoch, values.get("train/loss"))
         if self.gap_is_like_for_like():
             values.update(self.tracker.gap(values["train/acc"]))
         self.log_dict(values)
@@ -167,6 +167,19 @@ class MethodCore(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self.log_dict(self.epoch_values("test"))
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["posttrain_divergence"] = self.divergence.state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Resume keeps the divergence reference; checkpoints from before `val/acc_best` was
+        stored get the current (empty) tracker state instead of failing to load."""
+        if "posttrain_divergence" in checkpoint:
+            self.divergence.load_state(checkpoint["posttrain_divergence"])
+        stored = checkpoint.get("state_dict", {})
+        for name, value in self.state_dict().items():
+            if name.startswith("tracker.") and name not in stored:
+                stored[name] = value
 
     def configure_callbacks(self) -> list[Any]:
         return [*self.method_callbacks(), *self.regularizers.callbacks()]

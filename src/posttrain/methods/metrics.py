@@ -171,29 +171,58 @@ def log_step_loss(module: Any, loss: Tensor) -> None:
 
 
 class DivergenceGuard:
-    """Stops a run whose training loss became NaN/inf, keeping earlier checkpoints.
+    """Stops a run whose training loss became NaN/inf, or grew far above where it started
+    (`GROWTH` x the first step's loss, at least `GROWTH` above it: a finite blow-up, e.g.
+    `optimizer.lr=1e6`, that would otherwise end "completed" with a loss of 1e13).
 
     Steps only accumulate a flag on the loss's device; reading it (a device sync) happens
     once per epoch, so GPU steps are never stalled by the check.
     """
 
+    GROWTH = 10.0
+
     def __init__(self) -> None:
         self.nonfinite: Tensor | None = None
+        self.start: Tensor | None = None  # the first step's loss: the reference
 
     def observe(self, loss: Tensor) -> None:
         bad = ~torch.isfinite(loss.detach())
         self.nonfinite = bad if self.nonfinite is None else self.nonfinite | bad
+        if self.start is None:
+            self.start = loss.detach().clone()
 
-    def check(self, epoch: int) -> None:
-        from posttrain.errors import PosttrainError
+    def limit(self) -> float | None:
+        """The epoch loss above which the run counts as diverged."""
+        if self.start is None or not bool(torch.isfinite(self.start)):
+            return None
+        start = float(self.start)
+        return start + self.GROWTH * max(abs(start), 1.0)
+
+    def check(self, epoch: int, epoch_loss: Tensor | None = None) -> None:
+        from posttrain.errors import RunDiverged
 
         nonfinite, self.nonfinite = self.nonfinite, None
+        advice = (
+            "Lower `optimizer.lr` or the regularization strengths (`reg.*`); checkpoints of "
+            "earlier epochs are kept in the run folder."
+        )
         if nonfinite is not None and bool(nonfinite):
-            raise PosttrainError(
-                f"Training diverged: the loss became NaN/inf in epoch {epoch}. Lower "
-                "`optimizer.lr` or the regularization strengths (`reg.*`); checkpoints of "
-                "earlier epochs are kept in the run folder."
+            raise RunDiverged(
+                f"Training diverged: the loss became NaN/inf in epoch {epoch}. {advice}"
             )
+        limit = self.limit()
+        if epoch_loss is not None and limit is not None and float(epoch_loss) > limit:
+            raise RunDiverged(
+                f"Training diverged: the mean training loss of epoch {epoch} is "
+                f"{float(epoch_loss):.4g}, more than {self.GROWTH:g}x above the first step's "
+                f"{float(self.start):.4g}. {advice}"
+            )
+
+    def state(self) -> dict[str, Any]:
+        return {"start": None if self.start is None else float(self.start)}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.start = None if state["start"] is None else torch.tensor(state["start"])
 
 
 class EpochMeans(nn.Module):

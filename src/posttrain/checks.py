@@ -1,0 +1,91 @@
+"""Config values checked before any work, each refusal one paragraph naming the key.
+
+Hydra passes `trainer.*` and `seed` through untyped, so `trainer.max_epochs=abc` reached
+Lightning and failed deep inside it (or mid-run); precision 64 failed at the first batch
+(float data into a double model). These checks run first, in every entry point.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from posttrain.errors import require
+
+# Precisions posttrain runs (Lightning's names); the data pipeline makes float32 batches,
+# which the mixed and float32 modes take as they are.
+PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16", "16-mixed", "16")
+CPU_PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16")
+WHOLE_NUMBERS = {
+    "trainer.max_epochs": -1,  # minimum accepted value (-1: unlimited, Lightning's convention)
+    "trainer.max_steps": -1,
+    "trainer.log_every_n_steps": 1,
+    "trainer.num_sanity_val_steps": -1,
+    "trainer.accumulate_grad_batches": 1,
+    "trainer.num_nodes": 1,
+}
+
+
+def is_whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_whole_numbers(values: dict[str, Any]) -> None:
+    for key, minimum in WHOLE_NUMBERS.items():
+        value = values.get(key)
+        if value is None:
+            continue
+        require(
+            is_whole(value) and value >= minimum,
+            f"Config key `{key}` must be a whole number >= {minimum}, got {value!r}.",
+        )
+
+
+def check_batch_limits(trainer: dict[str, Any]) -> None:
+    for split in ("train", "val", "test"):
+        key, value = f"limit_{split}_batches", trainer.get(f"limit_{split}_batches")
+        require(
+            value is None
+            or (is_whole(value) and value >= 0)
+            or (isinstance(value, float) and 0.0 <= value <= 1.0),
+            f"Config key `trainer.{key}` must be a number of batches (0, 1, 2, ...) or a "
+            f"fraction in [0.0, 1.0], got {value!r}.",
+        )
+
+
+def uses_cpu(trainer: dict[str, Any]) -> bool:
+    accelerator = str(trainer.get("accelerator", "auto"))
+    if accelerator == "cpu":
+        return True
+    if accelerator != "auto":
+        return False
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+def check_precision(trainer: dict[str, Any]) -> None:
+    precision = str(trainer.get("precision", "32-true"))
+    require(
+        precision in PRECISIONS,
+        f"Config key `trainer.precision` is {precision!r}; posttrain runs "
+        f"{', '.join(PRECISIONS)} (float32 batches; 64-bit and other modes are not supported).",
+    )
+    require(
+        precision in CPU_PRECISIONS or not uses_cpu(trainer),
+        f"Config key `trainer.precision={precision}` needs a GPU, and this run is on the CPU "
+        f"(`trainer.accelerator={trainer.get('accelerator', 'auto')}`, no CUDA device "
+        f"found). On the CPU use one of {', '.join(CPU_PRECISIONS)}.",
+    )
+
+
+def check_run_config(cfg: Any) -> None:
+    """`seed` and the `trainer.*` keys Lightning would take without checking."""
+    from omegaconf import OmegaConf
+
+    seed = cfg.get("seed")
+    require(is_whole(seed), f"Config key `seed` must be a whole number, got {seed!r}.")
+    trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
+    assert isinstance(trainer, dict)
+    check_whole_numbers({f"trainer.{key}": value for key, value in trainer.items()})
+    check_batch_limits(trainer)
+    check_precision(trainer)

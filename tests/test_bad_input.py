@@ -1,0 +1,78 @@
+"""Every bad value is one paragraph naming the key, exit status 2, no traceback, and
+checked before any training; a run that blows up is recorded `diverged`, never `completed`.
+Each case below was observed as a traceback, a late failure or a false "completed"."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from posttrain.errors import PosttrainError
+from posttrain.runs import find_user_error
+from posttrain.train import train
+from tests.conftest import compose_config, run_cli
+
+QUICK = ["trainer.max_epochs=1", "logger=none", "model.width=4"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("trainer.max_epochs=abc", "trainer.max_epochs"),
+        ("seed=notanumber", "`seed`"),
+        ("trainer.precision=64", "trainer.precision"),
+        ("trainer.precision=16-mixed", "needs a GPU"),
+        ("trainer.limit_train_batches=1.5", "trainer.limit_train_batches"),
+        ("data.test_fraction=0", "data.test_fraction"),
+    ],
+)
+def test_bad_value_is_one_paragraph_before_training(
+    tmp_path: Path, override: str, named: str
+) -> None:
+    result = run_cli("train.py", *QUICK, override, f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert named in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "checkpoints").exists()  # refused before any training
+    assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "failed"
+
+
+@pytest.mark.slow
+def test_unwritable_run_folder_is_one_paragraph(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    result = run_cli("train.py", *QUICK, f"hydra.run.dir={blocker / 'run'}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "hydra.run.dir" in result.stderr and "is not a folder" in result.stderr
+
+
+def test_resuming_with_another_architecture_is_one_paragraph(tmp_path: Path) -> None:
+    train(compose_config(tmp_path / "run", [*QUICK, "debug=limit"]))
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    cfg = compose_config(tmp_path / "other", [*QUICK, "model.width=8", f"ckpt_path={last}"])
+    with pytest.raises(Exception) as refused:
+        train(cfg)
+    error = find_user_error(refused.value)
+    assert isinstance(error, PosttrainError), refused.value
+    assert "ckpt_path" in str(error) and "[4, 1, 3, 3] there, [8, 1, 3, 3] here" in str(error)
+
+
+@pytest.mark.slow
+def test_a_finite_blow_up_is_recorded_diverged(tmp_path: Path) -> None:
+    """Observed: lr=1e6 ended "completed" with test/loss 3.65e13 and chance accuracy."""
+    result = run_cli("train.py", *QUICK, "optimizer.lr=1e6", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 2 and "Training diverged" in result.stderr
+    record = json.loads((tmp_path / "metrics.json").read_text())
+    assert record["status"] == "diverged" and "first step" in record["error"]
+
+
+@pytest.mark.slow
+def test_sweep_report_counts_the_diverged_job(tmp_path: Path) -> None:
+    result = run_cli(
+        "train.py", "-m", *QUICK, "debug=limit", "optimizer.lr=1e-3,1e6",
+        f"hydra.sweep.dir={tmp_path}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 jobs: 1 completed, 1 diverged" in (tmp_path / "report.md").read_text()
