@@ -38,6 +38,17 @@ class StallAtEpoch(Callback):
             time.sleep(self.seconds)
 
 
+class KillDuringSave(Callback):
+    """SIGKILLs its own process while the checkpoint of epoch `epoch` is being saved."""
+
+    def __init__(self, epoch: int = 1) -> None:
+        self.epoch = epoch
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        if trainer.current_epoch == self.epoch:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
 def start(run_dir: Path, *overrides: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, str(ROOT / "train.py"), *TINY, *overrides]
@@ -106,3 +117,35 @@ def test_two_runs_started_together_get_two_folders(tmp_path: Path) -> None:
     for folder in folders:
         assert json.loads((folder / "metrics.json").read_text())["status"] == "completed"
         assert (folder / "checkpoints" / "last.ckpt").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("moment", ["mid_epoch", "during_save"])
+def test_kill_9_then_resume_matches_the_uninterrupted_run(tmp_path: Path, moment: str) -> None:
+    marker = tmp_path / "stalled"
+    if moment == "mid_epoch":
+        crash = [
+            "+callbacks.stall._target_=tests.test_signals.StallAtEpoch",
+            f"+callbacks.stall.marker={marker}",
+        ]
+    else:
+        crash = ["+callbacks.crash._target_=tests.test_signals.KillDuringSave"]
+    run_dir = tmp_path / "run"
+    process = start(run_dir, *crash)
+    if moment == "mid_epoch":
+        wait_for(marker, process)
+        process.send_signal(signal.SIGKILL)
+    process.communicate(timeout=1800)
+    assert process.returncode == -signal.SIGKILL
+    checkpoints = run_dir / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["best.ckpt", "last.ckpt"]
+    from posttrain.checkpoints import load_checkpoint
+
+    assert load_checkpoint(checkpoints / "last.ckpt", key="ckpt_path")["epoch"] == 0
+
+    resumed = start(run_dir, "ckpt_path=last")
+    assert resumed.wait(timeout=1800) == 0, resumed.communicate()[1][-3000:]
+    whole = start(tmp_path / "whole")
+    assert whole.wait(timeout=1800) == 0, whole.communicate()[1][-3000:]
+    final = json.loads((run_dir / "metrics.json").read_text())
+    assert final == json.loads((tmp_path / "whole" / "metrics.json").read_text())
