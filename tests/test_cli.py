@@ -164,7 +164,7 @@ def test_unreadable_checkpoint_names_the_key(tmp_path: Path) -> None:
     garbage = tmp_path / "garbage.ckpt"
     garbage.write_bytes(b"this is not a checkpoint")
     result = run_cli("eval.py", f"ckpt_path={garbage}", f"hydra.run.dir={tmp_path / 'e'}")
-    assert_clear_error(result, "`ckpt_path`", "garbage.ckpt", "not a readable")
+    assert_clear_error(result, "`ckpt_path`", "garbage.ckpt", "not a PyTorch checkpoint at all")
     result = run_cli(
         "train.py", f"ckpt_path={tmp_path / 'missing.ckpt'}", f"hydra.run.dir={tmp_path / 't'}"
     )

@@ -49,6 +49,21 @@ class KillDuringSave(Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+class TerminateThirdJob(Callback):
+    """In a sweep, SIGTERMs the process in epoch 1 of the third job it sees, once."""
+
+    def __init__(self) -> None:
+        self.counter = Path(os.environ["TEST_JOB_COUNTER"])  # a path would nest job folders
+        self.jobs_seen = int(self.counter.read_text()) + 1 if self.counter.exists() else 1
+        self.counter.write_text(str(self.jobs_seen))
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        done = self.counter.with_suffix(".done")
+        if self.jobs_seen == 3 and trainer.current_epoch == 1 and not done.exists():
+            done.write_text("sent")
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
 def start(run_dir: Path, *overrides: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, str(ROOT / "train.py"), *TINY, *overrides]
@@ -149,3 +164,27 @@ def test_kill_9_then_resume_matches_the_uninterrupted_run(tmp_path: Path, moment
     assert whole.wait(timeout=1800) == 0, whole.communicate()[1][-3000:]
     final = json.loads((run_dir / "metrics.json").read_text())
     assert final == json.loads((tmp_path / "whole" / "metrics.json").read_text())
+
+
+@pytest.mark.slow
+def test_a_killed_sweep_is_reported_and_finished_by_running_it_again(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    command = [
+        sys.executable, str(ROOT / "train.py"), "-m", *TINY, "seed=0,1,2,3",
+        "+callbacks.stop._target_=tests.test_signals.TerminateThirdJob",
+        f"hydra.sweep.dir={sweep}",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TEST_JOB_COUNTER": str(tmp_path / "jobs")}
+    first = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    assert first.returncode == 143, first.stderr[-3000:]
+    report = (sweep / "report.md").read_text()
+    assert "4 jobs: 2 completed, 1 interrupted, 1 missing" in report, report
+    kept = {job: (job / "metrics.json").read_text() for job in sorted(sweep.glob("[01]_*"))}
+
+    again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "4 jobs: 4 completed" in (sweep / "report.md").read_text()
+    jobs = sorted(p.name.split("_", 1)[0] for p in sweep.iterdir() if p.is_dir())
+    assert jobs == ["0", "1", "2", "3"]  # original numbers, no new folders
+    assert {job: (job / "metrics.json").read_text() for job in kept} == kept  # not redone
+    assert "resuming it from" in again.stdout  # the interrupted job continued from last.ckpt

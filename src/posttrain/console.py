@@ -68,6 +68,9 @@ def quiet_console() -> None:
         rank_zero.addFilter(DropNoise())
     # Lightning 2.6 calls a torch API torch deprecated; nothing a user can act on.
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    # Run folders are unique per run, so a non-empty checkpoint folder is a resume in place
+    # (`ckpt_path=last`) or a re-run sweep job: expected, and said in its own log line.
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
 
 def duration(seconds: float) -> str:

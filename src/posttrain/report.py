@@ -40,9 +40,7 @@ class JobRow:
 def read_overrides(job_dir: Path) -> dict[str, str]:
     import yaml
 
-    lines = yaml.safe_load((job_dir / ".hydra" / "overrides.yaml").read_text()) or []
-    pairs = (line.split("=", 1) for line in lines if "=" in line)
-    return {key.lstrip("+~"): value for key, value in pairs if not key.startswith("hydra.")}
+    return normalized(yaml.safe_load((job_dir / ".hydra" / "overrides.yaml").read_text()) or [])
 
 
 def read_job(job_dir: Path, sweep_dir: Path) -> JobRow:
@@ -60,9 +58,42 @@ def read_job(job_dir: Path, sweep_dir: Path) -> JobRow:
     )
 
 
+def normalized(overrides: list[str]) -> dict[str, str]:
+    pairs = (line.split("=", 1) for line in overrides if "=" in line)
+    return {key.lstrip("+~"): value for key, value in pairs if not key.startswith("hydra.")}
+
+
+def expected_jobs(sweep_dir: Path) -> list[list[str]] | None:
+    """Every job a basic-sweeper sweep asked for, in Hydra's order (its job numbers), from
+    `multirun.yaml`; None for other sweepers (Optuna decides its trials as it goes)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    file = sweep_dir / "multirun.yaml"
+    if not file.is_file():
+        return None
+    config = OmegaConf.load(file)
+    if not str(config.hydra.sweeper.get("_target_", "")).endswith("BasicSweeper"):
+        return None
+    parsed = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+
+
+def never_started(sweep_dir: Path, rows: list[JobRow]) -> list[JobRow]:
+    """Rows for the jobs of the sweep that left no folder (a killed sweep's remainder)."""
+    seen = [row.overrides for row in rows]
+    return [
+        JobRow(f"{number}_(not started)", normalized(job), "missing", error="never started")
+        for number, job in enumerate(expected_jobs(sweep_dir) or [])
+        if normalized(job) not in seen
+    ]
+
+
 def collect(sweep_dir: Path) -> list[JobRow]:
     jobs = sorted({p.parent.parent for p in sweep_dir.glob("**/.hydra/overrides.yaml")})
     rows = [read_job(job, sweep_dir) for job in jobs]
+    rows += never_started(sweep_dir, rows)
     return sorted(rows, key=lambda row: job_number(row.folder))
 
 

@@ -51,6 +51,49 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
     write_atomically((json.dumps(payload, indent=2, sort_keys=True) + "\n").encode(), path)
 
 
+def previous_record(cfg: DictConfig) -> dict[str, Any]:
+    """What an earlier run of this sweep job recorded (a sweep re-run with the same command
+    and `hydra.sweep.dir` finds its jobs in the same folders); empty outside sweeps."""
+    record = Path(cfg.paths.output_dir) / "metrics.json"
+    if not is_multirun() or not record.is_file():
+        return {}
+    try:
+        return json.loads(record.read_text())
+    except json.JSONDecodeError:
+        return {}
+
+
+def completed_sweep_job(cfg: DictConfig) -> dict[str, float] | None:
+    """The recorded metrics of a sweep job that already completed: re-running a sweep
+    finishes it instead of redoing it."""
+    previous = previous_record(cfg)
+    if previous.get("status") != "completed":
+        return None
+    log.info("job already completed in %s: kept, not re-run", cfg.paths.output_dir)
+    return {k: float(v) for k, v in previous.items() if isinstance(v, int | float)}
+
+
+def interrupted_sweep_job(cfg: DictConfig) -> str | None:
+    """`last` for a sweep job that was interrupted: it continues from its last epoch."""
+    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    if previous_record(cfg).get("status") == "interrupted" and last.is_file():
+        log.info("job was interrupted: resuming it from %s", last)
+        return "last"
+    return None
+
+
+def write_sweep_report_now() -> None:
+    """A sweep stopped by a signal never reaches Hydra's end-of-sweep callback."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from posttrain.report import write_report
+
+    try:
+        write_report(HydraConfig.get().sweep.dir)
+    except Exception as error:  # the interruption record matters more than the report
+        log.warning("sweep report not written: %s", error)
+
+
 def record_interruption(output_dir: Path, stop: Any) -> None:
     """metrics.json says `interrupted` (never `completed`), and how to continue."""
     resume = f"python train.py <same overrides> ckpt_path=last hydra.run.dir={output_dir}"
@@ -87,6 +130,8 @@ def guarded(task: Callable[[DictConfig], dict[str, float]], cfg: DictConfig) -> 
         metrics = task(cfg)
     except RunInterrupted as stop:  # also in a sweep: the scheduler is stopping everything
         record_interruption(output_dir, stop)
+        if is_multirun():
+            write_sweep_report_now()
         raise SystemExit(stop.exit_status) from None
     except Exception as error:
         user_error = find_user_error(error)

@@ -35,14 +35,20 @@ def train(cfg: DictConfig) -> dict[str, float]:
         ConfigInCheckpoint,
         build_components,
         build_trainer,
+        completed_sweep_job,
         epoch_metrics,
+        interrupted_sweep_job,
         record_run,
         resolved_config,
     )
 
     check_run_config(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # the start statement says it
-    ckpt_path = resume_path(cfg.get("ckpt_path"), cfg.paths.output_dir)
+    done = completed_sweep_job(cfg)  # a re-run sweep keeps what already finished
+    if done is not None:
+        return done
+    ckpt_path = cfg.get("ckpt_path") or interrupted_sweep_job(cfg)
+    ckpt_path = resume_path(ckpt_path, cfg.paths.output_dir)
     resumed = load_checkpoint(ckpt_path, key="ckpt_path") if ckpt_path else None
     config = resolved_config(cfg)
     remember_job_for_ddp_children(cfg.paths.output_dir)
