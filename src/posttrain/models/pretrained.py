@@ -4,10 +4,17 @@
 - a torchvision weights name: `imagenet` (the architecture's DEFAULT weights) or an explicit
   enum member such as `IMAGENET1K_V2`; downloaded once into `$TORCH_HOME/hub/checkpoints`;
 - the checkpoint of an earlier posttrain run (`.../checkpoints/best.ckpt`);
-- a plain state-dict file (torchvision layout or posttrain's `features.* / head.*`).
+- a weights file as people have them: a plain state dict, or a checkpoint dict holding one
+  (`state_dict`, `model`, `net`, ... containers; Lightning checkpoints), with keys in
+  torchvision's layout (`conv1.*`, `fc.*`) or posttrain's (`features.*`, `head.*`), behind any
+  wrapper prefix (`module.` from DDP, `model.`, `net.backbone.`, `_orig_mod.` ...).
 
-The head is never taken from the source when its shape differs: it stays freshly
-initialized and sized to the new task. Every other key that does not fit is reported.
+Which wrapper a file carries is not guessed from its origin: every way of stripping a
+leading prefix (and of adding `features.`) is tried, and the one under which the most
+tensors match the model by name and shape wins. The log says which mapping that was and
+how many of the file's tensors it matched, and lists what was dropped. The head is never
+taken from the source when its shape differs: it stays freshly initialized and sized to the
+new task.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -24,14 +32,29 @@ from posttrain.errors import PosttrainError, require
 log = logging.getLogger("posttrain")
 
 TORCHVISION_ALIASES = {"imagenet": "DEFAULT"}
+# Where training scripts put the weights inside a checkpoint dict, most common first.
+CONTAINER_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "module", "weights")
+# Prefixes wrappers add to every key; preferred over other prefixes when matches tie.
+WRAPPER_PREFIXES = ("module.", "model.", "_orig_mod.", "net.", "network.", "backbone.", "encoder.")
+# The classifier layer of torchvision models, which posttrain calls `head`.
+SOURCE_HEADS = ("fc.", "head.")
+PREFIX_DEPTH = 3  # leading key components a wrapper may add (`module.model.features.`)
+
+
+def shorten(keys: list[str], limit: int = 8) -> str:
+    """At most `limit` names, then the count, so a long list stays one readable line."""
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
 
 
 @dataclass
 class LoadReport:
-    """What happened to each key, so nothing is dropped silently."""
+    """What happened to each tensor of the source, so nothing is dropped silently."""
 
     source: str
+    total: int = 0
     loaded: int = 0
+    mapping: str = ""
     head_replaced: str = ""
     adapted: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
@@ -39,20 +62,20 @@ class LoadReport:
     mismatched: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
-        lines = [f"pretrained weights from {self.source}: {self.loaded} tensors loaded"]
+        lines = [
+            f"pretrained weights from {self.source}: matched {self.loaded} of {self.total} "
+            f"tensors{f' ({self.mapping})' if self.mapping else ''}"
+        ]
         if self.head_replaced:
             lines.append(f"  head replaced: {self.head_replaced}")
         lines += [f"  adapted: {item}" for item in self.adapted]
         for label, keys in (
             ("missing from the source (kept at initialization)", self.missing),
-            ("in the source but not in the model (ignored)", self.unexpected),
-            ("shape mismatch (kept at initialization)", self.mismatched),
+            ("dropped: in the source but not in the model", self.unexpected),
+            ("dropped: shape mismatch (kept at initialization)", self.mismatched),
         ):
             if keys:
-                shown = ", ".join(keys[:8]) + (
-                    f", ... ({len(keys)} in all)" if len(keys) > 8 else ""
-                )
-                lines.append(f"  {label}: {shown}")
+                lines.append(f"  {label}: {shorten(keys)}")
         return lines
 
 
@@ -85,40 +108,117 @@ def torchvision_state_dict(arch: str, name: str) -> dict[str, Tensor]:
         ) from error
 
 
+def tensors_of(mapping: dict[str, Any]) -> dict[str, Tensor]:
+    return {str(k): v for k, v in mapping.items() if isinstance(v, Tensor)}
+
+
+def file_kind(loaded: dict[str, Any], container: list[str]) -> str:
+    """What the file is, named for the messages: the reader's first question on a refusal."""
+    from posttrain.checkpoints import CONFIG_KEY
+
+    if CONFIG_KEY in loaded:
+        return "posttrain checkpoint"
+    if "pytorch-lightning_version" in loaded:
+        return "Lightning checkpoint"
+    if container:
+        return f"checkpoint dict (weights under `{'/'.join(container)}`)"
+    return "state dict"
+
+
+def unwrap(loaded: dict[str, Any]) -> tuple[dict[str, Tensor], list[str]]:
+    """The tensors of a state dict, looking inside the usual containers (nested up to 3)."""
+    path: list[str] = []
+    current = loaded
+    for _ in range(3):
+        own = tensors_of(current)
+        if len(own) * 2 > len(current):  # mostly tensors: this is the state dict
+            return own, path
+        inner = next(
+            (k for k in CONTAINER_KEYS if isinstance(current.get(k), dict) and current[k]), None
+        )
+        if inner is None:
+            return own, path
+        path.append(inner)
+        current = current[inner]
+    return tensors_of(current), path
+
+
 def file_state_dict(path: Path) -> tuple[dict[str, Tensor], str]:
-    """State dict from a posttrain checkpoint or a plain state-dict file."""
-    from posttrain.checkpoints import CONFIG_KEY, load_checkpoint
+    """State dict and a description (kind and path) of any checkpoint or state-dict file."""
+    from posttrain.checkpoints import load_checkpoint
 
     loaded = load_checkpoint(path, key="model.pretrained")
-    if "state_dict" in loaded and isinstance(loaded["state_dict"], dict):
-        prefix = "model."
-        state = {
-            k.removeprefix(prefix): v
-            for k, v in loaded["state_dict"].items()
-            if k.startswith(prefix) and isinstance(v, Tensor)
-        }
-        kind = "posttrain checkpoint" if CONFIG_KEY in loaded else "Lightning checkpoint"
-        return state, f"{kind} {path}"
-    state = {k: v for k, v in loaded.items() if isinstance(v, Tensor)}
+    state, container = unwrap(loaded)
+    kind = file_kind(loaded, container)
     require(
         bool(state),
-        f"`model.pretrained={path}` holds no tensors: expected a state dict or checkpoint.",
+        f"`model.pretrained={path}` holds no tensors ({kind} with keys "
+        f"{shorten(sorted(map(str, loaded)))}): expected a state dict, or a checkpoint dict "
+        f"holding one under {', '.join(f'`{k}`' for k in CONTAINER_KEYS)}.",
     )
-    return state, f"state dict {path}"
+    return state, f"{kind} {path}"
 
 
-def to_model_layout(state: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
-    """Map a torchvision-layout state dict (`conv1.*`, `fc.*`) onto `features.*`/`head.*`."""
-    own = model.state_dict()
-    if any(key in own for key in state):
-        return state
-    mapped = {}
+@dataclass(frozen=True)
+class KeyMapping:
+    """Source key -> model key: strip `strip`, then add `add` (`fc.*` becomes `head.*`)."""
+
+    strip: str
+    add: str
+
+    def apply(self, key: str) -> str | None:
+        if not key.startswith(self.strip):
+            return None
+        rest = key[len(self.strip) :]
+        if self.add and rest.startswith(SOURCE_HEADS):
+            return "head." + rest.split(".", 1)[1]
+        return self.add + rest
+
+    def describe(self) -> str:
+        parts = [f"`{self.strip}` stripped"] if self.strip else []
+        parts += [f"`{self.add}` added, `fc.` read as `head.`"] if self.add else []
+        return "keys as stored" if not parts else "keys: " + ", ".join(parts)
+
+
+def fits(value: Tensor, target: Tensor) -> bool:
+    """Same shape, or an RGB first conv that `adapt_input_conv` turns into `target`'s."""
+    if value.shape == target.shape:
+        return True
+    return (
+        value.ndim == 4
+        and target.ndim == 4
+        and target.shape[0] == value.shape[0]
+        and value.shape[1] == 3
+        and target.shape[2:] == value.shape[2:]
+    )
+
+
+def candidate_mappings(keys: list[str]) -> list[KeyMapping]:
+    """Every leading prefix of up to PREFIX_DEPTH components, with and without `features.`."""
+    prefixes = {""}
+    for key in keys:
+        parts = key.split(".")[:-1]
+        prefixes.update(
+            ".".join(parts[:n]) + "." for n in range(1, min(PREFIX_DEPTH, len(parts)) + 1)
+        )
+    return [KeyMapping(p, add) for p in sorted(prefixes) for add in ("", "features.")]
+
+
+def mapping_rank(mapping: KeyMapping, state: dict[str, Tensor], own: dict[str, Tensor]) -> tuple:
+    """Backbone tensors matched by name and shape first; wrapper prefixes, then short ones,
+    break ties (so `model.` wins over an EMA copy stored under another prefix)."""
+    matched = 0
     for key, value in state.items():
-        if key.startswith("fc."):
-            mapped["head." + key.removeprefix("fc.")] = value
-        else:
-            mapped["features." + key] = value
-    return mapped
+        target = mapping.apply(key)
+        if target in own and not target.startswith("head.") and fits(value, own[target]):
+            matched += 1
+    known = all(part + "." in WRAPPER_PREFIXES for part in mapping.strip.split(".")[:-1])
+    return matched, known, -len(mapping.strip), mapping.add == ""
+
+
+def best_mapping(state: dict[str, Tensor], own: dict[str, Tensor]) -> tuple[KeyMapping, int]:
+    ranked = max(candidate_mappings(list(state)), key=lambda m: mapping_rank(m, state, own))
+    return ranked, mapping_rank(ranked, state, own)[0]
 
 
 def adapt_input_conv(weight: Tensor, in_channels: int) -> Tensor:
@@ -131,6 +231,30 @@ def adapt_input_conv(weight: Tensor, in_channels: int) -> Tensor:
     return tiled * (weight.shape[1] / in_channels)
 
 
+def refuse_other_architecture(
+    state: dict[str, Tensor], own: dict[str, Tensor], source: str, arch: str
+) -> None:
+    """Nothing matched under any prefix: show both key sets so the reader sees why."""
+    theirs = [f"{k} {tuple(v.shape)}" for k, v in list(state.items())[:4]]
+    ours = [f"{k} {tuple(v.shape)}" for k, v in list(own.items())[:4]]
+    raise PosttrainError(
+        f"`model.pretrained` ({source}): none of its {len(state)} tensors matches a backbone "
+        f"tensor of `model.arch={arch}` by name and shape, under any wrapper prefix (its keys "
+        f"begin {', '.join(theirs)}; the model's {', '.join(ours)}): it was trained with "
+        "another architecture. Set `model.arch` to the architecture of the file, or use "
+        "weights of this model."
+    )
+
+
+def resolve_source(pretrained: str, arch: str) -> tuple[dict[str, Tensor], str]:
+    path = Path(str(pretrained)).expanduser()
+    if path.exists():
+        return file_state_dict(path)
+    if "/" in str(pretrained) or str(pretrained).endswith((".ckpt", ".pt", ".pth")):
+        raise PosttrainError(f"`model.pretrained`: file {path} does not exist.")
+    return torchvision_state_dict(arch, str(pretrained)), f"torchvision {arch} {pretrained}"
+
+
 def load_pretrained(
     model: nn.Module, pretrained: str, arch: str, keep_head: bool = False
 ) -> LoadReport:
@@ -139,48 +263,34 @@ def load_pretrained(
     The head is re-initialized for the new task unless `keep_head` and the shapes match
     (e.g. continuing on the same classes).
     """
-    path = Path(str(pretrained)).expanduser()
-    if path.exists():
-        state, source = file_state_dict(path)
-    elif "/" in str(pretrained) or str(pretrained).endswith((".ckpt", ".pt", ".pth")):
-        raise PosttrainError(f"`model.pretrained`: file {path} does not exist.")
-    else:
-        state, source = (
-            torchvision_state_dict(arch, str(pretrained)),
-            f"torchvision {arch} {pretrained}",
-        )
-    state = to_model_layout(state, model)
+    state, source = resolve_source(pretrained, arch)
     own = model.state_dict()
-    report = LoadReport(source=source)
+    mapping, matched = best_mapping(state, own)
+    if matched == 0:
+        refuse_other_architecture(state, own, source, arch)
+    report = LoadReport(source=source, total=len(state), mapping=mapping.describe())
     accepted: dict[str, Tensor] = {}
-    for key, value in state.items():
-        if key not in own:
-            report.unexpected.append(key)
+    for original, value in state.items():
+        key = mapping.apply(original)
+        if key is None or key not in own:
+            report.unexpected.append(original)
         elif key.startswith("head.") and not (keep_head and own[key].shape == value.shape):
+            report.unexpected.append(original)
             if key == "head.weight":
                 report.head_replaced = (
                     f"new {tuple(own[key].shape)} head for this task's classes (source head "
-                    f"{tuple(value.shape)} not used; model.pretrained_head=true keeps a "
-                    "same-shape head)"
+                    f"{original} {tuple(value.shape)} not used; model.pretrained_head=true "
+                    "keeps a same-shape head)"
                 )
         elif own[key].shape == value.shape:
             accepted[key] = value
-        elif (
-            value.ndim == 4
-            and own[key].shape[0] == value.shape[0]
-            and value.shape[1] == 3
-            and own[key].shape[2:] == value.shape[2:]
-        ):
+        elif fits(value, own[key]):
             accepted[key] = adapt_input_conv(value, own[key].shape[1])
             report.adapted.append(f"{key}: {value.shape[1]} -> {own[key].shape[1]} input channels")
         else:
-            report.mismatched.append(f"{key} {tuple(value.shape)} vs {tuple(own[key].shape)}")
-    backbone_keys = [k for k in accepted if not k.startswith("head.")]
-    require(
-        bool(backbone_keys),
-        f"`model.pretrained` ({source}) shares no backbone weights with `model.arch={arch}`: "
-        "it was trained with another architecture. Use a checkpoint of the same model.",
-    )
+            report.mismatched.append(
+                f"{original} {tuple(value.shape)} vs {key} {tuple(own[key].shape)}"
+            )
     report.missing = sorted(
         k
         for k in own

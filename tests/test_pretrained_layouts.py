@@ -1,0 +1,112 @@
+"""`model.pretrained` accepts weight files as people have them (issue 13, item 1).
+
+Each layout is written with `torch.save` the way DDP, Lightning, training scripts and
+torchvision write it; the backbone must load exactly, and the log must say what matched.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from posttrain.errors import PosttrainError
+from posttrain.models import build_classifier
+
+
+def resnet18_state() -> dict[str, torch.Tensor]:
+    from torchvision import models
+
+    torch.manual_seed(7)
+    return models.resnet18().state_dict()
+
+
+def prefixed(state: dict, prefix: str) -> dict:
+    return {prefix + key: value for key, value in state.items()}
+
+
+LAYOUTS = {
+    "torchvision": lambda s: s,
+    "ddp module.": lambda s: prefixed(s, "module."),
+    "model.": lambda s: prefixed(s, "model."),
+    "state_dict container": lambda s: {"state_dict": s, "epoch": 3},
+    "state_dict + module.": lambda s: {"state_dict": prefixed(s, "module."), "epoch": 3},
+    "model container": lambda s: {"model": s, "optimizer": {"lr": 0.1}},
+    "net container": lambda s: {"net": prefixed(s, "module."), "acc": 0.7},
+    "lightning": lambda s: {
+        "state_dict": prefixed(s, "net.backbone."),
+        "pytorch-lightning_version": "2.4.0",
+        "epoch": 1,
+        "global_step": 10,
+    },
+    "posttrain layout": lambda s: {
+        **{"features." + k: v for k, v in s.items() if not k.startswith("fc.")},
+        **{"head." + k.removeprefix("fc."): v for k, v in s.items() if k.startswith("fc.")},
+    },
+    "posttrain layout + module.model.": lambda s: prefixed(
+        {"features." + k: v for k, v in s.items() if not k.startswith("fc.")}, "module.model."
+    ),
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_every_usual_layout_loads_the_backbone(tmp_path: Path, caplog, layout: str) -> None:
+    state = resnet18_state()
+    torch.save(LAYOUTS[layout](state), tmp_path / "weights.pt")
+    with caplog.at_level(logging.INFO, logger="posttrain"):
+        model = build_classifier("resnet18", 4, 3, pretrained=str(tmp_path / "weights.pt"))
+    for name, value in model.features.state_dict().items():
+        assert torch.equal(value, state[name]), name
+    assert model.head.out_features == 4
+    backbone = sum(1 for k in state if not k.startswith("fc."))
+    assert f"matched {backbone} of " in caplog.text
+    assert "another architecture" not in caplog.text
+
+
+def test_the_file_kind_is_named_correctly(tmp_path: Path, caplog) -> None:
+    state = resnet18_state()
+    kinds = {
+        "plain.pt": (state, "state dict"),
+        "wrapped.pt": ({"state_dict": state}, "checkpoint dict (weights under `state_dict`)"),
+        "lightning.ckpt": (
+            {"state_dict": prefixed(state, "model."), "pytorch-lightning_version": "2.4.0"},
+            "Lightning checkpoint",
+        ),
+    }
+    for name, (payload, kind) in kinds.items():
+        torch.save(payload, tmp_path / name)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="posttrain"):
+            build_classifier("resnet18", 4, 3, pretrained=str(tmp_path / name))
+        assert f"{kind} {tmp_path / name}" in caplog.text, name
+    assert "Lightning" not in kinds["plain.pt"][1]
+
+
+def test_partial_match_reports_what_was_dropped(tmp_path: Path, caplog) -> None:
+    state = prefixed(resnet18_state(), "module.")
+    state["module.projector.weight"] = torch.zeros(128, 512)
+    state["module.layer4.1.conv2.weight"] = torch.zeros(3, 3, 3, 3)  # wrong shape
+    torch.save({"state_dict": state}, tmp_path / "partial.pt")
+    with caplog.at_level(logging.INFO, logger="posttrain"):
+        build_classifier("resnet18", 4, 3, pretrained=str(tmp_path / "partial.pt"))
+    total = len(state)
+    assert f"of {total} tensors" in caplog.text
+    assert "projector.weight" in caplog.text and "layer4.1.conv2.weight" in caplog.text
+    assert "fc.weight" in caplog.text  # the source's own head, not used
+
+
+def test_another_architecture_only_when_nothing_matches(tmp_path: Path) -> None:
+    torch.save({"state_dict": prefixed(resnet18_state(), "module.")}, tmp_path / "r.pt")
+    with pytest.raises(PosttrainError, match="another architecture") as raised:
+        build_classifier("small_cnn", 10, 3, pretrained=str(tmp_path / "r.pt"))
+    message = str(raised.value)
+    assert "checkpoint dict" in message and "Lightning" not in message
+    assert "conv1.weight" in message  # shows what the file holds
+
+
+def test_a_dict_without_tensors_is_one_paragraph(tmp_path: Path) -> None:
+    torch.save({"epoch": 3, "config": {"lr": 0.1}}, tmp_path / "empty.pt")
+    with pytest.raises(PosttrainError, match="holds no tensors"):
+        build_classifier("small_cnn", 10, 3, pretrained=str(tmp_path / "empty.pt"))
