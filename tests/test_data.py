@@ -65,7 +65,8 @@ def test_fake_source_any_size_and_classes() -> None:
 
 @pytest.mark.parametrize("classes", [10, 100])
 def test_cifar_loader_reads_the_real_format(tmp_path: Path, classes: int) -> None:
-    write_cifar(tmp_path, classes=classes)
+    per_batch = 2 * classes  # CIFAR-100 writes 5 batches' worth into one file: 10 per class
+    write_cifar(tmp_path, classes=classes, train_per_batch=per_batch)
     datamodule = setup_module_for(
         dataset="cifar",
         root=str(tmp_path),
@@ -75,7 +76,7 @@ def test_cifar_loader_reads_the_real_format(tmp_path: Path, classes: int) -> Non
     )
     assert datamodule.num_classes == classes and datamodule.in_channels == 3
     assert len(datamodule.splits["test"]) == 20  # the official test batch
-    assert len(datamodule.splits["train"]) + len(datamodule.splits["val"]) == 100
+    assert len(datamodule.splits["train"]) + len(datamodule.splits["val"]) == 5 * per_batch
     assert datamodule.splits["train"].images.shape[1:] == (3, 32, 32)
     assert datamodule.class_names[1] == "name1"
 

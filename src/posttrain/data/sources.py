@@ -168,14 +168,80 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
 
 
 def _read_cifar_pickle(path: Path) -> dict[str, Any]:
+    """One CIFAR pickle as a dict with `str` keys: the originals (Python 2) have `str` keys,
+    batches re-saved after `pickle.load(f, encoding="bytes")` have `bytes` keys."""
     try:
         with path.open("rb") as handle:
-            return _NumpyOnlyUnpickler(handle, encoding="latin1").load()
+            loaded = _NumpyOnlyUnpickler(handle, encoding="latin1").load()
     except (OSError, pickle.UnpicklingError, EOFError, ValueError) as error:
         raise PosttrainError(
             f"Cannot read CIFAR file {path} ({error}). It should be an original CIFAR python "
             "batch; delete the folder to download it again with `data.download=true`."
         ) from error
+    require(
+        isinstance(loaded, dict),
+        f"CIFAR file {path} holds a {type(loaded).__name__}, not the dict of a CIFAR batch "
+        "(keys `data`, `labels`).",
+    )
+    return {k.decode("latin1") if isinstance(k, bytes) else str(k): v for k, v in loaded.items()}
+
+
+CIFAR_ROW = 3 * 32 * 32  # one image: 1024 red, then 1024 green, then 1024 blue bytes
+
+
+def check_cifar_pixels(path: Path, data: Any) -> Any:
+    """`data` as the format defines it: uint8 rows of 3072 values (N, 3072).
+
+    Float pixels are refused rather than cast: 0..1 floats would become all 0s and 1s.
+    """
+    import numpy as np
+
+    require(
+        isinstance(data, np.ndarray),
+        f"CIFAR file {path}: `data` is a {type(data).__name__}, not a numpy array of "
+        f"(images, {CIFAR_ROW}) uint8 pixels.",
+    )
+    require(
+        data.ndim == 2 and data.shape[1] == CIFAR_ROW,
+        f"CIFAR file {path}: `data` has shape {tuple(data.shape)} ({data.ndim}-D); the format "
+        f"is 2-D (images, {CIFAR_ROW}), each row 1024 red, 1024 green, 1024 blue pixels of "
+        "one 32x32 image. Re-save it as `array.reshape(len(array), -1)` in that channel order.",
+    )
+    require(
+        data.dtype == np.uint8,
+        f"CIFAR file {path}: `data` holds {data.dtype} pixels; the format stores uint8 "
+        "(0..255). Refused rather than cast (floats in 0..1 would all become 0 or 1): "
+        "re-save as `(array * 255).round().astype(numpy.uint8)` if they are 0..1.",
+    )
+    return data
+
+
+def check_cifar_labels(path: Path, labels: Any, key: str, images: int, classes: int) -> Tensor:
+    """Integer labels, one per image, each in 0..classes-1."""
+    try:
+        values = torch.as_tensor(list(labels))
+    except (TypeError, ValueError) as error:
+        raise PosttrainError(
+            f"CIFAR file {path}: `{key}` is not a list of integer labels ({error})."
+        ) from error
+    require(
+        values.ndim == 1 and not values.is_floating_point() and values.dtype != torch.bool,
+        f"CIFAR file {path}: `{key}` must be a flat list of integers, got {values.dtype} "
+        f"values of shape {tuple(values.shape)}.",
+    )
+    require(
+        len(values) == images,
+        f"CIFAR file {path}: {len(values)} labels for {images} images; every image needs "
+        f"exactly one label in `{key}`.",
+    )
+    if len(values):
+        low, high = int(values.min()), int(values.max())
+        require(
+            low >= 0 and high < classes,
+            f"CIFAR file {path}: labels must be 0..{classes - 1} for CIFAR-{classes}, but "
+            f"`{key}` holds {low}..{high} (labels counted from 1? subtract 1 when re-saving).",
+        )
+    return values.long()
 
 
 class CifarSource:
@@ -240,19 +306,48 @@ class CifarSource:
                 f"`{self.layout['folder']}/` folder there yourself."
             ) from error
 
-    def _read(self, names: list[str]) -> LabelledImages:
-        batches = [_read_cifar_pickle(self.folder / name) for name in names]
-        import numpy as np
-
-        pixels = np.concatenate([batch["data"] for batch in batches])
-        labels = [label for batch in batches for label in batch[self.layout["labels"]]]
+    def _read_batch(self, name: str) -> LabelledImages:
+        """One batch file, validated: pixels, label count and label range."""
+        path = self.folder / name
+        batch = _read_cifar_pickle(path)
+        key = self.layout["labels"]
+        for needed in ("data", key):
+            require(
+                needed in batch,
+                f"CIFAR file {path} has no `{needed}` entry (keys: "
+                f"{', '.join(sorted(batch)) or 'none'}); a CIFAR-{self.classes} batch holds "
+                f"`data` and `{key}`.",
+            )
+        pixels = check_cifar_pixels(path, batch["data"])
+        labels = check_cifar_labels(path, batch[key], key, len(pixels), self.classes)
         images = torch.from_numpy(pixels.reshape(-1, 3, 32, 32).copy())
-        return LabelledImages(images.to(torch.uint8), torch.tensor(labels, dtype=torch.long))
+        return LabelledImages(images, labels)
+
+    def _read(self, names: list[str]) -> LabelledImages:
+        parts = [self._read_batch(name) for name in names]
+        return LabelledImages(
+            torch.cat([p.images for p in parts]), torch.cat([p.labels for p in parts])
+        )
+
+    def _class_names(self) -> list[str]:
+        meta_file, meta_key = self.layout["meta"]
+        path = self.folder / meta_file
+        meta = _read_cifar_pickle(path)
+        require(
+            meta_key in meta,
+            f"CIFAR file {path} has no `{meta_key}` entry (keys: {', '.join(sorted(meta))}).",
+        )
+        names = [n.decode() if isinstance(n, bytes) else str(n) for n in meta[meta_key]]
+        require(
+            len(names) == self.classes,
+            f"CIFAR file {path} lists {len(names)} class names in `{meta_key}`; "
+            f"CIFAR-{self.classes} has {self.classes} (is `data.options.classes` right?).",
+        )
+        return names
 
     def load(self) -> SourceData:
         self.prepare()
-        meta_file, meta_key = self.layout["meta"]
-        names = [str(name) for name in _read_cifar_pickle(self.folder / meta_file)[meta_key]]
+        names = self._class_names()
         return SourceData(self._read(self.layout["train"]), self._read(self.layout["test"]), names)
 
 
@@ -378,6 +473,12 @@ class OmniglotSource:
         images, labels = [], []
         for offset, character in enumerate(characters):
             files = sorted(character.glob("*.png"))
+            require(
+                bool(files),
+                f"Omniglot character folder {character} holds no .png images; every character "
+                "has 20 drawings. Re-extract `omniglot-py/` (or delete it and set "
+                "`data.download=true`).",
+            )
             images += [reader(path, channels=1, size=self.size) for path in files]
             labels += [first_label + offset] * len(files)
         names = [f"{c.parent.name}/{c.name}" for c in characters]
