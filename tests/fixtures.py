@@ -38,9 +38,11 @@ def write_cifar(root: Path, classes: int = 10, train_per_batch: int = 20, test: 
     return folder
 
 
-def write_image_folder(root: Path, classes: int = 3, per_class: int = 8, size: int = 20) -> Path:
+def write_image_folder(
+    root: Path, classes: int = 3, per_class: int = 8, size: int = 20, seed: int = 0
+) -> Path:
     """root/<class>/<n>.png with a distinct colour per class, as a user would lay it out."""
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     for label in range(classes):
         folder = root / f"class_{label}"
         folder.mkdir(parents=True)
@@ -48,6 +50,15 @@ def write_image_folder(root: Path, classes: int = 3, per_class: int = 8, size: i
             pixels = np.full((size, size, 3), 60 * label, dtype=np.uint8)
             pixels += rng.integers(0, 40, size=pixels.shape, dtype=np.uint8)
             Image.fromarray(pixels).save(folder / f"{index}.png")
+    return root
+
+
+def write_split_image_folder(
+    root: Path, counts: dict[str, int], classes: int = 3, size: int = 20
+) -> Path:
+    """root/<split>/<class>/<n>.png (e.g. train/ and test/), each split its own pixels."""
+    for seed, (split, per_class) in enumerate(counts.items()):
+        write_image_folder(root / split, classes=classes, per_class=per_class, size=size, seed=seed)
     return root
 
 

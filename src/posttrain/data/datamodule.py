@@ -211,16 +211,18 @@ class ImageClassificationDataModule(SourceDataModule):
             return
         loaded = self.source.load()
         generator = torch.Generator().manual_seed(self.seed)
-        pool, test = loaded.train, loaded.test
+        pool, val, test = loaded.train, loaded.val, loaded.test
         class_names = loaded.class_names
         if self.classes is not None:
-            pool, test = (keep_classes(part, self.classes) for part in (pool, test))
+            pool, val, test = (keep_classes(part, self.classes) for part in (pool, val, test))
             class_names = [class_names[c] for c in self.classes]
         if test is None:
             keep, held = stratified_split(pool.labels, self.test_fraction, generator)
             pool, test = pool.subset(keep), pool.subset(held)
-        keep, held = stratified_split(pool.labels, self.val_fraction, generator)
-        train, val = pool.subset(keep), pool.subset(held)
+        if val is None:  # the source's own val split (e.g. a val/ folder) is used as it is
+            keep, held = stratified_split(pool.labels, self.val_fraction, generator)
+            pool, val = pool.subset(keep), pool.subset(held)
+        train = pool
         if self.samples_per_class is not None:
             train = train.subset(per_class_subset(train.labels, self.samples_per_class, generator))
         self.splits = {"train": train, "val": val, "test": test}

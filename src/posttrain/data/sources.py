@@ -8,6 +8,7 @@ one yaml in `conf/data/`.
 
 from __future__ import annotations
 
+import logging
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,8 @@ from posttrain.errors import (
     require_known_options,
     require_positive,
 )
+
+log = logging.getLogger("posttrain")
 
 
 @dataclass
@@ -41,11 +44,13 @@ class LabelledImages:
 
 @dataclass
 class SourceData:
-    """What a source loads: a training pool and, where the dataset defines one, a test split."""
+    """What a source loads: a training pool and, where the dataset defines them, its own
+    validation and test splits (otherwise the DataModule holds fractions of the pool out)."""
 
     train: LabelledImages
     test: LabelledImages | None
     class_names: list[str]
+    val: LabelledImages | None = None
 
 
 @dataclass(frozen=True)
@@ -351,8 +356,82 @@ class CifarSource:
         return SourceData(self._read(self.layout["train"]), self._read(self.layout["test"]), names)
 
 
+# Folder names that mean a split (value: the split), and names that only look like one.
+SPLIT_FOLDERS = {
+    "train": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "test": "test",
+}
+SPLIT_LIKE = {*SPLIT_FOLDERS, "training", "testing", "eval", "evaluation", "trainval", "dev"}
+
+
+def sub_folders(folder: Path) -> list[str]:
+    """Visible sub-folders, sorted (hidden ones such as `.ipynb_checkpoints` are not classes)."""
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def split_folders(root: Path) -> dict[str, Path]:
+    """`{split: folder}` when `root` holds `train/` (+ `val/`, `test/`), else `{}`.
+
+    A root whose folders are named like splits but has no `train/` is refused: read as one
+    folder of classes it would train a classifier whose classes are `test` and `val`.
+    """
+    names = sub_folders(root)
+    if "train" not in names:
+        like = [n for n in names if n.lower() in SPLIT_LIKE]
+        require(
+            not like,
+            f"`data.root`={root} has class folders named like splits ({', '.join(like)}), "
+            "so read as one folder of classes it would learn the classes "
+            f"{', '.join(names)}. For split folders, name them train/ (required), val/ and "
+            "test/ (optional), each holding one sub-folder per class; for one folder of "
+            "classes, point `data.root` at the folder whose sub-folders are the classes.",
+        )
+        return {}
+    others = [n for n in names if n not in SPLIT_FOLDERS]
+    require(
+        not others,
+        f"`data.root`={root} holds train/ and also {', '.join(o + '/' for o in others)}: with "
+        "split folders, only train/, val/ (or valid/, validation/) and test/ are read, each "
+        "holding one sub-folder per class. Move or remove the others.",
+    )
+    found: dict[str, Path] = {}
+    for name in names:
+        split = SPLIT_FOLDERS[name]
+        require(
+            split not in found,
+            f"`data.root`={root} has two {split} folders ({found.get(split, root).name}/ and "
+            f"{name}/); keep one.",
+        )
+        found[split] = root / name
+    return found
+
+
+def check_same_classes(splits: dict[str, Path], classes: list[str]) -> None:
+    """Every split folder has exactly the training folder's classes (labels are by name)."""
+    for folder in splits.values():
+        theirs = sub_folders(folder)
+        extra = sorted(set(theirs) - set(classes))
+        absent = sorted(set(classes) - set(theirs))
+        require(
+            not extra and not absent,
+            f"Split folder {folder} does not have the classes of {splits['train']}: "
+            f"{'extra ' + ', '.join(extra) if extra else ''}"
+            f"{'; ' if extra and absent else ''}"
+            f"{'missing ' + ', '.join(absent) if absent else ''}. Labels are matched by "
+            "class-folder name, so every split folder needs the same class sub-folders.",
+        )
+
+
 class ImageFolderSource:
-    """The user's own images: `root/<class name>/<image files>`, decoded once into memory."""
+    """The user's own images, decoded once into memory, in one of two layouts:
+
+    - `root/<class>/<images>`: one folder; the DataModule holds fractions out for val/test;
+    - `root/train/<class>/...` (+ `root/val/...`, `root/test/...`): the dataset's own splits,
+      used as they are (a missing val/ or test/ is held out of train/ by fraction).
+    """
 
     EXTENSIONS: ClassVar[tuple[str, ...]] = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
@@ -374,12 +453,16 @@ class ImageFolderSource:
         require_choice("data.options.channels", channels, [1, 3])
         require_positive("data.options.size", size)
         self.channels, self.size = channels, size
-        self.class_names = sorted(p.name for p in self.root.iterdir() if p.is_dir())
+        self.splits = split_folders(self.root)
+        classes_root = self.splits.get("train", self.root)
+        self.class_names = sub_folders(classes_root)
         require(
             len(self.class_names) >= 2,
-            f"`data.root`={self.root} has {len(self.class_names)} class sub-folders; "
+            f"{classes_root} (from `data.root`) has {len(self.class_names)} class sub-folders; "
             "image classification needs at least 2 (one sub-folder per class).",
         )
+        if self.splits:
+            check_same_classes(self.splits, self.class_names)
 
     def info(self) -> SourceInfo:
         return SourceInfo(num_classes=len(self.class_names), channels=self.channels)
@@ -401,21 +484,43 @@ class ImageFolderSource:
             raise PosttrainError(f"Cannot read image file {path}: {error}.") from error
         return F.resize(tensor, [size, size], antialias=True)
 
-    def load(self) -> SourceData:
+    def image_files(self, folder: Path) -> list[Path]:
+        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in self.EXTENSIONS)
+        require(
+            bool(files),
+            f"Class folder {folder} (under `data.root`) holds no images "
+            f"({', '.join(self.EXTENSIONS)}); remove it or add its images.",
+        )
+        return files
+
+    def read_classes(self, folder: Path) -> LabelledImages:
+        """`folder/<class>/<images>` for this source's classes, labelled by class name."""
         images, labels = [], []
         for label, name in enumerate(self.class_names):
-            files = sorted(
-                p for p in (self.root / name).rglob("*") if p.suffix.lower() in self.EXTENSIONS
-            )
-            require(
-                bool(files),
-                f"Class folder {self.root / name} under `data.root` holds no images "
-                f"({', '.join(self.EXTENSIONS)}).",
-            )
+            files = self.image_files(folder / name)
             images += [self.decode_file(path, self.channels, self.size) for path in files]
             labels += [label] * len(files)
-        data = LabelledImages(torch.stack(images), torch.tensor(labels, dtype=torch.long))
-        return SourceData(data, None, self.class_names)
+        return LabelledImages(torch.stack(images), torch.tensor(labels, dtype=torch.long))
+
+    def load(self) -> SourceData:
+        if not self.splits:
+            log.info(
+                "data.root=%s: one folder of classes (%d); val and test are held out by "
+                "`data.val_fraction`/`data.test_fraction`",
+                self.root,
+                len(self.class_names),
+            )
+            return SourceData(self.read_classes(self.root), None, self.class_names)
+        read = {split: self.read_classes(folder) for split, folder in self.splits.items()}
+        held = [s for s in ("val", "test") if s not in read]
+        log.info(
+            "data.root=%s: split folders %s (%s images)%s",
+            self.root,
+            ", ".join(f"{f.name}/" for f in self.splits.values()),
+            ", ".join(f"{split} {len(data)}" for split, data in read.items()),
+            f"; {' and '.join(held)} held out of train/ by fraction" if held else "",
+        )
+        return SourceData(read["train"], read.get("test"), self.class_names, val=read.get("val"))
 
 
 class OmniglotSource:
