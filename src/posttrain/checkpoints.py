@@ -299,7 +299,7 @@ def check_resumable(checkpoint: dict[str, Any], method: Any, path: str | Path) -
         for name, tensor in built.items()
         if name in stored and hasattr(stored[name], "shape") and stored[name].shape != tensor.shape
     ]
-    missing = sorted(set(built) - set(stored))
+    missing = sorted(n for n in set(built) - set(stored) if not n.startswith("tracker."))
     require(
         not differing and not missing,
         f"Config key `ckpt_path`: {path} was trained with another model or data than this "

@@ -14,13 +14,51 @@ from omegaconf import DictConfig
 
 from posttrain.train import CONFIG_DIR
 
+EVAL_KEYS = {"task_name", "seed", "ckpt_path", "data", "method", "trainer", "logger",
+             "callbacks", "paths", "hydra"}  # fmt: skip
+# Method keys that act at test time; everything else was fixed by training.
+TEST_TIME_METHOD_KEYS = ("eval_inner_steps", "inner_lr")
+
+
+def evaluation_config(trained: DictConfig, cfg: DictConfig) -> DictConfig:
+    """The trained run's config with the evaluation's overrides applied, or one paragraph
+    saying why an override cannot apply (it is never accepted and ignored).
+
+    Weights come from the checkpoint alone: `model.pretrained` is dropped, so a fine-tuned
+    checkpoint evaluates where its source weights are absent.
+    """
+    from omegaconf import OmegaConf, open_dict
+
+    from posttrain.errors import require
+
+    unknown = sorted(set(cfg) - EVAL_KEYS)
+    require(
+        not unknown,
+        f"`eval.py` does not take {', '.join(f'`{k}`' for k in unknown)}: the model, "
+        "optimizer and regularizers come from the checkpoint. It takes `data.*`, "
+        f"`method.{'`/`method.'.join(TEST_TIME_METHOD_KEYS)}` (MAML), `trainer.*`, `seed`.",
+    )
+    applicable = [key for key in TEST_TIME_METHOD_KEYS if key in trained.method]
+    for key in cfg.method:
+        require(
+            key in applicable,
+            f"Config key `method.{key}` cannot change at evaluation: training fixed it. "
+            f"Test-time keys of this checkpoint's method: {', '.join(applicable) or 'none'}.",
+        )
+    evaluated = OmegaConf.merge(trained, {"data": cfg.data, "method": cfg.method})
+    with open_dict(evaluated):
+        evaluated.model.pretrained = None
+        if "ways" in cfg.data and trained.data.get("train_ways", "absent") is None:
+            evaluated.data.train_ways = trained.data.ways  # the head keeps its training size
+    return evaluated
+
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Test the checkpoint; writes metrics.json in the eval run folder."""
     import lightning as L
     from omegaconf import OmegaConf
 
-    from posttrain.checkpoints import load_checkpoint, stored_config
+    from posttrain.checkpoints import check_resumable, load_checkpoint, stored_config
     from posttrain.checks import check_run_config
     from posttrain.runs import (
         build_components,
@@ -34,7 +72,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     checkpoint = load_checkpoint(cfg.ckpt_path, key="ckpt_path")
     trained = OmegaConf.create(stored_config(checkpoint, cfg.ckpt_path, key="ckpt_path"))
-    datamodule, method = build_components(trained)
+    evaluated = evaluation_config(trained, cfg)
+    datamodule, method = build_components(evaluated)
+    check_resumable(checkpoint, method, cfg.ckpt_path)  # e.g. a 10-class head on 100 classes
     trainer = build_trainer(cfg, extra_callbacks=[])
     metrics: dict[str, float] = {}
     with warnings.catch_warnings():
@@ -46,7 +86,11 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         )
     for result in results:
         metrics.update(epoch_metrics(result))
-    config = {**resolved_config(cfg), "trained": OmegaConf.to_container(trained)}
+    config = {
+        **resolved_config(cfg),
+        "trained": OmegaConf.to_container(trained),
+        "evaluated": OmegaConf.to_container(evaluated),
+    }
     record_run(trainer, cfg, config, metrics)
     return metrics
 
@@ -58,6 +102,12 @@ def hydra_main(cfg: DictConfig) -> float | None:
     return guarded(evaluate, cfg)
 
 
+def open_overrides(argv: list[str]) -> list[str]:
+    """`data.shots=5` as `+data.shots=5`: eval's `data`/`method` start empty (the trained
+    run's config fills them), so in Hydra every key there is an addition."""
+    return [f"+{arg}" if arg.startswith(("data.", "method.")) else arg for arg in argv]
+
+
 def main() -> float | None:
     """`python eval.py ckpt_path=...`"""
     import sys
@@ -65,6 +115,7 @@ def main() -> float | None:
     from posttrain.run_names import refuse_unwritable_output
 
     refuse_unwritable_output(sys.argv[1:])
+    sys.argv[1:] = open_overrides(sys.argv[1:])
     return hydra_main()
 
 

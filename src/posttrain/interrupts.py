@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from lightning.pytorch.callbacks import Callback
+
 HANDLED = (signal.SIGTERM, signal.SIGINT)
 
 
@@ -60,3 +62,42 @@ def stop_on_signals() -> Iterator[dict[str, Any]]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+class ValidateWhenStoppingMidEpoch(Callback):
+    """`trainer.max_steps` reached inside an epoch: validate (and so checkpoint) first.
+
+    Lightning validates at epoch ends only, so a `max_steps` run ending mid-epoch had no
+    `best.ckpt` and no `val/acc_best`. Asking the loop to stop at that step makes it run
+    validation there (as it does for early stopping) before it stops.
+    """
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
+        if 0 < trainer.max_steps <= trainer.global_step:
+            trainer.should_stop = True
+
+
+class CompletedEpochs(Callback):
+    """Counts the epochs that ran all their batches: a run stopped mid-epoch (`max_steps`,
+    `max_time`) must not report the partial epoch as done, and Lightning's own epoch
+    counter counts it. Kept in checkpoints, so a resumed run counts on."""
+
+    def __init__(self) -> None:
+        self.completed = 0
+        self.batches = 0
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        self.batches = 0
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
+        self.batches += 1
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        if self.batches >= trainer.num_training_batches:
+            self.completed += 1
+
+    def state_dict(self) -> dict[str, int]:
+        return {"completed": self.completed}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.completed = state_dict["completed"]

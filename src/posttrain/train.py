@@ -30,7 +30,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     )
     from posttrain.checks import check_run_config
     from posttrain.ddp_jobs import remember_job_for_ddp_children
-    from posttrain.interrupts import RunInterrupted, stop_on_signals
+    from posttrain.interrupts import (
+        CompletedEpochs,
+        RunInterrupted,
+        ValidateWhenStoppingMidEpoch,
+        stop_on_signals,
+    )
     from posttrain.runs import (
         ConfigInCheckpoint,
         build_components,
@@ -55,22 +60,21 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule, method = build_components(cfg)
     if resumed is not None:
         check_resumable(resumed, method, ckpt_path)  # before any work is done
-    resumable = [ConfigInCheckpoint(config), RandomStateInCheckpoint()]
-    trainer = build_trainer(cfg, extra_callbacks=resumable)
+    epochs = CompletedEpochs()
+    always = [ConfigInCheckpoint(config), RandomStateInCheckpoint(), epochs]
+    trainer = build_trainer(cfg, extra_callbacks=[*always, ValidateWhenStoppingMidEpoch()])
 
     try:
         with stop_on_signals():
             trainer.fit(method, datamodule=datamodule, ckpt_path=ckpt_path)
     except RunInterrupted as stop:
-        stop.epochs_completed, stop.global_step = trainer.current_epoch, trainer.global_step
+        stop.epochs_completed, stop.global_step = epochs.completed, trainer.global_step
         raise
     metrics = epoch_metrics(trainer.callback_metrics)
     best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
     for result in trainer.test(method, datamodule=datamodule, ckpt_path=best, verbose=False):
         metrics.update(epoch_metrics(result))
-    metrics.update(
-        {"epoch": float(trainer.current_epoch), "global_step": float(trainer.global_step)}
-    )
+    metrics.update({"epoch": float(epochs.completed), "global_step": float(trainer.global_step)})
     record_run(trainer, cfg, config, metrics)
     return metrics
 

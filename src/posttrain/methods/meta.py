@@ -261,6 +261,17 @@ class EpisodicLearner(MethodCore):
             "`data=omniglot` or `data=episodes_imagefolder`.",
         )
 
+    def on_test_start(self) -> None:
+        """MAML's head has as many outputs as training episodes had ways."""
+        ways = getattr(self.trainer.datamodule, "ways", 0)
+        outputs = self.model.head.out_features
+        require(
+            not self.algorithm.has_head or ways <= outputs,
+            f"`data.ways={ways}`: this MAML model's head predicts {outputs} classes (its "
+            f"training episodes were {outputs}-way), so it evaluates episodes of at most "
+            f"{outputs} ways. ProtoNet evaluates any number of ways.",
+        )
+
     def gap_is_like_for_like(self) -> bool:
         """Train and validation episodes compare only with equal ways and, for MAML, equal
         adaptation steps; otherwise `val/acc_gap` would subtract unlike numbers."""

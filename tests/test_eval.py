@@ -1,0 +1,101 @@
+"""`eval.py` honours what it is asked: data and test-time overrides change the result where
+they must, weights come from the checkpoint alone, and what cannot apply is refused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from posttrain.errors import PosttrainError
+from posttrain.evaluate import evaluate, open_overrides
+from posttrain.runs import find_user_error
+from posttrain.train import train
+from tests.conftest import compose_config
+
+CPU = ["logger=none", "trainer.accelerator=cpu", "trainer.devices=1"]
+EPISODES = ["data.train_episodes=64", "data.val_episodes=8", "data.image_size=16"]
+
+
+def trained(folder: Path, *overrides: str) -> Path:
+    torch.set_num_threads(1)
+    train(compose_config(folder, [*CPU, *overrides]))
+    return folder / "checkpoints" / "best.ckpt"
+
+
+def evaluated(folder: Path, checkpoint: Path, *overrides: str) -> dict[str, float]:
+    """As `python eval.py ckpt_path=<checkpoint> <overrides>` would (its argv rewriting too)."""
+    arguments = open_overrides([*CPU, f"ckpt_path={checkpoint}", *overrides])
+    return evaluate(compose_config(folder, arguments, "eval"))
+
+
+def refusal(folder: Path, checkpoint: Path, *overrides: str) -> str:
+    with pytest.raises(Exception) as refused:
+        evaluated(folder, checkpoint, *overrides)
+    error = find_user_error(refused.value)
+    assert isinstance(error, PosttrainError), refused.value
+    return str(error)
+
+
+@pytest.fixture(scope="module")
+def protonet(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("protonet") / "run"
+    return trained(folder, "experiment=digits_protonet", "model.hidden=16", *EPISODES,
+                   "trainer.max_epochs=2")  # fmt: skip
+
+
+@pytest.mark.slow
+def test_shots_and_episodes_overrides_apply(protonet: Path, tmp_path: Path) -> None:
+    """Observed: `+data.shots=5` was accepted and the 1-shot number came back."""
+    one = evaluated(tmp_path / "1", protonet, "data.test_episodes=200")
+    five = evaluated(tmp_path / "5", protonet, "data.test_episodes=200", "data.shots=5")
+    assert one["test/episodes"] == five["test/episodes"] == 200
+    assert five["test/acc"] > one["test/acc"] + 0.02  # prototypes from 5 images, not 1
+    wide = evaluated(tmp_path / "w", protonet, "data.test_episodes=200", "data.ways=10")
+    assert wide["test/acc"] < one["test/acc"]  # 10-way is harder than 5-way
+    record = json.loads((tmp_path / "5" / "metrics.json").read_text())
+    assert record["status"] == "completed"
+
+
+def test_keys_that_training_fixed_are_refused(protonet: Path, tmp_path: Path) -> None:
+    assert "`model`" in refusal(tmp_path / "m", protonet, "+model.width=64")
+    assert "method.inner_steps" in refusal(tmp_path / "i", protonet, "method.inner_steps=3")
+    assert "none" in refusal(tmp_path / "e", protonet, "method.eval_inner_steps=3")  # ProtoNet
+
+
+@pytest.mark.slow
+def test_maml_test_time_steps_apply_and_ways_are_bounded(tmp_path: Path) -> None:
+    maml = trained(tmp_path / "run", "experiment=digits_maml", "model.hidden=8", *EPISODES,
+                   "data.queries=5", "trainer.max_epochs=1")  # fmt: skip
+    episodes = "data.test_episodes=40"
+    one = evaluated(tmp_path / "1", maml, episodes, "method.eval_inner_steps=1")
+    five = evaluated(tmp_path / "5", maml, episodes, "method.eval_inner_steps=5")
+    assert one["test/acc"] != five["test/acc"]
+    slower = evaluated(tmp_path / "lr", maml, episodes, "method.eval_inner_steps=1",
+                       "method.inner_lr=0.01")  # fmt: skip
+    assert slower["test/acc"] != one["test/acc"]
+    assert "at most 5 ways" in refusal(tmp_path / "w", maml, episodes, "data.ways=8")
+
+
+@pytest.mark.slow
+def test_finetuned_checkpoint_evaluates_without_its_source_weights(tmp_path: Path) -> None:
+    """Observed: eval re-loaded `model.pretrained` although the checkpoint holds every weight."""
+    source = trained(tmp_path / "source", "debug=limit", "model.width=8")
+    run = tmp_path / "finetune"
+    tuned = trained(run, "method=finetune", f"model.pretrained={source}", "debug=limit",
+                    "model.width=8")  # fmt: skip
+    source.unlink()
+    again = evaluated(tmp_path / "eval", tuned)
+    assert again["test/acc"] == json.loads((run / "metrics.json").read_text())["test/acc"]
+
+
+@pytest.mark.slow
+def test_max_steps_ending_mid_epoch_still_validates_and_checkpoints(tmp_path: Path) -> None:
+    """Observed: no validation, no best.ckpt and no val/acc_best, only Lightning's warning."""
+    run = tmp_path / "run"
+    train(compose_config(run, [*CPU, "trainer.max_steps=5", "model.width=8"]))
+    record = json.loads((run / "metrics.json").read_text())
+    assert (run / "checkpoints" / "best.ckpt").is_file() and "val/acc_best" in record
+    assert record["global_step"] == 5 and record["epoch"] == 0  # no epoch was completed
