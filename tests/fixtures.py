@@ -100,3 +100,41 @@ def write_omniglot(root: Path, alphabets: int = 2, characters: int = 4, drawers:
                     pixels[rng.integers(0, 105), :] = 0
                     Image.fromarray(pixels, mode="L").save(folder / f"{d}.png")
     return root
+
+
+# The 20 alphabets of Omniglot's `images_evaluation` half (the other 30 are `images_background`).
+OMNIGLOT_EVALUATION_ALPHABETS = (
+    "Angelic", "Atemayar_Qelisayer", "Atlantean", "Aurek-Besh", "Avesta", "Ge_ez",
+    "Glagolitic", "Gurmukhi", "Kannada", "Keble", "Malayalam", "Manipuri", "Mongolian",
+    "Old_Church_Slavonic_(Cyrillic)", "Oriya", "Sylheti", "Syriac_(Serto)", "Tengwar",
+    "Tibetan", "ULOG",
+)  # fmt: skip
+
+
+def write_omniglot_characters(root: Path, drawers: int = 2, size: int = 8) -> list[str]:
+    """Every character the shipped Vinyals split files name (all 1,623), in the real folder
+    layout and halves, with `drawers` tiny drawings each; returns `<alphabet>/<character>`s.
+
+    Each drawing encodes its character's index in its pixels, so a test can tell from an
+    image which character it is.
+    """
+    from posttrain.data.omniglot_splits import VINYALS_FILES, characters_of, split_file_text
+
+    names = sorted(
+        {c for f in VINYALS_FILES.values() for c in characters_of(split_file_text(f), f)}
+    )
+    for index, name in enumerate(names):
+        alphabet = name.split("/")[0]
+        half = (
+            "images_evaluation"
+            if alphabet in OMNIGLOT_EVALUATION_ALPHABETS
+            else "images_background"
+        )
+        folder = root / "omniglot-py" / half / name
+        folder.mkdir(parents=True)
+        for drawer in range(drawers):
+            pixels = np.zeros((size, size), dtype=np.uint8)
+            pixels[0, :2] = (index // 256, index % 256)
+            pixels[1, 0] = 40 * drawer
+            Image.fromarray(pixels, mode="L").save(folder / f"{index:04d}_{drawer:02d}.png")
+    return names

@@ -18,12 +18,30 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from posttrain.data.datamodule import SourceDataModule
-from posttrain.data.sources import LabelledImages, make_source
+from posttrain.data.sources import SOURCES, LabelledImages, SourceData, make_source
 from posttrain.data.transforms import channel_stats, normalize, to_model_input
 from posttrain.errors import require, require_fraction, require_positive
 
 Episode = tuple[Tensor, Tensor, Tensor, Tensor]
 SPLIT_IDS = {"train": 0, "val": 1, "test": 2}  # stable per-split seeds (str hash is salted)
+
+
+def with_split(dataset: str, options: dict[str, Any] | None, split: str | None) -> dict:
+    """The source options plus `data.split` (a named class protocol) for sources that have
+    named protocols (Omniglot); refused for the others, which split by fractions."""
+    merged = dict(options or {})
+    if split is None:
+        return merged
+    import inspect
+
+    source_class = SOURCES.get(dataset)
+    require(
+        source_class is not None and "split" in inspect.signature(source_class).parameters,
+        f"Config key `data.split={split}` names a class protocol, which `data.dataset="
+        f"{dataset}` does not have (it splits classes by `data.val_fraction`/"
+        "`data.test_fraction`); set `data.split=null`.",
+    )
+    return {**merged, "split": split}
 
 
 def with_rotations(data: LabelledImages) -> LabelledImages:
@@ -119,6 +137,7 @@ class EpisodicDataModule(SourceDataModule):
         rotations: bool = False,
         image_size: int | None = None,
         seed: int = 0,
+        split: str | None = None,
     ) -> None:
         super().__init__()
         for key, value in [
@@ -135,7 +154,7 @@ class EpisodicDataModule(SourceDataModule):
         require_positive("data.image_size", image_size, allow_none=True)
         require_fraction("data.val_fraction", val_fraction)
         require_fraction("data.test_fraction", test_fraction)
-        self.source = make_source(dataset, root, download, dict(options or {}))
+        self.source = make_source(dataset, root, download, with_split(dataset, options, split))
         self.ways, self.shots, self.queries = ways, shots, queries
         self.train_ways = train_ways or ways
         self.meta_batch_size = meta_batch_size
@@ -156,6 +175,65 @@ class EpisodicDataModule(SourceDataModule):
             return
         loaded = self.source.load()
         generator = torch.Generator().manual_seed(self.seed)
+        pool = self.build_pools(loaded, generator)
+        for split, split_pool in self.pools.items():
+            ways = self.train_ways if split == "train" else self.ways
+            smallest = min(len(m) for m in split_pool.members) if len(split_pool) else 0
+            require(
+                len(split_pool) >= ways and smallest >= self.shots + self.queries,
+                f"The meta-{split} split has {len(split_pool)} classes (fewest images per class: "
+                f"{smallest}); a {ways}-way episode with `data.shots`+`data.queries`="
+                f"{self.shots + self.queries} needs at least {ways} classes with that many "
+                "images. Lower them, use `data.rotations=true`, or change the class fractions.",
+            )
+        self._stats = channel_stats(pool.images, self.image_size, generator)
+
+    def build_pools(self, loaded: SourceData, generator: torch.Generator) -> LabelledImages:
+        """`self.pools` by the source's own class assignment if it has one (Omniglot's named
+        protocols), else by class fractions; returns the pool the statistics come from."""
+        if loaded.class_splits is None:
+            return self.fraction_class_splits(loaded, generator)
+        pool, ids = self.named_class_splits(loaded, generator)
+        self.pools = {split: ClassPool(pool, ids[split]) for split in SPLIT_IDS}
+        return pool
+
+    def named_class_splits(
+        self, loaded: SourceData, generator: torch.Generator
+    ) -> tuple[LabelledImages, dict[str, Tensor]]:
+        """The source's classes per split, rotated after splitting, so that all rotations of
+        a class (an Omniglot character) land in one split; a missing meta-val is drawn from
+        meta-train by class with `data.val_fraction`."""
+        assert loaded.class_splits is not None
+        pool = loaded.train
+        if loaded.test is not None:
+            pool = LabelledImages(
+                torch.cat([pool.images, loaded.test.images]),
+                torch.cat([pool.labels, loaded.test.labels]),
+            )
+        ids = {k: torch.as_tensor(v, dtype=torch.long) for k, v in loaded.class_splits.items()}
+        if "val" not in ids:
+            ids["train"], ids["val"], _ = split_classes(
+                ids["train"], (self.fractions[0], 0.0), generator
+            )
+        if self.rotations:
+            pool = with_rotations(pool)
+            ids = {k: (v[:, None] * 4 + torch.arange(4)).flatten() for k, v in ids.items()}
+        return pool, ids
+
+    def fraction_class_splits(
+        self, loaded: SourceData, generator: torch.Generator
+    ) -> LabelledImages:
+        """Classes cut into meta-train/val/test by `data.val_fraction`/`data.test_fraction`
+        (a source's own test pool gives meta-test its classes)."""
+        require(
+            loaded.val is None
+            and (
+                loaded.test is None
+                or not set(loaded.test.labels.tolist()) & set(loaded.train.labels.tolist())
+            ),
+            "Episodes split classes, not images, but this data's split folders (train/ and "
+            "val/ or test/) hold the same classes. Point `data.root` at one folder of classes.",
+        )
         pool, test = loaded.train, loaded.test
         if self.rotations:
             pool = with_rotations(pool)
@@ -175,17 +253,7 @@ class EpisodicDataModule(SourceDataModule):
             "val": ClassPool(pool, val_ids),
             "test": ClassPool(test, test_ids),
         }
-        for split, split_pool in self.pools.items():
-            ways = self.train_ways if split == "train" else self.ways
-            smallest = min(len(m) for m in split_pool.members) if len(split_pool) else 0
-            require(
-                len(split_pool) >= ways and smallest >= self.shots + self.queries,
-                f"The meta-{split} split has {len(split_pool)} classes (fewest images per class: "
-                f"{smallest}); a {ways}-way episode with `data.shots`+`data.queries`="
-                f"{self.shots + self.queries} needs at least {ways} classes with that many "
-                "images. Lower them, use `data.rotations=true`, or change the class fractions.",
-            )
-        self._stats = channel_stats(pool.images, self.image_size, generator)
+        return pool
 
     def _loader(self, split: str) -> DataLoader:
         ways = self.train_ways if split == "train" else self.ways

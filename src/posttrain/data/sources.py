@@ -51,6 +51,9 @@ class SourceData:
     test: LabelledImages | None
     class_names: list[str]
     val: LabelledImages | None = None
+    # Meta-learning sources that fix which classes are meta-train/val/test (Omniglot's named
+    # protocols): {split: label ids}; a missing `val` is drawn from `train` by class.
+    class_splits: dict[str, list[int]] | None = None
 
 
 @dataclass(frozen=True)
@@ -526,19 +529,26 @@ class ImageFolderSource:
 class OmniglotSource:
     """Omniglot (Lake et al.): 1,623 handwritten characters of 50 alphabets, 20 images each.
 
-    The standard few-shot protocol: the `background` alphabets (964 characters) are the
-    training pool, the `evaluation` alphabets (659) the test pool; images become
-    `size` x `size` (28). Downloading goes through torchvision; reading is ours, from the
-    extracted `omniglot-py/images_{background,evaluation}/<alphabet>/<character>/*.png`.
+    Read from the extracted `omniglot-py/images_{background,evaluation}/<alphabet>/
+    <character>/*.png` (downloaded through torchvision if absent), at `size` x `size` (28).
+    `split` names the protocol that assigns characters to meta-train/val/test (see
+    `omniglot_splits.py`): `vinyals` (the papers' split over all 50 alphabets) or `lake`
+    (background vs evaluation alphabets). The loaded data carries that assignment as
+    `class_splits`, by character, so the episodic DataModule never splits rotations apart.
     """
 
     FOLDER = "omniglot-py"
     PARTS: ClassVar[dict[str, bool]] = {"images_background": True, "images_evaluation": False}
 
-    def __init__(self, root: str | None, download: bool = True, size: int = 28) -> None:
+    def __init__(
+        self, root: str | None, download: bool = True, size: int = 28, split: str = "lake"
+    ) -> None:
+        from posttrain.data.omniglot_splits import PROTOCOLS
+
         require(root is not None, "Config key `data.root` must name a folder for Omniglot.")
         require_positive("data.options.size", size)
-        self.root, self.download, self.size = Path(str(root)), download, size
+        require_choice("data.split", split, PROTOCOLS)
+        self.root, self.download, self.size, self.split = Path(str(root)), download, size, split
 
     def info(self) -> SourceInfo:
         return SourceInfo(num_classes=1623, channels=1)
@@ -564,7 +574,7 @@ class OmniglotSource:
                 "internet connection or place the extracted `omniglot-py/` folder there."
             ) from error
 
-    def _read_part(self, part: str, first_label: int) -> tuple[LabelledImages, list[str]]:
+    def character_folders(self, part: str) -> list[Path]:
         folder = self.root / self.FOLDER / part
         characters = sorted(
             c
@@ -574,6 +584,10 @@ class OmniglotSource:
             if c.is_dir()
         )
         require(bool(characters), f"Omniglot folder {folder} holds no character folders.")
+        return characters
+
+    def read_characters(self, characters: list[Path], first_label: int) -> LabelledImages:
+        """Every drawing of `characters`, labelled first_label, first_label + 1, ..."""
         reader = ImageFolderSource.decode_file
         images, labels = [], []
         for offset, character in enumerate(characters):
@@ -586,15 +600,58 @@ class OmniglotSource:
             )
             images += [reader(path, channels=1, size=self.size) for path in files]
             labels += [first_label + offset] * len(files)
-        names = [f"{c.parent.name}/{c.name}" for c in characters]
-        data = LabelledImages(torch.stack(images), torch.tensor(labels, dtype=torch.long))
-        return data, names
+        return LabelledImages(torch.stack(images), torch.tensor(labels, dtype=torch.long))
+
+    @staticmethod
+    def name_of(character: Path) -> str:
+        return f"{character.parent.name}/{character.name}"
+
+    def load_lake(self) -> SourceData:
+        """Background alphabets: the training pool; evaluation alphabets: the test pool."""
+        background = self.character_folders("images_background")
+        evaluation = self.character_folders("images_evaluation")
+        train = self.read_characters(background, 0)
+        test = self.read_characters(evaluation, len(background))
+        names = [self.name_of(c) for c in background + evaluation]
+        splits = {
+            "train": list(range(len(background))),
+            "test": list(range(len(background), len(names))),
+        }
+        log.info(
+            "Omniglot split `lake`: %d background characters (meta-train, and meta-val drawn "
+            "by character), %d evaluation characters (meta-test)",
+            len(background),
+            len(evaluation),
+        )
+        return SourceData(train, test, names, class_splits=splits)
+
+    def load_vinyals(self) -> SourceData:
+        """The characters the split files name, found in either half, in one pool."""
+        from posttrain.data.omniglot_splits import vinyals_characters
+
+        wanted = vinyals_characters()
+        found = {self.name_of(c): c for part in self.PARTS for c in self.character_folders(part)}
+        listed = [c for characters in wanted.values() for c in characters]
+        absent = [c for c in listed if c not in found]
+        require(
+            not absent,
+            f"Omniglot in {self.root / self.FOLDER} lacks {len(absent)} of the {len(listed)} "
+            f"characters of the `vinyals` split (e.g. {', '.join(absent[:3])}): the folder is "
+            "incomplete. Re-extract both halves, or use `data.split=lake`.",
+        )
+        names = sorted(listed)
+        label = {name: index for index, name in enumerate(names)}
+        pool = self.read_characters([found[n] for n in names], 0)
+        splits = {s: [label[c] for c in characters] for s, characters in wanted.items()}
+        log.info(
+            "Omniglot split `vinyals`: %s characters (meta-train/val/test, all 50 alphabets)",
+            "/".join(str(len(c)) for c in wanted.values()),
+        )
+        return SourceData(pool, None, names, class_splits=splits)
 
     def load(self) -> SourceData:
         self.prepare()
-        train, train_names = self._read_part("images_background", 0)
-        test, test_names = self._read_part("images_evaluation", len(train_names))
-        return SourceData(train, test, train_names + test_names)
+        return self.load_vinyals() if self.split == "vinyals" else self.load_lake()
 
 
 SOURCES: dict[str, type] = {
