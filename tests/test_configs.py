@@ -350,7 +350,7 @@ EXPERIMENTS: dict[str, dict[str, Any]] = {
         "model.pretrained": "imagenet", "data.image_size": 224, "reg.augment.flip": True,
         "optimizer.name": "sgd",
         "optimizer.momentum": 0.9, "scheduler.name": "cosine", "scheduler.warmup_epochs": 1,
-        "trainer.accelerator": "gpu", "trainer.precision": "16-mixed",
+        "trainer.accelerator": "auto", "trainer.precision": "16-mixed",
         "method.finetune.policy": "full",
     },
     # ResNet-18 on 10 digits per class, 150 epochs.
@@ -387,12 +387,14 @@ EXPERIMENTS: dict[str, dict[str, Any]] = {
     },
     # Omniglot 5-way 1-shot, the papers' hyper-parameters.
     "omniglot_maml": {
-        "data.dataset": "omniglot", "data.ways": 5, "data.shots": 1, "method.algorithm": "maml",
+        "data.dataset": "omniglot", "data.split": "vinyals",
+        "data.ways": 5, "data.shots": 1, "method.algorithm": "maml",
         "method.inner_steps": 1, "method.inner_lr": 0.4, "data.meta_batch_size": 32,
         "optimizer.name": "adam", "optimizer.lr": 0.001, "method.eval_inner_steps": 3,
     },
     "omniglot_protonet": {
-        "data.dataset": "omniglot", "data.ways": 5, "data.shots": 1, "data.train_ways": 60,
+        "data.dataset": "omniglot", "data.split": "vinyals",
+        "data.ways": 5, "data.shots": 1, "data.train_ways": 60,
         "method.algorithm": "protonet", "optimizer.name": "adam", "optimizer.lr": 0.001,
         "scheduler.name": "step", "scheduler.gamma": 0.5, "data.train_episodes": 2000,
     },
