@@ -171,12 +171,19 @@ class EpisodicDataModule(SourceDataModule):
         return self.train_ways
 
     def setup(self, stage: str | None = None) -> None:
-        if self.pools:
-            return
-        loaded = self.source.load()
-        generator = torch.Generator().manual_seed(self.seed)
-        pool = self.build_pools(loaded, generator)
-        for split, split_pool in self.pools.items():
+        if not self.pools:
+            loaded = self.source.load()
+            generator = torch.Generator().manual_seed(self.seed)
+            pool = self.build_pools(loaded, generator)
+            self._stats = channel_stats(pool.images, self.image_size, generator)
+        self.check_pools(stage)
+
+    def check_pools(self, stage: str | None) -> None:
+        """Only the splits this stage uses: evaluating 20-way needs 20 test classes, not 20
+        meta-validation classes."""
+        used = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}
+        for split in used.get(stage or "", tuple(self.pools)):
+            split_pool = self.pools[split]
             ways = self.train_ways if split == "train" else self.ways
             smallest = min(len(m) for m in split_pool.members) if len(split_pool) else 0
             require(
@@ -186,7 +193,6 @@ class EpisodicDataModule(SourceDataModule):
                 f"{self.shots + self.queries} needs at least {ways} classes with that many "
                 "images. Lower them, use `data.rotations=true`, or change the class fractions.",
             )
-        self._stats = channel_stats(pool.images, self.image_size, generator)
 
     def build_pools(self, loaded: SourceData, generator: torch.Generator) -> LabelledImages:
         """`self.pools` by the source's own class assignment if it has one (Omniglot's named
