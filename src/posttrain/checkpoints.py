@@ -245,6 +245,9 @@ class RunCheckpoint(ModelCheckpoint):
         super().load_state_dict(state_dict)
 
     def adopt(self, state: dict[str, Any]) -> dict[str, Any]:
+        moved = {**state, "dirpath": self.dirpath, "last_model_path": ""}
+        if self.monitor is None:  # `last.ckpt`: no best to carry, the next epoch rewrites it
+            return {**moved, "best_model_path": "", "kth_best_model_path": "", "best_k_models": {}}
         best = Path(state.get("best_model_path") or "")
         if not best.is_file():
             log.warning(
