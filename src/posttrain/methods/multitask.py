@@ -90,8 +90,10 @@ class TaskMetrics(nn.Module):
         self.task_names = [spec.name for spec in specs]
         self.accuracy = nn.ModuleDict(
             {
+                # micro: the fraction of correct predictions, as `{split}/acc` is for every
+                # method (torchmetrics' default, macro, averaged per class instead)
                 f"{split}_{spec.name}": MulticlassAccuracy(
-                    spec.classes(num_classes), ignore_index=ABSENT
+                    spec.classes(num_classes), average="micro", ignore_index=ABSENT
                 )
                 for split in SPLITS
                 for spec in specs
