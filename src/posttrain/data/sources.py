@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 from torch import Tensor
 
+from posttrain.data.cache import decoded_images
 from posttrain.errors import (
     PosttrainError,
     require,
@@ -434,12 +435,20 @@ class ImageFolderSource:
     - `root/<class>/<images>`: one folder; the DataModule holds fractions out for val/test;
     - `root/train/<class>/...` (+ `root/val/...`, `root/test/...`): the dataset's own splits,
       used as they are (a missing val/ or test/ is held out of train/ by fraction).
+
+    `size` None (the default): the images' own size when they all share one, else 64x64
+    (logged). With a `cache_dir`, the decoded tensors are cached there (see `cache.py`).
     """
 
     EXTENSIONS: ClassVar[tuple[str, ...]] = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
     def __init__(
-        self, root: str | None, download: bool = False, channels: int = 3, size: int = 64
+        self,
+        root: str | None,
+        download: bool = False,
+        channels: int = 3,
+        size: int | None = None,
+        cache_dir: str | None = None,
     ) -> None:
         del download
         require(
@@ -454,8 +463,8 @@ class ImageFolderSource:
             "per class.",
         )
         require_choice("data.options.channels", channels, [1, 3])
-        require_positive("data.options.size", size)
-        self.channels, self.size = channels, size
+        require_positive("data.options.size", size, allow_none=True)
+        self.channels, self.size, self.cache_dir = channels, size, cache_dir
         self.splits = split_folders(self.root)
         classes_root = self.splits.get("train", self.root)
         self.class_names = sub_folders(classes_root)
@@ -474,8 +483,8 @@ class ImageFolderSource:
         return None
 
     @staticmethod
-    def decode_file(path: Path, channels: int, size: int) -> Tensor:
-        """One image file -> uint8 (channels, size, size)."""
+    def decode_file(path: Path, channels: int, size: int | None) -> Tensor:
+        """One image file -> uint8 (channels, size, size); size None: its own size."""
         from PIL import Image, UnidentifiedImageError
         from torchvision.transforms.v2 import functional as F
 
@@ -485,6 +494,8 @@ class ImageFolderSource:
                 tensor = F.pil_to_tensor(image)
         except (OSError, UnidentifiedImageError) as error:
             raise PosttrainError(f"Cannot read image file {path}: {error}.") from error
+        if size is None or tuple(tensor.shape[-2:]) == (size, size):
+            return tensor
         return F.resize(tensor, [size, size], antialias=True)
 
     def image_files(self, folder: Path) -> list[Path]:
@@ -496,14 +507,39 @@ class ImageFolderSource:
         )
         return files
 
+    def list_classes(self, folder: Path) -> tuple[list[Path], list[int]]:
+        """`folder/<class>/<images>` for this source's classes: files and labels (by name)."""
+        files: list[Path] = []
+        labels: list[int] = []
+        for label, name in enumerate(self.class_names):
+            found = self.image_files(folder / name)
+            files += found
+            labels += [label] * len(found)
+        return files, labels
+
+    def read_folders(self, folders: dict[str, Path]) -> dict[str, LabelledImages]:
+        """Every folder's images, decoded in one pass (one size for all, one cache entry)."""
+        listed = {split: self.list_classes(folder) for split, folder in folders.items()}
+        files = [path for paths, _ in listed.values() for path in paths]
+        images = decoded_images(
+            files,
+            self.decode_file,
+            self.channels,
+            self.size,
+            self.cache_dir,
+            name="imagefolder",
+            root=self.root,
+        )
+        read, start = {}, 0
+        for split, (paths, labels) in listed.items():
+            part = images[start : start + len(paths)]
+            read[split] = LabelledImages(part, torch.tensor(labels, dtype=torch.long))
+            start += len(paths)
+        return read
+
     def read_classes(self, folder: Path) -> LabelledImages:
         """`folder/<class>/<images>` for this source's classes, labelled by class name."""
-        images, labels = [], []
-        for label, name in enumerate(self.class_names):
-            files = self.image_files(folder / name)
-            images += [self.decode_file(path, self.channels, self.size) for path in files]
-            labels += [label] * len(files)
-        return LabelledImages(torch.stack(images), torch.tensor(labels, dtype=torch.long))
+        return self.read_folders({"all": folder})["all"]
 
     def load(self) -> SourceData:
         if not self.splits:
@@ -514,7 +550,7 @@ class ImageFolderSource:
                 len(self.class_names),
             )
             return SourceData(self.read_classes(self.root), None, self.class_names)
-        read = {split: self.read_classes(folder) for split, folder in self.splits.items()}
+        read = self.read_folders(self.splits)
         held = [s for s in ("val", "test") if s not in read]
         log.info(
             "data.root=%s: split folders %s (%s images)%s",
@@ -541,7 +577,12 @@ class OmniglotSource:
     PARTS: ClassVar[dict[str, bool]] = {"images_background": True, "images_evaluation": False}
 
     def __init__(
-        self, root: str | None, download: bool = True, size: int = 28, split: str = "lake"
+        self,
+        root: str | None,
+        download: bool = True,
+        size: int = 28,
+        split: str = "lake",
+        cache_dir: str | None = None,
     ) -> None:
         from posttrain.data.omniglot_splits import PROTOCOLS
 
@@ -549,6 +590,7 @@ class OmniglotSource:
         require_positive("data.options.size", size)
         require_choice("data.split", split, PROTOCOLS)
         self.root, self.download, self.size, self.split = Path(str(root)), download, size, split
+        self.cache_dir = cache_dir
 
     def info(self) -> SourceInfo:
         return SourceInfo(num_classes=1623, channels=1)
@@ -586,21 +628,31 @@ class OmniglotSource:
         require(bool(characters), f"Omniglot folder {folder} holds no character folders.")
         return characters
 
-    def read_characters(self, characters: list[Path], first_label: int) -> LabelledImages:
-        """Every drawing of `characters`, labelled first_label, first_label + 1, ..."""
-        reader = ImageFolderSource.decode_file
-        images, labels = [], []
+    def read_characters(self, characters: list[Path], first_label: int = 0) -> LabelledImages:
+        """Every drawing of `characters`, labelled first_label, first_label + 1, ... (decoded
+        once into the cache, keyed by this listing: see `cache.py`)."""
+        files: list[Path] = []
+        labels: list[int] = []
         for offset, character in enumerate(characters):
-            files = sorted(character.glob("*.png"))
+            found = sorted(character.glob("*.png"))
             require(
-                bool(files),
+                bool(found),
                 f"Omniglot character folder {character} holds no .png images; every character "
                 "has 20 drawings. Re-extract `omniglot-py/` (or delete it and set "
                 "`data.download=true`).",
             )
-            images += [reader(path, channels=1, size=self.size) for path in files]
-            labels += [first_label + offset] * len(files)
-        return LabelledImages(torch.stack(images), torch.tensor(labels, dtype=torch.long))
+            files += found
+            labels += [first_label + offset] * len(found)
+        images = decoded_images(
+            files,
+            ImageFolderSource.decode_file,
+            1,
+            self.size,
+            self.cache_dir,
+            name=f"omniglot-{self.split}",
+            root=self.root / self.FOLDER,
+        )
+        return LabelledImages(images, torch.tensor(labels, dtype=torch.long))
 
     @staticmethod
     def name_of(character: Path) -> str:
@@ -610,8 +662,10 @@ class OmniglotSource:
         """Background alphabets: the training pool; evaluation alphabets: the test pool."""
         background = self.character_folders("images_background")
         evaluation = self.character_folders("images_evaluation")
-        train = self.read_characters(background, 0)
-        test = self.read_characters(evaluation, len(background))
+        both = self.read_characters(background + evaluation)  # one pass, one cache entry
+        first_test = int((both.labels < len(background)).sum())
+        train = LabelledImages(both.images[:first_test], both.labels[:first_test])
+        test = LabelledImages(both.images[first_test:], both.labels[first_test:])
         names = [self.name_of(c) for c in background + evaluation]
         splits = {
             "train": list(range(len(background))),
