@@ -16,6 +16,7 @@ BENCHMARKS = (
     "regularization",
     "transfer",
     "multitask",
+    "decode_cache",
 )
 
 

@@ -4,7 +4,7 @@ Decoding is the slow part of a start (Omniglot: 32,460 PNGs; a CIFAR JPEG folder
 files), so the decoded, resized uint8 tensor (N, C, H, W) of a file listing is stored once in
 `paths.cache_dir` and read back on the next start. An entry is keyed by
 
-- the listing: every file's resolved path, byte size and mtime (ns), in load order, so a
+- the listing: every file's path, byte size and mtime (ns), in load order, so a
   changed, touched, added, removed or renamed file gives another key;
 - the decode options: channels, requested size (or "the data's own"), and `FORMAT`, which
   names the decode/resize recipe (bump it when `decode_file` changes).
@@ -25,6 +25,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -45,11 +46,12 @@ def _digest(payload: object, length: int) -> str:
 
 
 def listing_of(files: Sequence[Path]) -> list[tuple[str, int, int]]:
-    """(resolved path, bytes, mtime in ns) of every file, in order: what an entry depends on."""
+    """(path, bytes, mtime in ns) of every file, in order: what an entry depends on. Paths
+    as listed under the source's root (whose resolved path is part of the entry's name)."""
     rows = []
     for path in files:
-        stat = path.stat()
-        rows.append((str(path.resolve()), stat.st_size, stat.st_mtime_ns))
+        stat = os.stat(path)
+        rows.append((str(path), stat.st_size, stat.st_mtime_ns))
     return rows
 
 

@@ -1,0 +1,207 @@
+"""Decoded-image cache: first and second start of the file-backed sources.
+
+Generates, in a temporary folder:
+
+- an Omniglot-sized folder: 32,460 105x105 1-bit PNGs (1,623 characters x 20 drawings, random
+  strokes) in the real `omniglot-py/images_background|images_evaluation/<alphabet>/
+  <character>/` layout, with the real alphabet and character names, read as `data=omniglot
+  data.split=lake` reads it (28x28);
+- a 50,000-image JPEG ImageFolder (10 classes, 32x32 RGB), read as `data=imagefolder` reads
+  it (its own size, 32x32).
+
+For each, a fresh process loads the source (`source.load()`, wall time, imports excluded)
+with an empty cache (first start: decode + store) and then again (second start: cache hit,
+median of `--repeats` processes). `--scale` shrinks both datasets (recorded in the JSON).
+Writes benchmarks/results/decode_cache.json.
+
+    python -m benchmarks.decode_cache [--scale 1.0] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.common import ROOT, bench_command, last_json_line, write_result
+
+OMNIGLOT_CHARACTERS, OMNIGLOT_DRAWINGS = 1623, 20
+JPEG_IMAGES, JPEG_CLASSES = 50_000, 10
+
+
+def write_omniglot_folder(root: Path, scale: float) -> int:
+    """The real layout and names (from the shipped split files), random 1-bit strokes."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    from posttrain.data.omniglot_splits import VINYALS_FILES, characters_of, split_file_text
+    from tests.fixtures import OMNIGLOT_EVALUATION_ALPHABETS
+
+    names = sorted(
+        {c for f in VINYALS_FILES.values() for c in characters_of(split_file_text(f), f)}
+    )
+    assert len(names) == OMNIGLOT_CHARACTERS
+    keep = max(2, round(OMNIGLOT_CHARACTERS * scale))
+    chosen = [names[int(i)] for i in np.linspace(0, len(names) - 1, keep)]
+    rng = np.random.default_rng(0)
+    for name in chosen:
+        half = (
+            "images_evaluation"
+            if name.split("/")[0] in OMNIGLOT_EVALUATION_ALPHABETS
+            else "images_background"
+        )
+        folder = root / "omniglot-py" / half / name
+        folder.mkdir(parents=True)
+        for drawer in range(OMNIGLOT_DRAWINGS):
+            image = Image.new("1", (105, 105), 1)
+            draw = ImageDraw.Draw(image)
+            for _ in range(int(rng.integers(2, 6))):
+                points = [tuple(int(v) for v in rng.integers(10, 95, 2)) for _ in range(3)]
+                draw.line(points, fill=0, width=3)
+            image.save(folder / f"{drawer + 1:02d}.png")
+    return len(chosen) * OMNIGLOT_DRAWINGS
+
+
+def write_jpeg_folder(root: Path, scale: float) -> int:
+    """`root/<class>/<n>.jpg`, 32x32 RGB: a class colour, a gradient and noise."""
+    import numpy as np
+    from PIL import Image
+
+    per_class = max(2, round(JPEG_IMAGES * scale / JPEG_CLASSES))
+    rng = np.random.default_rng(0)
+    ramp = np.linspace(0, 80, 32, dtype=np.float32)[None, :, None]
+    for label in range(JPEG_CLASSES):
+        folder = root / f"class_{label}"
+        folder.mkdir(parents=True)
+        base = rng.integers(0, 150, size=3).astype(np.float32)
+        for index in range(per_class):
+            noise = rng.normal(0, 20, size=(32, 32, 3))
+            pixels = np.clip(base + ramp + noise, 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / f"{index:05d}.jpg", quality=90)
+    return per_class * JPEG_CLASSES
+
+
+def load_once(kind: str, root: str, cache: str) -> dict:
+    """In this process: build the source as its `data=` option does, time `load()`."""
+    import logging
+
+    from posttrain.data.sources import ImageFolderSource, OmniglotSource
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    if kind == "omniglot":
+        source = OmniglotSource(root=root, download=False, split="lake", cache_dir=cache)
+    else:
+        source = ImageFolderSource(root=root, cache_dir=cache)
+    start = time.perf_counter()
+    data = source.load()
+    seconds = time.perf_counter() - start
+    count = len(data.train) + (len(data.test) if data.test is not None else 0)
+    shape = list(data.train.images.shape[1:])
+    return {"seconds": seconds, "images": count, "shape": shape}
+
+
+def measured_load(kind: str, root: Path, cache: Path) -> dict:
+    command = [sys.executable, "-m", "benchmarks.decode_cache", "--load", kind, str(root)]
+    result = subprocess.run(
+        [*command, str(cache)], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    if result.returncode != 0:
+        raise SystemExit(f"[{kind}] load failed:\n{result.stderr[-3000:]}")
+    report = last_json_line(result.stdout)
+    report["hit"] = "cache hit" in result.stderr
+    return report
+
+
+def measure(kind: str, root: Path, cache: Path, repeats: int) -> dict:
+    first = measured_load(kind, root, cache)
+    assert not first["hit"], "the first start must decode (empty cache)"
+    seconds = []
+    for _ in range(repeats):
+        again = measured_load(kind, root, cache)
+        assert again["hit"], "the second start must hit the cache"
+        seconds.append(again["seconds"])
+    second = statistics.median(seconds)
+    entry_bytes = sum(p.stat().st_size for p in cache.glob("*.pt"))
+    return {
+        "images": first["images"],
+        "shape": first["shape"],
+        "first_start_seconds": first["seconds"],
+        "second_start_seconds": seconds,
+        "second_start_median_seconds": second,
+        "speedup": first["seconds"] / second,
+        "cache_entry_mib": entry_bytes / 2**20,
+    }
+
+
+LABELS = {
+    "omniglot": "Omniglot-sized folder (105x105 PNGs, read at 28x28)",
+    "imagefolder": "JPEG ImageFolder (32x32, read at its own size)",
+}
+
+
+def markdown_table(result: dict) -> str:
+    """The README table: first start (decode + store) and second start (cache hit), seconds."""
+    lines = [
+        f"Scale {result['scale']:g} of the full sizes (32,460 PNGs; 50,000 JPEGs).",
+        "",
+        "| data | images | first start (s) | second start (s, median) | speedup | cache MiB |",
+        "|---|---|---|---|---|---|",
+    ]
+    for kind, row in result["results"].items():
+        lines.append(
+            f"| {LABELS[kind]} | {row['images']:,} | {row['first_start_seconds']:.2f} | "
+            f"{row['second_start_median_seconds']:.2f} | {row['speedup']:.1f}x | "
+            f"{row['cache_entry_mib']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--scale", type=float, default=1.0, help="fraction of the full sizes")
+    parser.add_argument("--repeats", type=int, default=3, help="second starts (median)")
+    parser.add_argument(
+        "--load", nargs=3, metavar=("KIND", "ROOT", "CACHE"), help=argparse.SUPPRESS
+    )
+    args = parser.parse_args(argv)
+    if args.load:
+        print(json.dumps(load_once(*args.load)))
+        return
+    results, generation = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        for kind, write in (
+            ("omniglot", write_omniglot_folder),
+            ("imagefolder", write_jpeg_folder),
+        ):
+            start = time.perf_counter()
+            count = write(work / kind, args.scale)
+            generation[kind] = time.perf_counter() - start
+            print(f"[{kind}] generated {count} files in {generation[kind]:.0f}s", flush=True)
+            row = measure(kind, work / kind, work / f"cache-{kind}", args.repeats)
+            results[kind] = row
+            print(
+                f"[{kind}] {row['images']} images: first start {row['first_start_seconds']:.2f}s,"
+                f" second start {row['second_start_median_seconds']:.2f}s (median of "
+                f"{args.repeats}): {row['speedup']:.1f}x faster",
+                flush=True,
+            )
+    payload = {
+        "scale": args.scale,
+        "repeats": args.repeats,
+        "generation_seconds": generation,
+        "results": results,
+        "floor": "second start >= 10x faster (issue 13)",
+        "meets_floor": all(r["speedup"] >= 10 for r in results.values()),
+    }
+    print(markdown_table(payload))
+    print(f"\nwrote {write_result('decode_cache', bench_command('decode_cache', argv), payload)}")
+
+
+if __name__ == "__main__":
+    main()
