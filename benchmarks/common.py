@@ -128,9 +128,13 @@ def machine_note() -> str:
     )
 
 
-def write_result(name: str, command: str, payload: dict) -> Path:
-    """Write `benchmarks/results/<name>.json`. The README's tables are rendered from these
-    committed files, so each carries what produced it: command, date, machine, commit."""
+def write_result(
+    name: str, command: str, payload: dict, results_dir: str | Path | None = None
+) -> Path:
+    """Write `benchmarks/results/<name>.json` (or `<results_dir>/<name>.json`: a test's or a
+    trial's result that must not replace the committed one). The README's tables are rendered
+    from these committed files, so each carries what produced it: command, date, machine,
+    commit."""
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     record = {
         "benchmark": name,
@@ -140,8 +144,9 @@ def write_result(name: str, command: str, payload: dict) -> Path:
         "git_head": head.stdout.strip() or None,
         **payload,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+    folder = RESULTS if results_dir is None else Path(results_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.json"
     path.write_text(json.dumps(record, indent=2) + "\n")
     return path
 

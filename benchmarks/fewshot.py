@@ -1,100 +1,406 @@
-"""Few-shot accuracy on the embedded digits: ProtoNet and MAML, 5-way 1-shot and 5-shot.
+"""Few-shot accuracy: ProtoNet, MAML and first-order MAML, N-way K-shot, beside the papers.
 
-Runs `experiment=digits_protonet` and `experiment=digits_maml` (convnet4, digit x rotation
-classes split into disjoint meta-train/val/test classes) for each shot count and prints the
-test accuracy over 600 fixed test episodes with its 95% confidence interval. Writes
-benchmarks/results/fewshot.json; the README table is rendered from it by `markdown_table`.
+On real Omniglot (the papers' Vinyals et al. split, `experiment=omniglot_*`,
+`data.split=vinyals`) when `--root` names a folder holding it; on the embedded digits
+(`experiment=digits_*`, digit x rotation classes cut 20/10/10 into meta-train/val/test so that
+10-way episodes fit) otherwise:
 
-    python -m benchmarks.fewshot [--shots 1,5] [--methods digits_maml]
-        [--extra trainer.max_epochs=5]
+    python -m benchmarks.fewshot --data omniglot --root DIR --budget-minutes 120
+    python -m benchmarks.fewshot                       # embedded digits, 5- and 10-way
+    python -m benchmarks.fewshot --data omniglot --root DIR --extra trainer=gpu
+                                                       # the papers' schedules, no time limit
+
+Training runs (`python train.py -m experiment=... data.shots=1,5`, one multirun per method and
+training recipe, folders under outputs/bench/fewshot_<time>/):
+- ProtoNet: one model per shot count (Omniglot: 60-way training episodes, as Snell et al.),
+  evaluated at every `--ways`: a prototype classifier takes any number of classes.
+- MAML and first-order MAML: one model per ways x shots, because MAML's output layer has the
+  training ways (Finn et al. trained 20-way separately, with 5 inner steps, alpha 0.1 and 16
+  tasks per meta-batch: applied here on Omniglot). `--maml-ways 5` trains 5-way only; the
+  table then says the 20-way rows were not run.
+
+`--budget-minutes N` is the meta-training time of the whole benchmark, split evenly over the
+training runs (each gets Lightning's `trainer.max_time`; the experiment's own epochs stay the
+upper bound: a run may end earlier). A run stopped by the clock still validates and writes
+best.ckpt. Without it the experiments' own lengths run (the papers' schedules on Omniglot).
+
+Every row is scored by `python eval.py ckpt_path=<best.ckpt> [data.ways=W]` on the fixed test
+episodes (mean accuracy +- 95% CI); rows record the meta-training episodes seen and the
+meta-training wall time (train start to train end, validation included; start-up and testing
+excluded) measured by `MetaTrainingClock` inside the run. Writes benchmarks/results/fewshot.json
+(or `--results-dir`); the README table is rendered from it by `markdown_table`.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import shlex
 import time
 from pathlib import Path
+from typing import Any
 
-from benchmarks.common import OUT, QUIET, bench_command, grouped_metrics, run_train, write_result
+from lightning.pytorch.callbacks import Callback
 
-METHODS = ("digits_protonet", "digits_maml")
-# How the README names each method's row.
-LABELS = {"protonet": "ProtoNet", "maml": "MAML (1 inner step, α = 0.4, 3 steps at test)"}
+from benchmarks.common import OUT, QUIET, bench_command, run_command, write_result
+
+METHODS = ("protonet", "maml", "fomaml")
+LABELS = {"protonet": "ProtoNet", "maml": "MAML", "fomaml": "first-order MAML"}
+EXPERIMENTS = {
+    "digits": {"protonet": "digits_protonet", "maml": "digits_maml", "fomaml": "digits_maml"},
+    "omniglot": {
+        "protonet": "omniglot_protonet",
+        "maml": "omniglot_maml",
+        "fomaml": "omniglot_maml",
+    },
+}
+METHOD_OVERRIDES = {"protonet": [], "maml": [], "fomaml": ["method.first_order=true"]}
+# Data set-up of each mode: digits' 40 classes cut 20/10/10, so 10-way val and test fit.
+DATA_OVERRIDES = {
+    "digits": ["data.val_fraction=0.25", "data.test_fraction=0.25"],
+    "omniglot": ["data.split=vinyals"],
+}
+DEFAULT_WAYS = {"digits": "5,10", "omniglot": "5,20"}
+# MAML's recipe for more ways (Finn et al. 2017, appendix A.1: 20-way Omniglot trained and
+# evaluated with 5 inner steps, alpha = 0.1, meta-batches of 16 tasks); 5-way is the
+# experiment's own (1 step, alpha = 0.4, 3 steps at test, 32 tasks).
+MAML_WAYS_RECIPE = {
+    ("omniglot", 20): [
+        "method.inner_steps=5",
+        "method.eval_inner_steps=5",
+        "method.inner_lr=0.1",
+        "data.meta_batch_size=16",
+    ]
+}
+# Published Omniglot test accuracy (%), 20-way and 5-way, 1- and 5-shot.
+PAPERS = {
+    "protonet": {
+        "source": "Snell et al. 2017",
+        "acc": {(5, 1): 98.8, (5, 5): 99.7, (20, 1): 96.0, (20, 5): 98.9},
+    },
+    "maml": {
+        "source": "Finn et al. 2017",
+        "acc": {(5, 1): 98.7, (5, 5): 99.9, (20, 1): 95.8, (20, 5): 98.9},
+    },
+    "fomaml": {
+        "source": "Finn et al. 2017",
+        "acc": {(5, 1): 98.3, (5, 5): 99.2, (20, 1): 89.4, (20, 5): 97.9},
+    },
+}
+CLOCK_FILE = "meta_training.json"
+CLOCK_TARGET = "benchmarks.fewshot.MetaTrainingClock"
+# Job folders named by job number: the overrides would make names longer than a file name.
+SUBDIR = "hydra.sweep.subdir=${hydra.job.num}"
+
+
+class MetaTrainingClock(Callback):
+    """Added to each training run: wall time from train start to train end (validation
+    included) and the meta-training episodes (tasks) the optimizer saw, as JSON in `out`."""
+
+    def __init__(self, out: str) -> None:
+        self.out = Path(out)
+        self.started: float | None = None
+        self.episodes = 0
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self.started = time.time()
+
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self.episodes += len(batch[0])  # a meta-batch: one leading entry per task
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        seconds = time.time() - (self.started or time.time())
+        report = {"seconds": seconds, "episodes": self.episodes, "steps": trainer.global_step}
+        self.out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def paper_rows() -> list[dict]:
+    """PAPERS as JSON rows (the result file records what the table compares against)."""
+    return [
+        {"method": m, "ways": w, "shots": k, "acc_percent": acc, "source": PAPERS[m]["source"]}
+        for m in METHODS
+        for (w, k), acc in PAPERS[m]["acc"].items()
+    ]
+
+
+def max_time(seconds: float) -> str:
+    """Lightning's `DD:HH:MM:SS`, at least one second."""
+    total = max(1, round(seconds))
+    minutes, secs = divmod(total, 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    return f"{days:02d}:{hours:02d}:{minutes:02d}:{secs:02d}"
+
+
+def training_plan(
+    data: str, methods: list[str], maml_ways: list[int]
+) -> list[tuple[str, str, list[int] | None, list[str]]]:
+    """(folder name, method, ways trained or None for ProtoNet's own, overrides) of each
+    training multirun; each sweeps the shot counts."""
+    plan: list[tuple[str, str, list[int] | None, list[str]]] = []
+    for method in methods:
+        if method == "protonet":
+            plan.append((method, method, None, []))
+            continue
+        groups: dict[tuple[str, ...], list[int]] = {}
+        for w in maml_ways:
+            groups.setdefault(tuple(MAML_WAYS_RECIPE.get((data, w), [])), []).append(w)
+        for recipe, group in groups.items():
+            name = method if len(groups) == 1 else f"{method}_{'_'.join(map(str, group))}way"
+            plan.append((name, method, group, [f"data.ways={','.join(map(str, group))}", *recipe]))
+    return plan
+
+
+def read_job(job: Path) -> dict:
+    """A finished training job: its method config, ways/shots, checkpoint, clock, metrics."""
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.load(job / ".hydra" / "config.yaml")
+    metrics_file = job / "metrics.json"
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+    if metrics.get("status") != "completed":
+        raise SystemExit(f"training job {job} did not complete: {metrics or 'no metrics.json'}")
+    clock = json.loads((job / CLOCK_FILE).read_text())
+    return {
+        "folder": str(job),
+        "ways": int(config.data.ways),
+        "train_ways": int(config.data.get("train_ways") or config.data.ways),
+        "shots": int(config.data.shots),
+        "ckpt": str(job / "checkpoints" / "best.ckpt"),
+        "episodes": int(clock["episodes"]),
+        "steps": int(clock["steps"]),
+        "wall_seconds": round(float(clock["seconds"]), 1),
+        "train_test_acc": metrics.get("test/acc"),
+    }
+
+
+def jobs_of(multirun: Path) -> list[Path]:
+    return sorted(p for p in multirun.iterdir() if (p / ".hydra" / "config.yaml").is_file())
+
+
+def quoted(path: str) -> str:
+    """A path as one Hydra override value (survives commas, spaces, `=`)."""
+    return "'" + path.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def train(sweep: Path, data: str, plan: list, shots: str, common: list[str]) -> None:
+    for name, method, _, overrides in plan:
+        command = [
+            "train.py",
+            "-m",
+            f"experiment={EXPERIMENTS[data][method]}",
+            *METHOD_OVERRIDES[method],
+            f"data.shots={shots}",
+            *overrides,
+            *common,
+            f"+callbacks.fewshot_clock._target_={CLOCK_TARGET}",
+            f"+callbacks.fewshot_clock.out=${{paths.output_dir}}/{CLOCK_FILE}",
+            f"hydra.sweep.dir={sweep / name}",
+            SUBDIR,
+        ]
+        run_python(command, name)
+
+
+def run_python(args: list[str], label: str) -> float:
+    import sys
+
+    print(f"[{label}] python {shlex.join(args)}", flush=True)
+    started = time.time()
+    run_command([sys.executable, *args], label)
+    return time.time() - started
+
+
+def evaluate(sweep: Path, name: str, ckpts: list[str], ways: list[int] | None, extra: list[str]):
+    """`python eval.py -m ckpt_path=<each> [data.ways=<each>]`: one process for all."""
+    command = [
+        "eval.py",
+        "-m",
+        "ckpt_path=" + ",".join(quoted(c) for c in ckpts),
+        *([f"data.ways={','.join(map(str, ways))}"] if ways else []),
+        *extra,
+        *QUIET,
+        f"hydra.sweep.dir={sweep / name}",
+        SUBDIR,
+    ]
+    run_python(command, name)
+    from posttrain.report import read_overrides
+
+    scores = {}
+    for job in jobs_of(sweep / name):
+        metrics = json.loads((job / "metrics.json").read_text())
+        if metrics.get("status") != "completed":
+            raise SystemExit(f"evaluation {job} did not complete: {metrics}")
+        overrides = read_overrides(job)
+        key = (overrides["ckpt_path"].strip("'\""), overrides.get("data.ways"))
+        scores[key] = metrics
+    return scores
+
+
+def collect(sweep: Path, plan: list, ways: list[int], eval_extra: list[str]) -> list[dict]:
+    rows = []
+    for method in dict.fromkeys(m for _, m, _, _ in plan):
+        jobs = [read_job(j) for name, m, *_ in plan if m == method for j in jobs_of(sweep / name)]
+        if method == "protonet":  # one model per shot count, scored at every ways
+            scores = evaluate(sweep, f"eval_{method}", [j["ckpt"] for j in jobs], ways, eval_extra)
+            settings = [(j, w, scores[j["ckpt"], str(w)]) for j in jobs for w in ways]
+        else:  # scored at its training ways: its head has that many outputs
+            scores = evaluate(sweep, f"eval_{method}", [j["ckpt"] for j in jobs], None, eval_extra)
+            settings = [(j, j["ways"], scores[j["ckpt"], None]) for j in jobs]
+        for job, w, metrics in settings:
+            rows.append(
+                {
+                    "method": method,
+                    "ways": w,
+                    "shots": job["shots"],
+                    "test_acc": metrics["test/acc"],
+                    "ci95": metrics["test/acc_ci95"],
+                    "test_episodes": int(metrics["test/episodes"]),
+                    "train_ways": job["train_ways"] if method == "protonet" else job["ways"],
+                    "episodes_seen": job["episodes"],
+                    "steps": job["steps"],
+                    "wall_seconds": job["wall_seconds"],
+                    "train_test_acc": job["train_test_acc"] if w == job["ways"] else None,
+                    "run": job["folder"],
+                }
+            )
+    return sorted(rows, key=lambda r: (METHODS.index(r["method"]), r["ways"], r["shots"]))
+
+
+def fmt_seconds(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def markdown_table(result: dict) -> str:
-    """The README table: one row per method, one column per shot count, acc ± 95% CI."""
-    shots = sorted({r["shots"] for r in result["rows"]})
-    cells = {(r["method"], r["shots"]): r for r in result["rows"]}
+    """The README table: one row per method x ways x shots, measured accuracy +- 95% CI
+    beside the papers' Omniglot number, meta-training episodes and wall time."""
+    papers = {(p["method"], p["ways"], p["shots"]): p for p in result.get("papers", [])}
+    cells = {(r["method"], r["ways"], r["shots"]): r for r in result["rows"]}
+    data = result.get("data", "digits")
     lines = [
-        "| method | " + " | ".join(f"{k}-shot" for k in shots) + " |",
-        "|---" * (len(shots) + 1) + "|",
+        f"| method | ways | shots | test acc % ± 95% CI ({data}) | paper (Omniglot) "
+        "| meta-training episodes | wall time |",
+        "|---|---|---|---|---|---|---|",
     ]
-    present = {r["method"] for r in result["rows"]}
-    for method in [
-        m.removeprefix("digits_") for m in METHODS if m.removeprefix("digits_") in present
-    ]:
-        row = [
-            f"{100 * cells[method, k]['test_acc']:.1f} ± {100 * cells[method, k]['ci95']:.1f} %"
-            if (method, k) in cells
-            else "—"
-            for k in shots
-        ]
-        lines.append(f"| {LABELS.get(method, method)} | " + " | ".join(row) + " |")
-    return "\n".join(lines)
+    methods = result.get("methods") or sorted(
+        {m for m, _, _ in cells}, key=lambda m: METHODS.index(m) if m in METHODS else 99
+    )
+    ways = result.get("ways") or sorted({w for _, w, _ in cells})
+    shots = result.get("shots") or sorted({k for _, _, k in cells})
+    missing = []
+    for method in methods:
+        for w in ways:
+            for k in shots:
+                paper = papers.get((method, w, k))
+                paper_cell = f"{paper['acc_percent']:.1f} ({paper['source']})" if paper else "—"
+                row = cells.get((method, w, k))
+                if row is None:
+                    missing.append(f"{LABELS.get(method, method)} {w}-way {k}-shot")
+                    measured, episodes, wall = "not run", "—", "—"
+                else:
+                    measured = f"{100 * row['test_acc']:.1f} ± {100 * row['ci95']:.1f}"
+                    episodes = f"{row['episodes_seen']:,}"
+                    wall = fmt_seconds(row["wall_seconds"])
+                label = LABELS.get(method, method)
+                lines.append(
+                    f"| {label} | {w} | {k} | {measured} | {paper_cell} | {episodes} | {wall} |"
+                )
+    notes = []
+    if missing:
+        notes.append(
+            f"Not run: {', '.join(missing)} (MAML's output layer has its training ways, so "
+            "each ways needs its own MAML model: `--maml-ways`)."
+        )
+    notes.append(
+        "ProtoNet: one model per shot count, scored at every ways (wall time and episodes "
+        "are that model's); MAML: one model per ways and shots."
+    )
+    if data != "omniglot":
+        notes.append(
+            f"The papers' numbers are Omniglot's, shown for scale: these rows are on {data}."
+        )
+    budget = result.get("budget_minutes")
+    if budget is not None:
+        notes.append(
+            f"Budget: {budget:g} min of meta-training in all, `trainer.max_time` "
+            f"{result['max_time_per_run']} per training run."
+        )
+    else:
+        notes.append("No time budget: each run trained for its experiment's full length.")
+    return "\n".join(lines) + "\n\n" + " ".join(notes)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--data", choices=("digits", "omniglot"), default=None,
+                        help="default: omniglot with --root, else the embedded digits")  # fmt: skip
+    parser.add_argument("--root", default=None, help="folder holding Omniglot (data.root)")
+    parser.add_argument("--budget-minutes", type=float, default=None,
+                        help="meta-training minutes in all, split over the runs")  # fmt: skip
     parser.add_argument("--shots", default="1,5")
-    parser.add_argument("--extra", nargs="*", default=[])
+    parser.add_argument("--ways", default=None, help="default: 5,20 (Omniglot), 5,10 (digits)")
+    parser.add_argument("--maml-ways", default=None, help="ways MAML trains at (default: --ways)")
     parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--sweep-dir", default=None)
-    parser.add_argument("--collect-only", action="store_true")
+    parser.add_argument("--extra", nargs="*", default=[], help="overrides for every train run")
+    parser.add_argument("--eval-extra", nargs="*", default=[], help="overrides for eval.py")
+    parser.add_argument("--sweep-dir", default=None, help="default: outputs/bench/fewshot_<time>")
+    parser.add_argument("--results-dir", default=None,
+                        help="where fewshot.json goes (default: benchmarks/results)")  # fmt: skip
+    parser.add_argument("--collect-only", action="store_true", help="score existing runs")
     args = parser.parse_args(argv)
+    data = args.data or ("omniglot" if args.root else "digits")
+    if data == "omniglot" and not args.root:
+        parser.error("--data omniglot needs --root DIR (the folder holding Omniglot)")
+    ways = [int(w) for w in (args.ways or DEFAULT_WAYS[data]).split(",")]
+    maml_ways = [int(w) for w in args.maml_ways.split(",")] if args.maml_ways else ways
+    shots = [int(k) for k in args.shots.split(",")]
     sweep = Path(args.sweep_dir or OUT / f"fewshot_{time.strftime('%Y%m%d_%H%M%S')}")
+    plan = training_plan(data, args.methods, maml_ways)
+    runs = sum(len(shots) * (1 if group is None else len(group)) for _, _, group, _ in plan)
+    per_run = None if args.budget_minutes is None else args.budget_minutes * 60 / runs
+    common = [*DATA_OVERRIDES[data], *([f"data.root={args.root}"] if args.root else [])]
+    if per_run is not None:
+        common.append(f"+trainer.max_time={max_time(per_run)}")
+    common += [*args.extra, *QUIET]
     started = time.time()
     if not args.collect_only:
-        for experiment in args.methods:
-            run_train(
-                [
-                    "-m",
-                    f"experiment={experiment}",
-                    f"data.shots={args.shots}",
-                    *args.extra,
-                    *QUIET,
-                    f"hydra.sweep.dir={sweep / experiment}",
-                ],
-                experiment,
-            )
-    groups = grouped_metrics(sweep, lambda family, o: f"{family}|{o['data.shots']}")
-    rows = []
-    print(f"\n{'method':<18} {'5-way K-shot':>12} {'test acc % ± 95% CI':>22} {'episodes':>9}")
-    for key, runs in sorted(groups.items()):
-        family, shots = key.split("|")
-        metrics = runs[0]
-        rows.append(
-            {
-                "method": family.removeprefix("digits_"),
-                "shots": int(shots),
-                "test_acc": metrics["test/acc"],
-                "ci95": metrics["test/acc_ci95"],
-                "episodes": metrics["test/episodes"],
-                "metrics": metrics,
-            }
-        )
+        train(sweep, data, plan, args.shots, common)
+    rows = collect(sweep, plan, ways, [*args.eval_extra])
+    print(f"\n{'method':<18} {'ways':>4} {'shots':>5} {'test acc % ± CI95':>18} "
+          f"{'paper':>6} {'episodes':>9} {'wall s':>7}")  # fmt: skip
+    for r in rows:
+        paper = PAPERS[r["method"]]["acc"].get((r["ways"], r["shots"]))
         print(
-            f"{rows[-1]['method']:<18} {shots:>12} {100 * metrics['test/acc']:>14.1f} ± "
-            f"{100 * metrics['test/acc_ci95']:.1f} {int(metrics['test/episodes']):>9}"
+            f"{LABELS[r['method']]:<18} {r['ways']:>4} {r['shots']:>5} "
+            f"{100 * r['test_acc']:>11.1f} ± {100 * r['ci95']:<4.1f} "
+            f"{'' if paper is None else paper:>6} {r['episodes_seen']:>9} {r['wall_seconds']:>7}"
         )
     payload = {
+        "data": data,
+        "root": args.root,
+        "methods": args.methods,
+        "ways": ways,
+        "maml_ways": maml_ways,
+        "shots": shots,
+        "budget_minutes": args.budget_minutes,
+        "training_runs": runs,
+        "max_time_per_run": None if per_run is None else max_time(per_run),
         "sweep_dir": str(sweep),
-        "extra": args.extra,
+        "train_overrides": common,
+        "eval_overrides": args.eval_extra,
         "wall_seconds": round(time.time() - started, 1),
         "rows": rows,
+        "papers": paper_rows(),
     }
-    path = write_result("fewshot", bench_command("fewshot", argv), payload)
-    print(f"\nwrote {path} (jobs in {sweep})")
+    path = write_result("fewshot", bench_command("fewshot", argv), payload, args.results_dir)
+    print(f"\nwrote {path} (runs in {sweep})")
 
 
 if __name__ == "__main__":
