@@ -47,14 +47,9 @@ from benchmarks.common import OUT, QUIET, bench_command, run_command, write_resu
 METHODS = ("protonet", "maml", "fomaml")
 LABELS = {"protonet": "ProtoNet", "maml": "MAML", "fomaml": "first-order MAML"}
 EXPERIMENTS = {
-    "digits": {"protonet": "digits_protonet", "maml": "digits_maml", "fomaml": "digits_maml"},
-    "omniglot": {
-        "protonet": "omniglot_protonet",
-        "maml": "omniglot_maml",
-        "fomaml": "omniglot_maml",
-    },
+    "digits": {"protonet": "digits_protonet", "maml": "digits_maml"},
+    "omniglot": {"protonet": "omniglot_protonet", "maml": "omniglot_maml"},
 }
-METHOD_OVERRIDES = {"protonet": [], "maml": [], "fomaml": ["method.first_order=true"]}
 # Data set-up of each mode: digits' 40 classes cut 20/10/10, so 10-way val and test fit.
 DATA_OVERRIDES = {
     "digits": ["data.val_fraction=0.25", "data.test_fraction=0.25"],
@@ -135,26 +130,35 @@ def max_time(seconds: float) -> str:
 
 
 def training_plan(
-    data: str, methods: list[str], maml_ways: list[int]
-) -> list[tuple[str, str, list[int] | None, list[str]]]:
-    """(folder name, method, ways trained or None for ProtoNet's own, overrides) of each
-    training multirun; each sweeps the shot counts."""
-    plan: list[tuple[str, str, list[int] | None, list[str]]] = []
-    for method in methods:
-        if method == "protonet":
-            plan.append((method, method, None, []))
-            continue
-        groups: dict[tuple[str, ...], list[int]] = {}
-        for w in maml_ways:
-            groups.setdefault(tuple(MAML_WAYS_RECIPE.get((data, w), [])), []).append(w)
-        for recipe, group in groups.items():
-            name = method if len(groups) == 1 else f"{method}_{'_'.join(map(str, group))}way"
-            plan.append((name, method, group, [f"data.ways={','.join(map(str, group))}", *recipe]))
+    data: str, methods: list[str], maml_ways: list[int], shots: list[int]
+) -> list[tuple[str, str, int, list[str]]]:
+    """(folder name, experiment family, jobs, overrides) of each training multirun. ProtoNet
+    sweeps the shots; MAML and first-order MAML share multiruns (`method.first_order` is
+    swept) that sweep ways and shots, one per MAML recipe (20-way Omniglot has its own)."""
+    shot_sweep = f"data.shots={','.join(map(str, shots))}"
+    plan: list[tuple[str, str, int, list[str]]] = []
+    if "protonet" in methods:
+        plan.append(("protonet", "protonet", len(shots), [shot_sweep]))
+    orders = [str(m == "fomaml").lower() for m in ("maml", "fomaml") if m in methods]
+    if not orders:
+        return plan
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for w in maml_ways:
+        groups.setdefault(tuple(MAML_WAYS_RECIPE.get((data, w), [])), []).append(w)
+    for recipe, group in groups.items():
+        name = "maml" if len(groups) == 1 else f"maml_{'_'.join(map(str, group))}way"
+        overrides = [
+            f"method.first_order={','.join(orders)}",
+            f"data.ways={','.join(map(str, group))}",
+            shot_sweep,
+            *recipe,
+        ]
+        plan.append((name, "maml", len(orders) * len(group) * len(shots), overrides))
     return plan
 
 
 def read_job(job: Path) -> dict:
-    """A finished training job: its method config, ways/shots, checkpoint, clock, metrics."""
+    """A finished training job: its method, ways/shots, checkpoint, clock and metrics."""
     from omegaconf import OmegaConf
 
     config = OmegaConf.load(job / ".hydra" / "config.yaml")
@@ -163,7 +167,11 @@ def read_job(job: Path) -> dict:
     if metrics.get("status") != "completed":
         raise SystemExit(f"training job {job} did not complete: {metrics or 'no metrics.json'}")
     clock = json.loads((job / CLOCK_FILE).read_text())
+    method = str(config.method.algorithm)
+    if method == "maml" and config.method.get("first_order"):
+        method = "fomaml"
     return {
+        "method": method,
         "folder": str(job),
         "ways": int(config.data.ways),
         "train_ways": int(config.data.get("train_ways") or config.data.ways),
@@ -185,14 +193,12 @@ def quoted(path: str) -> str:
     return "'" + path.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def train(sweep: Path, data: str, plan: list, shots: str, common: list[str]) -> None:
-    for name, method, _, overrides in plan:
+def train(sweep: Path, data: str, plan: list, common: list[str]) -> None:
+    for name, family, _, overrides in plan:
         command = [
             "train.py",
             "-m",
-            f"experiment={EXPERIMENTS[data][method]}",
-            *METHOD_OVERRIDES[method],
-            f"data.shots={shots}",
+            f"experiment={EXPERIMENTS[data][family]}",
             *overrides,
             *common,
             f"+callbacks.fewshot_clock._target_={CLOCK_TARGET}",
@@ -239,32 +245,37 @@ def evaluate(sweep: Path, name: str, ckpts: list[str], ways: list[int] | None, e
 
 
 def collect(sweep: Path, plan: list, ways: list[int], eval_extra: list[str]) -> list[dict]:
+    """Score every training job's best.ckpt with eval.py: ProtoNet at every ways (one model per
+    shot count), MAML at its training ways (its head has that many outputs)."""
+    jobs = [read_job(job) for name, *_ in plan for job in jobs_of(sweep / name)]
+    settings = []
+    for family in dict.fromkeys(family for _, family, _, _ in plan):
+        mine = [j for j in jobs if (j["method"] == "protonet") == (family == "protonet")]
+        if family == "protonet":
+            scores = evaluate(sweep, "eval_protonet", [j["ckpt"] for j in mine], ways, eval_extra)
+            settings += [(j, w, scores[j["ckpt"], str(w)]) for j in mine for w in ways]
+        else:
+            scores = evaluate(sweep, "eval_maml", [j["ckpt"] for j in mine], None, eval_extra)
+            settings += [(j, j["ways"], scores[j["ckpt"], None]) for j in mine]
     rows = []
-    for method in dict.fromkeys(m for _, m, _, _ in plan):
-        jobs = [read_job(j) for name, m, *_ in plan if m == method for j in jobs_of(sweep / name)]
-        if method == "protonet":  # one model per shot count, scored at every ways
-            scores = evaluate(sweep, f"eval_{method}", [j["ckpt"] for j in jobs], ways, eval_extra)
-            settings = [(j, w, scores[j["ckpt"], str(w)]) for j in jobs for w in ways]
-        else:  # scored at its training ways: its head has that many outputs
-            scores = evaluate(sweep, f"eval_{method}", [j["ckpt"] for j in jobs], None, eval_extra)
-            settings = [(j, j["ways"], scores[j["ckpt"], None]) for j in jobs]
-        for job, w, metrics in settings:
-            rows.append(
-                {
-                    "method": method,
-                    "ways": w,
-                    "shots": job["shots"],
-                    "test_acc": metrics["test/acc"],
-                    "ci95": metrics["test/acc_ci95"],
-                    "test_episodes": int(metrics["test/episodes"]),
-                    "train_ways": job["train_ways"] if method == "protonet" else job["ways"],
-                    "episodes_seen": job["episodes"],
-                    "steps": job["steps"],
-                    "wall_seconds": job["wall_seconds"],
-                    "train_test_acc": job["train_test_acc"] if w == job["ways"] else None,
-                    "run": job["folder"],
-                }
-            )
+    for job, w, metrics in settings:
+        rows.append(
+            {
+                "method": job["method"],
+                "ways": w,
+                "shots": job["shots"],
+                "test_acc": metrics["test/acc"],
+                "ci95": metrics["test/acc_ci95"],
+                "test_episodes": int(metrics["test/episodes"]),
+                "train_ways": job["train_ways"],
+                "episodes_seen": job["episodes"],
+                "steps": job["steps"],
+                "wall_seconds": job["wall_seconds"],
+                # the training run's own test of the same checkpoint at its own setting
+                "train_test_acc": job["train_test_acc"] if w == job["ways"] else None,
+                "run": job["folder"],
+            }
+        )
     return sorted(rows, key=lambda r: (METHODS.index(r["method"]), r["ways"], r["shots"]))
 
 
@@ -362,8 +373,8 @@ def main(argv: list[str] | None = None) -> None:
     maml_ways = [int(w) for w in args.maml_ways.split(",")] if args.maml_ways else ways
     shots = [int(k) for k in args.shots.split(",")]
     sweep = Path(args.sweep_dir or OUT / f"fewshot_{time.strftime('%Y%m%d_%H%M%S')}")
-    plan = training_plan(data, args.methods, maml_ways)
-    runs = sum(len(shots) * (1 if group is None else len(group)) for _, _, group, _ in plan)
+    plan = training_plan(data, args.methods, maml_ways, shots)
+    runs = sum(jobs for _, _, jobs, _ in plan)
     per_run = None if args.budget_minutes is None else args.budget_minutes * 60 / runs
     common = [*DATA_OVERRIDES[data], *([f"data.root={args.root}"] if args.root else [])]
     if per_run is not None:
@@ -371,7 +382,7 @@ def main(argv: list[str] | None = None) -> None:
     common += [*args.extra, *QUIET]
     started = time.time()
     if not args.collect_only:
-        train(sweep, data, plan, args.shots, common)
+        train(sweep, data, plan, common)
     rows = collect(sweep, plan, ways, [*args.eval_extra])
     print(f"\n{'method':<18} {'ways':>4} {'shots':>5} {'test acc % ± CI95':>18} "
           f"{'paper':>6} {'episodes':>9} {'wall s':>7}")  # fmt: skip
