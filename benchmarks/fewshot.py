@@ -10,14 +10,19 @@ On real Omniglot (the papers' Vinyals et al. split, `experiment=omniglot_*`,
     python -m benchmarks.fewshot --data omniglot --root DIR --extra trainer=gpu
                                                        # the papers' schedules, no time limit
 
-Training runs (`python train.py -m experiment=... data.shots=1,5`, one multirun per method and
-training recipe, folders under outputs/bench/fewshot_<time>/):
+Training runs are Hydra multiruns of `python train.py -m experiment=... data.shots=1,5` (ProtoNet;
+MAML with `method.first_order=false,true data.ways=...` swept in one multirun per recipe), in
+job folders under outputs/bench/fewshot_<time>/ (or `--sweep-dir`):
 - ProtoNet: one model per shot count (Omniglot: 60-way training episodes, as Snell et al.),
   evaluated at every `--ways`: a prototype classifier takes any number of classes.
 - MAML and first-order MAML: one model per ways x shots, because MAML's output layer has the
-  training ways (Finn et al. trained 20-way separately, with 5 inner steps, alpha 0.1 and 16
+  training ways (Finn et al. trained 20-way separately, with 5 inner steps, alpha 0.1, 16
   tasks per meta-batch: applied here on Omniglot). `--maml-ways 5` trains 5-way only; the
   table then says the 20-way rows were not run.
+
+Other options: `--ways`, `--shots`, `--methods`, `--extra` (overrides for every training run,
+e.g. `trainer=gpu`), `--eval-extra` (for eval.py, e.g. `data.test_episodes=1000`),
+`--collect-only` (score the runs already in `--sweep-dir`).
 
 `--budget-minutes N` is the meta-training time of the whole benchmark, split evenly over the
 training runs (each gets Lightning's `trainer.max_time`; the experiment's own epochs stay the
@@ -57,14 +62,15 @@ DATA_OVERRIDES = {
 }
 DEFAULT_WAYS = {"digits": "5,10", "omniglot": "5,20"}
 # MAML's recipe for more ways (Finn et al. 2017, appendix A.1: 20-way Omniglot trained and
-# evaluated with 5 inner steps, alpha = 0.1, meta-batches of 16 tasks); 5-way is the
-# experiment's own (1 step, alpha = 0.4, 3 steps at test, 32 tasks).
+# evaluated with 5 inner steps, alpha = 0.1, meta-batches of 16 tasks, 60k meta-iterations);
+# 5-way is the experiment's own (1 step, alpha = 0.4, 3 steps at test, 32 tasks).
 MAML_WAYS_RECIPE = {
     ("omniglot", 20): [
         "method.inner_steps=5",
         "method.eval_inner_steps=5",
         "method.inner_lr=0.1",
         "data.meta_batch_size=16",
+        "data.train_episodes=16000",  # 1000 meta-iterations per epoch: 60k in 60 epochs
     ]
 }
 # Published Omniglot test accuracy (%), 20-way and 5-way, 1- and 5-shot.
@@ -376,7 +382,7 @@ def main(argv: list[str] | None = None) -> None:
     plan = training_plan(data, args.methods, maml_ways, shots)
     runs = sum(jobs for _, _, jobs, _ in plan)
     per_run = None if args.budget_minutes is None else args.budget_minutes * 60 / runs
-    common = [*DATA_OVERRIDES[data], *([f"data.root={args.root}"] if args.root else [])]
+    common = [*DATA_OVERRIDES[data], *([f"data.root={quoted(args.root)}"] if args.root else [])]
     if per_run is not None:
         common.append(f"+trainer.max_time={max_time(per_run)}")
     common += [*args.extra, *QUIET]
