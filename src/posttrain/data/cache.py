@@ -45,7 +45,7 @@ def _digest(payload: object, length: int) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 
-def listing_of(files: Sequence[Path]) -> list[tuple[str, int, int]]:
+def listing_of(files: Sequence[str | Path]) -> list[tuple[str, int, int]]:
     """(path, bytes, mtime in ns) of every file, in order: what an entry depends on. Paths
     as listed under the source's root (whose resolved path is part of the entry's name)."""
     rows = []
@@ -117,8 +117,8 @@ def _write_entry(path: Path, images: Tensor) -> None:
 
 
 def _decode_all(
-    files: Sequence[Path],
-    decode: Callable[[Path, int, int | None], Tensor],
+    files: Sequence[str | Path],
+    decode: Callable[[str | Path, int, int | None], Tensor],
     channels: int,
     size: int | None,
 ) -> tuple[Tensor, str]:
@@ -162,8 +162,8 @@ def _decode_all(
 
 
 def decoded_images(
-    files: Sequence[Path],
-    decode: Callable[[Path, int, int | None], Tensor],
+    files: Sequence[str | Path],
+    decode: Callable[[str | Path, int, int | None], Tensor],
     channels: int,
     size: int | None,
     cache_dir: str | Path | None,

@@ -9,6 +9,7 @@ one yaml in `conf/data/`.
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -483,7 +484,7 @@ class ImageFolderSource:
         return None
 
     @staticmethod
-    def decode_file(path: Path, channels: int, size: int | None) -> Tensor:
+    def decode_file(path: str | Path, channels: int, size: int | None) -> Tensor:
         """One image file -> uint8 (channels, size, size); size None: its own size."""
         from PIL import Image, UnidentifiedImageError
         from torchvision.transforms.v2 import functional as F
@@ -498,8 +499,19 @@ class ImageFolderSource:
             return tensor
         return F.resize(tensor, [size, size], antialias=True)
 
-    def image_files(self, folder: Path) -> list[Path]:
-        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in self.EXTENSIONS)
+    def image_files(self, folder: Path) -> list[str]:
+        """Image files anywhere under `folder`, in path order (walked with `os.walk` and
+        sorted as strings: pathlib's rglob and Path sorting took ~1 s for 50,000 files,
+        more than reading them back from the decoded-image cache)."""
+        bare = {e[1:] for e in self.EXTENSIONS}  # `.png` alone is a hidden file, not a PNG
+        found: list[tuple[tuple[str, ...], str]] = []
+        for directory, _, names in os.walk(folder, followlinks=True):
+            inner = Path(directory).relative_to(folder).parts
+            for name in names:
+                low = name.lower()
+                if low.endswith(self.EXTENSIONS) and low.lstrip(".") not in bare:
+                    found.append(((*inner, name), f"{directory}/{name}"))
+        files = [path for _, path in sorted(found)]
         require(
             bool(files),
             f"Class folder {folder} (under `data.root`) holds no images "
@@ -507,9 +519,9 @@ class ImageFolderSource:
         )
         return files
 
-    def list_classes(self, folder: Path) -> tuple[list[Path], list[int]]:
+    def list_classes(self, folder: Path) -> tuple[list[str], list[int]]:
         """`folder/<class>/<images>` for this source's classes: files and labels (by name)."""
-        files: list[Path] = []
+        files: list[str] = []
         labels: list[int] = []
         for label, name in enumerate(self.class_names):
             found = self.image_files(folder / name)
@@ -631,10 +643,14 @@ class OmniglotSource:
     def read_characters(self, characters: list[Path], first_label: int = 0) -> LabelledImages:
         """Every drawing of `characters`, labelled first_label, first_label + 1, ... (decoded
         once into the cache, keyed by this listing: see `cache.py`)."""
-        files: list[Path] = []
+        files: list[str] = []
         labels: list[int] = []
         for offset, character in enumerate(characters):
-            found = sorted(character.glob("*.png"))
+            found = sorted(
+                e.path
+                for e in os.scandir(character)
+                if e.name.endswith(".png") and not e.name.startswith(".")  # as glob does
+            )
             require(
                 bool(found),
                 f"Omniglot character folder {character} holds no .png images; every character "
