@@ -105,3 +105,14 @@ PROBE = "+callbacks.probe._target_=tests.conftest.RunProbe"
 def read_probes(run_dir: Path) -> list[dict]:
     """The RunProbe reports of a run folder, rank 0 first."""
     return [json.loads(p.read_text()) for p in sorted(run_dir.glob("probe-rank*.json"))]
+
+
+@pytest.fixture(scope="session")
+def omniglot_all_characters(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every character the papers' Omniglot split names, two tiny drawings each, in the real
+    folder layout (built once per session: 3,246 files)."""
+    from tests.fixtures import write_omniglot_characters
+
+    root = tmp_path_factory.mktemp("omniglot")
+    write_omniglot_characters(root, drawers=2, size=8)
+    return root

@@ -99,3 +99,15 @@ def test_max_steps_ending_mid_epoch_still_validates_and_checkpoints(tmp_path: Pa
     record = json.loads((run / "metrics.json").read_text())
     assert (run / "checkpoints" / "best.ckpt").is_file() and "val/acc_best" in record
     assert record["global_step"] == 5 and record["epoch"] == 0  # no epoch was completed
+
+
+@pytest.mark.slow
+def test_epoch_count_is_the_run_not_the_best_checkpoint(tmp_path: Path) -> None:
+    """Observed: `epoch` came from best.ckpt (10) in a run that completed 23 epochs, because
+    testing best.ckpt restored the epoch counter saved with it."""
+    run = tmp_path / "run"
+    overrides = [*CPU, "debug=limit", "trainer.max_epochs=4", "model.width=4", "optimizer.lr=1e-9"]
+    train(compose_config(run, overrides))  # lr ~0: the best epoch is the first one
+    record = json.loads((run / "metrics.json").read_text())
+    assert torch.load(run / "checkpoints" / "best.ckpt", weights_only=True)["epoch"] == 0
+    assert record["epoch"] == 4

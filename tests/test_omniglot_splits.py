@@ -17,14 +17,12 @@ from posttrain.data.episodes import EpisodicDataModule
 from posttrain.data.omniglot_splits import VINYALS_FILES, characters_of, split_file_text
 from posttrain.errors import PosttrainError
 from tests.conftest import CONF, ROOT
-from tests.fixtures import OMNIGLOT_EVALUATION_ALPHABETS, write_omniglot_characters
+from tests.fixtures import OMNIGLOT_EVALUATION_ALPHABETS
 
 
 @pytest.fixture(scope="module")
-def omniglot_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("omniglot")
-    write_omniglot_characters(root, drawers=2, size=8)
-    return root
+def omniglot_root(omniglot_all_characters: Path) -> Path:
+    return omniglot_all_characters
 
 
 def episodes(root: Path, split: str, rotations: bool = True, seed: int = 0, **kwargs):

@@ -71,10 +71,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
         stop.epochs_completed, stop.global_step = epochs.completed, trainer.global_step
         raise
     metrics = epoch_metrics(trainer.callback_metrics)
+    # Read before testing: testing `best.ckpt` restores the callbacks' state of that epoch.
+    metrics.update({"epoch": float(epochs.completed), "global_step": float(trainer.global_step)})
     best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
     for result in trainer.test(method, datamodule=datamodule, ckpt_path=best, verbose=False):
         metrics.update(epoch_metrics(result))
-    metrics.update({"epoch": float(epochs.completed), "global_step": float(trainer.global_step)})
     record_run(trainer, cfg, config, metrics)
     return metrics
 
