@@ -49,7 +49,8 @@ class StepOutput:
 
 
 class SplitMetricSet(Protocol):
-    """Per-split metrics a method updates in `step`; the core computes and logs them."""
+    """Per-split metrics a method updates in `step` (an `nn.Module`, so they follow the
+    device); the core computes and logs them at each epoch end."""
 
     def compute_and_reset(self, split: str) -> dict[str, Tensor]: ...
 
@@ -68,7 +69,7 @@ class MethodCore(L.LightningModule):
         optimizer: dict[str, Any],
         scheduler: dict[str, Any],
         regularizers: RegularizerSet | None,
-        metrics: nn.Module,
+        metrics: nn.Module,  # a SplitMetricSet
         loss_parts: tuple[str, ...] = (),
     ) -> None:
         super().__init__()
@@ -87,7 +88,10 @@ class MethodCore(L.LightningModule):
         self.divergence = DivergenceGuard()
 
     # What the method supplies -------------------------------------------------------------
-    method_name = "supervised"
+    @property
+    def method_name(self) -> str:
+        """How messages name it (`method=<name>`); methods set their config option's name."""
+        return type(self).__name__
 
     @property
     def offers(self) -> frozenset[str]:
