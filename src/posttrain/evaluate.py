@@ -48,6 +48,8 @@ def evaluation_config(trained: DictConfig, cfg: DictConfig) -> DictConfig:
     evaluated = OmegaConf.merge(trained, {"data": cfg.data, "method": cfg.method})
     with open_dict(evaluated):
         evaluated.model.pretrained = None
+        if evaluated.method.get("finetune") is not None:  # what is evaluated: the checkpoint
+            evaluated.method.finetune.weights = str(cfg.ckpt_path)
         if "ways" in cfg.data and trained.data.get("train_ways", "absent") is None:
             evaluated.data.train_ways = trained.data.ways  # the head keeps its training size
     return evaluated
