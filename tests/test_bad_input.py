@@ -25,6 +25,7 @@ QUICK = ["trainer.max_epochs=1", "logger=none", "model.width=4"]
         ("seed=notanumber", "`seed`"),
         ("trainer.precision=64", "trainer.precision"),
         ("trainer.precision=16-mixed", "needs a GPU"),
+        ("trainer=gpu", "needs a CUDA GPU"),
         ("trainer.limit_train_batches=1.5", "trainer.limit_train_batches"),
         ("data.test_fraction=0", "data.test_fraction"),
     ],

@@ -63,6 +63,20 @@ def uses_cpu(trainer: dict[str, Any]) -> bool:
     return not torch.cuda.is_available()
 
 
+def check_accelerator(trainer: dict[str, Any]) -> None:
+    """`trainer=gpu` on a machine without CUDA ended in Lightning's traceback."""
+    accelerator = str(trainer.get("accelerator", "auto"))
+    if accelerator in ("gpu", "cuda"):
+        import torch
+
+        require(
+            torch.cuda.is_available(),
+            f"Config key `trainer.accelerator={accelerator}` needs a CUDA GPU, and none is "
+            "available here. Use `trainer=cpu` or `trainer.accelerator=auto` (which picks the "
+            "GPU when there is one).",
+        )
+
+
 def check_precision(trainer: dict[str, Any]) -> None:
     precision = str(trainer.get("precision", "32-true"))
     require(
@@ -88,4 +102,5 @@ def check_run_config(cfg: Any) -> None:
     assert isinstance(trainer, dict)
     check_whole_numbers({f"trainer.{key}": value for key, value in trainer.items()})
     check_batch_limits(trainer)
+    check_accelerator(trainer)
     check_precision(trainer)
