@@ -87,7 +87,7 @@ def stored_config(checkpoint: dict[str, Any], path: str | Path, key: str) -> dic
     return config
 
 
-def write_fd(fd: int, payload: bytes) -> None:
+def write_fd(fd: int, payload: bytes | memoryview) -> None:
     view = memoryview(payload)
     while view:
         view = view[os.write(fd, view) :]
@@ -106,7 +106,7 @@ def link_unnamed(fd: int, name: Path) -> None:
         raise OSError(ctypes.get_errno(), "linkat failed", str(name))
 
 
-def stage_unnamed(payload: bytes, staged: Path) -> bool:
+def stage_unnamed(payload: bytes | memoryview, staged: Path) -> bool:
     """Write to an unnamed file in the folder, named only once complete; False if the
     filesystem cannot (no `O_TMPFILE`)."""
     try:
@@ -123,7 +123,7 @@ def stage_unnamed(payload: bytes, staged: Path) -> bool:
         os.close(fd)
 
 
-def write_atomically(payload: bytes, target: Path) -> None:
+def write_atomically(payload: bytes | memoryview, target: Path) -> None:
     """`target` becomes `payload` in one step: written and fsynced beside it, then renamed.
 
     The bytes go to an unnamed file (`O_TMPFILE`) that gets a name only once complete, so
@@ -165,7 +165,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
-        write_atomically(buffer.getbuffer().tobytes(), Path(path))
+        write_atomically(buffer.getbuffer(), Path(path))  # a view: no second copy in memory
 
 
 def collect_random_states() -> dict[str, Any]:
@@ -245,9 +245,9 @@ class RunCheckpoint(ModelCheckpoint):
         super().load_state_dict(state_dict)
 
     def adopt(self, state: dict[str, Any]) -> dict[str, Any]:
-        moved = {**state, "dirpath": self.dirpath, "last_model_path": ""}
+        here = {**state, "dirpath": self.dirpath, "last_model_path": ""}
         if self.monitor is None:  # `last.ckpt`: no best to carry, the next epoch rewrites it
-            return {**moved, "best_model_path": "", "kth_best_model_path": "", "best_k_models": {}}
+            return {**here, "best_model_path": "", "kth_best_model_path": "", "best_k_models": {}}
         best = Path(state.get("best_model_path") or "")
         if not best.is_file():
             log.warning(
@@ -261,14 +261,12 @@ class RunCheckpoint(ModelCheckpoint):
             write_atomically(best.read_bytes(), moved)
         renamed = {str(best): str(moved)}
         return {
-            **state,
-            "dirpath": self.dirpath,
+            **here,
             "best_model_path": str(moved),
             "kth_best_model_path": renamed.get(state.get("kth_best_model_path") or "", ""),
             "best_k_models": {
                 renamed[p]: s for p, s in state["best_k_models"].items() if p in renamed
             },
-            "last_model_path": "",
         }
 
 

@@ -38,12 +38,12 @@ class RunInterrupted(Exception):
 
 
 @contextmanager
-def stop_on_signals() -> Iterator[dict[str, Any]]:
+def stop_on_signals() -> Iterator[None]:
     """Within the block, SIGTERM/SIGINT raise `KeyboardInterrupt` immediately (Lightning
     shuts its loop down on it) and the block re-raises it as `RunInterrupted`."""
     received: dict[str, Any] = {}
     if threading.current_thread() is not threading.main_thread():
-        yield received  # signals reach the main thread only
+        yield  # signals reach the main thread only
         return
 
     def on_signal(signum: int, frame: Any) -> None:
@@ -54,7 +54,7 @@ def stop_on_signals() -> Iterator[dict[str, Any]]:
 
     previous = {signum: signal.signal(signum, on_signal) for signum in HANDLED}
     try:
-        yield received
+        yield
     except (KeyboardInterrupt, SystemExit) as stop:
         if "signum" not in received:
             raise
