@@ -38,6 +38,14 @@ METRICS: dict[str, str] = {
     "lr-{optimizer}": "learning rate per parameter group (LearningRateMonitor)",
     "epoch": "epochs completed (metrics.json)",
     "global_step": "optimizer steps completed (metrics.json)",
+    "test/temperature": "temperature T fitted on the validation logits (`calibration=temperature`)",
+    "test/nll": "test negative log-likelihood before calibration (`calibration=temperature`)",
+    "test/nll_calibrated": "test negative log-likelihood of the logits divided by T",
+    "test/ece_calibrated": "`test/ece` of the logits divided by T (before: `test/ece`)",
+    "test/acc_calibrated": "top-1 accuracy of the logits divided by T (equals `test/acc`)",
+    "test/calibration_seconds": "wall time of calibration: val/test logits and fitting T",
+    "test/tta_views": "views each test logit is averaged over (`eval.py tta=`: none 1, "
+    "flip 2, shift 5)",
 }
 
 
