@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from posttrain.train import CONFIG_DIR
 
 EVAL_KEYS = {"task_name", "seed", "ckpt_path", "data", "method", "trainer", "logger",
-             "callbacks", "paths", "hydra"}  # fmt: skip
+             "callbacks", "paths", "hydra", "calibration", "tta"}  # fmt: skip
 # Method keys that act at test time; everything else was fixed by training.
 TEST_TIME_METHOD_KEYS = ("eval_inner_steps", "inner_lr")
 
@@ -36,7 +36,8 @@ def evaluation_config(trained: DictConfig, cfg: DictConfig) -> DictConfig:
         not unknown,
         f"`eval.py` does not take {', '.join(f'`{k}`' for k in unknown)}: the model, "
         "optimizer and regularizers come from the checkpoint. It takes `data.*`, "
-        f"`method.{'`/`method.'.join(TEST_TIME_METHOD_KEYS)}` (MAML), `trainer.*`, `seed`.",
+        f"`method.{'`/`method.'.join(TEST_TIME_METHOD_KEYS)}` (MAML), `trainer.*`, `seed`, "
+        "`calibration=`, `tta=`.",
     )
     applicable = [key for key in TEST_TIME_METHOD_KEYS if key in trained.method]
     for key in cfg.method:
@@ -56,10 +57,12 @@ def evaluation_config(trained: DictConfig, cfg: DictConfig) -> DictConfig:
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
-    """Test the checkpoint; writes metrics.json in the eval run folder."""
+    """Test the checkpoint (with `tta=` views, then `calibration=`); writes metrics.json in
+    the eval run folder."""
     import lightning as L
     from omegaconf import OmegaConf
 
+    from posttrain.calibration import calibrate_after_test, calibration_for
     from posttrain.checkpoints import check_resumable, load_checkpoint, stored_config
     from posttrain.checks import check_run_config
     from posttrain.runs import (
@@ -69,6 +72,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         record_run,
         resolved_config,
     )
+    from posttrain.tta import VIEWS, test_time_augmentation
 
     check_run_config(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -77,17 +81,19 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     evaluated = evaluation_config(trained, cfg)
     datamodule, method = build_components(evaluated)
     check_resumable(checkpoint, method, cfg.ckpt_path)  # e.g. a 10-class head on 100 classes
+    calibration = calibration_for(cfg, method)
     trainer = build_trainer(cfg, extra_callbacks=[])
-    metrics: dict[str, float] = {}
-    with warnings.catch_warnings():
+    metrics: dict[str, float] = {"test/tta_views": float(len(VIEWS.get(cfg.tta, ())))}
+    with test_time_augmentation(cfg.tta, method), warnings.catch_warnings():
         # Lightning asks for the training callbacks (checkpointing, LR monitor) to restore
         # their state; a test does not use them.
         warnings.filterwarnings("ignore", message="Be aware that when using `ckpt_path`")
         results = trainer.test(
             method, datamodule=datamodule, ckpt_path=cfg.ckpt_path, verbose=False
         )
-    for result in results:
-        metrics.update(epoch_metrics(result))
+        for result in results:
+            metrics.update(epoch_metrics(result))
+        metrics.update(calibrate_after_test(calibration, trainer, method))
     config = {
         **resolved_config(cfg),
         "trained": OmegaConf.to_container(trained),

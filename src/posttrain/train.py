@@ -22,6 +22,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Train, test the best checkpoint, write metrics.json; returns the flat metrics."""
     import lightning as L
 
+    from posttrain.calibration import calibrate_after_test, calibration_for
     from posttrain.checkpoints import (
         RandomStateInCheckpoint,
         check_resumable,
@@ -58,6 +59,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     config = resolved_config(cfg)
     remember_job_for_ddp_children(cfg.paths.output_dir)
     datamodule, method = build_components(cfg)
+    calibration = calibration_for(cfg, method)  # refused here, before any training
     if resumed is not None:
         check_resumable(resumed, method, ckpt_path)  # before any work is done
     epochs = CompletedEpochs()
@@ -76,6 +78,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
     for result in trainer.test(method, datamodule=datamodule, ckpt_path=best, verbose=False):
         metrics.update(epoch_metrics(result))
+    metrics.update(calibrate_after_test(calibration, trainer, method))  # best.ckpt's weights
     record_run(trainer, cfg, config, metrics)
     return metrics
 

@@ -1,0 +1,174 @@
+"""Post-hoc calibration: temperature scaling (Guo et al. 2017), after the test.
+
+One scalar T > 0 divides the logits; it is fitted on the *validation* split by LBFGS on the
+negative log-likelihood (optimizing log T keeps T positive) and applied to the test logits.
+Dividing by a positive scalar keeps every argmax, so accuracy cannot move; only the
+confidence does. The logits are those the test used: the tested weights (`best.ckpt`), the
+trainer's precision, and the test-time augmentation of `eval.py tta=` when one is on — so
+with TTA, T is fitted on augmented validation logits, the same kind it is applied to.
+
+`python train.py calibration=temperature` / `python eval.py ckpt_path=... calibration=...`
+add to metrics.json: `test/nll` and `test/ece` (the logged one) before, `test/nll_calibrated`,
+`test/ece_calibrated`, `test/acc_calibrated` after, `test/temperature`, and
+`test/calibration_seconds` (collecting the logits and fitting T).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+from torchmetrics.classification import MulticlassCalibrationError
+
+from posttrain.errors import require, require_positive
+
+# The bins of the logged `{split}/ece` (`posttrain.methods.metrics.classification_metrics`);
+# a test keeps the two equal, so "before" here is the logged `test/ece`.
+ECE_BINS = 15
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """Logits (N, classes) and integer targets (N) of one split."""
+
+    logits: Tensor
+    targets: Tensor
+
+
+def expected_calibration_error(logits: Tensor, targets: Tensor) -> float:
+    """The logged `{split}/ece`: top-label ECE of the softmax, 15 equal-width bins."""
+    metric = MulticlassCalibrationError(logits.shape[-1], n_bins=ECE_BINS)
+    return float(metric(logits.float().softmax(dim=-1), targets))
+
+
+def negative_log_likelihood(logits: Tensor, targets: Tensor) -> float:
+    return float(F.cross_entropy(logits.float(), targets))
+
+
+class TemperatureScaling:
+    """`calibration=temperature`: one temperature for all classes, fitted on validation."""
+
+    def __init__(self, max_iter: int = 100) -> None:
+        require_positive("calibration.max_iter", max_iter)
+        self.max_iter = max_iter
+
+    def fit(self, logits: Tensor, targets: Tensor) -> float:
+        """The T minimizing the NLL of `logits / T` (LBFGS on log T, from T = 1)."""
+        logits, targets = logits.detach().float(), targets.detach()
+        log_t = torch.zeros((), device=logits.device, requires_grad=True)
+        optimizer = torch.optim.LBFGS(
+            [log_t], lr=1.0, max_iter=self.max_iter, line_search_fn="strong_wolfe"
+        )
+
+        def closure() -> Tensor:
+            optimizer.zero_grad()
+            loss = F.cross_entropy(logits / log_t.exp(), targets)
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+        return float(log_t.detach().exp())
+
+    def report(self, val: Predictions, test: Predictions) -> dict[str, float]:
+        """Test NLL/ECE before and after scaling by the T fitted on `val`; argmax unchanged."""
+        temperature = self.fit(val.logits, val.targets)
+        scaled = test.logits.float() / temperature
+        predicted = test.logits.argmax(dim=-1)
+        if not torch.equal(scaled.argmax(dim=-1), predicted):  # a bug, never the user's input
+            raise RuntimeError("temperature scaling changed a prediction")
+        return {
+            "test/temperature": temperature,
+            "test/nll": negative_log_likelihood(test.logits, test.targets),
+            "test/nll_calibrated": negative_log_likelihood(scaled, test.targets),
+            "test/ece_calibrated": expected_calibration_error(scaled, test.targets),
+            "test/acc_calibrated": float((scaled.argmax(dim=-1) == test.targets).float().mean()),
+        }
+
+
+def calibration_for(cfg: Any, method: L.LightningModule) -> TemperatureScaling | None:
+    """The selected `calibration=` option (None for `calibration=none`), refused in one
+    paragraph, before any work, where it cannot apply."""
+    from hydra.utils import instantiate
+
+    config = cfg.get("calibration")
+    if not config or "_target_" not in config:
+        return None
+    check_calibrated_method(method)
+    require(
+        cfg.trainer.get("limit_val_batches") != 0,
+        "`calibration=temperature` fits its temperature on the validation split, and "
+        "`trainer.limit_val_batches=0` runs none of it. Allow validation batches (e.g. "
+        "`trainer.limit_val_batches=null`) or use `calibration=none`.",
+    )
+    return instantiate(config)
+
+
+def check_calibrated_method(method: L.LightningModule) -> None:
+    """Temperature scaling rescales the class logits of each image, and its "before" is the
+    `test/ece` the method logs: supervised and fine-tuned classifiers have both. Multi-task
+    runs predict one vector per task head and log no ECE (each head would need its own T);
+    MAML and ProtoNet predict episode-relative classes from each episode's support set."""
+    from posttrain.methods.supervised import SupervisedClassifier
+
+    name = getattr(method, "method_name", type(method).__name__)
+    require(
+        isinstance(method, SupervisedClassifier),
+        f"`calibration=temperature` cannot be used with `method={name}`: temperature scaling "
+        "fits one temperature to one vector of class logits per image, which supervised and "
+        "fine-tuned classifiers (`method=supervised`, `method=finetune`) predict; multi-task "
+        "runs predict one vector per task head, and MAML/ProtoNet predict classes that mean "
+        "something else in every episode. Use `calibration=none` with this method.",
+    )
+
+
+def batch_limit(limit: int | float | None, batches: int) -> int:
+    """How many batches Lightning's `limit_<split>_batches` lets a split run."""
+    if limit is None:
+        return batches
+    if isinstance(limit, int):
+        return min(batches, limit)
+    return int(batches * limit)
+
+
+def predictions(
+    trainer: L.Trainer, method: L.LightningModule, loader: Iterable[Any], batches: int
+) -> Predictions:
+    """The method's logits on the first `batches` batches of `loader`, as its test step
+    makes them: the datamodule's device-side transforms, eval mode, the trainer's precision."""
+    datamodule = trainer.datamodule
+    device = trainer.strategy.root_device
+    method.to(device).eval()
+    logits, targets = [], []
+    with torch.no_grad(), trainer.precision_plugin.test_step_context():
+        for images, labels in itertools.islice(loader, batches):
+            images, labels = datamodule.on_after_batch_transfer(
+                (images.to(device), labels.to(device)), 0
+            )
+            logits.append(method(images).float())
+            targets.append(labels)
+    return Predictions(torch.cat(logits), torch.cat(targets))
+
+
+def calibrate_after_test(
+    calibration: TemperatureScaling | None, trainer: L.Trainer, method: L.LightningModule
+) -> dict[str, float]:
+    """The calibration metrics of the weights the test just used (empty without one)."""
+    if calibration is None or not trainer.is_global_zero:
+        return {}
+    started = time.perf_counter()
+    datamodule = trainer.datamodule
+    val_loader, test_loader = datamodule.val_dataloader(), datamodule.test_dataloader()
+    val_batches = batch_limit(trainer.limit_val_batches, len(val_loader))
+    test_batches = batch_limit(trainer.limit_test_batches, len(test_loader))
+    report = calibration.report(
+        predictions(trainer, method, val_loader, val_batches),
+        predictions(trainer, method, test_loader, test_batches),
+    )
+    return {**report, "test/calibration_seconds": time.perf_counter() - started}

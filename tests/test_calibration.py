@@ -1,0 +1,130 @@
+"""Temperature scaling (`calibration=temperature`): it finds the temperature that made logits
+over-confident, never changes a prediction, lowers the NLL, reports the logged `test/ece` as
+its "before", and is refused in one paragraph where a method has no per-image logits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from posttrain.calibration import (
+    Predictions,
+    TemperatureScaling,
+    expected_calibration_error,
+    negative_log_likelihood,
+)
+from posttrain.errors import PosttrainError
+from posttrain.methods.metrics import SplitMetrics
+from posttrain.runs import find_user_error
+from posttrain.train import train
+from tests.conftest import compose_config
+
+TINY = ["logger=none", "trainer.accelerator=cpu", "callbacks.progress_bar=null", "debug=limit",
+        "model.width=8"]  # fmt: skip
+
+
+def calibrated_sample(count: int, seed: int) -> Predictions:
+    """Logits whose softmax is exactly the label distribution (labels drawn from it)."""
+    generator = torch.Generator().manual_seed(seed)
+    logits = 2 * torch.randn(count, 10, generator=generator)
+    targets = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
+    return Predictions(logits, targets)
+
+
+def over_confident(sample: Predictions, factor: float = 3.0) -> Predictions:
+    return Predictions(sample.logits * factor, sample.targets)
+
+
+def test_fits_the_temperature_that_scaled_calibrated_logits() -> None:
+    val = over_confident(calibrated_sample(4000, seed=0))
+    assert TemperatureScaling().fit(val.logits, val.targets) == pytest.approx(3.0, rel=0.05)
+
+
+def test_max_iter_is_the_lbfgs_budget() -> None:
+    val = over_confident(calibrated_sample(4000, seed=0))
+    one, full = (TemperatureScaling(n).fit(val.logits, val.targets) for n in (1, 100))
+    assert abs(full - 3.0) < abs(one - 3.0) - 0.1
+    with pytest.raises(PosttrainError, match="calibration.max_iter"):
+        TemperatureScaling(0)
+
+
+def test_keeps_every_prediction_and_lowers_nll_and_ece_on_over_confident_logits() -> None:
+    val, test = (over_confident(calibrated_sample(4000, seed=s)) for s in (0, 1))
+    report = TemperatureScaling().report(val, test)
+    scaled = test.logits / report["test/temperature"]
+    assert torch.equal(scaled.argmax(-1), test.logits.argmax(-1))
+    accuracy = float((test.logits.argmax(-1) == test.targets).float().mean())
+    assert report["test/acc_calibrated"] == pytest.approx(accuracy)
+    assert report["test/nll"] == pytest.approx(negative_log_likelihood(test.logits, test.targets))
+    assert report["test/nll_calibrated"] < report["test/nll"] - 0.5
+    assert report["test/ece_calibrated"] < expected_calibration_error(test.logits, test.targets) / 5
+
+
+def test_ece_is_the_logged_test_ece() -> None:
+    """Same bins and definition as `SplitMetrics`, accumulated over several batches."""
+    sample = over_confident(calibrated_sample(1000, seed=2))
+    metrics = SplitMetrics(num_classes=10)
+    for logits, targets in zip(sample.logits.split(128), sample.targets.split(128), strict=True):
+        metrics.update("test", logits, targets)
+    logged = float(metrics.compute_and_reset("test")["test/ece"])
+    assert expected_calibration_error(sample.logits, sample.targets) == pytest.approx(logged)
+
+
+def test_train_records_before_and_after_from_the_tested_logits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The logits calibrated are the test's own: their NLL is `test/loss` and their ECE the
+    logged `test/ece`; the before/after keys reach metrics.json."""
+    seen: list[Predictions] = []
+    report = TemperatureScaling.report
+
+    def spy(self: TemperatureScaling, val: Predictions, test: Predictions) -> dict[str, float]:
+        seen.append(test)
+        return report(self, val, test)
+
+    monkeypatch.setattr(TemperatureScaling, "report", spy)
+    torch.set_num_threads(1)
+    overrides = [*TINY, "calibration=temperature", "data.eval_batch_size=128"]
+    train(compose_config(tmp_path / "run", overrides))
+    record = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    keys = ("test/temperature", "test/nll", "test/nll_calibrated", "test/ece_calibrated")
+    assert set(keys) <= set(record) and record["test/temperature"] > 0
+    (test,) = seen
+    assert len(test.targets) == 2 * 128  # debug=limit tests 2 batches: so does calibration
+    assert expected_calibration_error(test.logits, test.targets) == pytest.approx(
+        record["test/ece"], abs=1e-6
+    )
+    assert record["test/nll"] == pytest.approx(record["test/loss"], abs=1e-5)
+    assert record["test/acc_calibrated"] == pytest.approx(record["test/acc"])
+
+
+def refusal(folder: Path, *overrides: str) -> str:
+    with pytest.raises(Exception) as refused:
+        train(compose_config(folder, ["logger=none", "trainer.accelerator=cpu", *overrides]))
+    error = find_user_error(refused.value)
+    assert isinstance(error, PosttrainError), refused.value
+    assert not (folder / "checkpoints").exists()  # refused before training started
+    message = str(error)
+    assert "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize(
+    ("experiment", "method"),
+    [("digits_multitask", "multitask"), ("digits_protonet", "protonet")],
+)
+def test_methods_without_per_image_logits_are_refused(
+    tmp_path: Path, experiment: str, method: str
+) -> None:
+    message = refusal(tmp_path / "run", f"experiment={experiment}", "calibration=temperature")
+    assert f"`method={method}`" in message and "`calibration=none`" in message
+
+
+def test_no_validation_batches_is_refused(tmp_path: Path) -> None:
+    message = refusal(
+        tmp_path / "run", "calibration=temperature", "trainer.limit_val_batches=0"
+    )
+    assert "`trainer.limit_val_batches=0`" in message
