@@ -47,7 +47,7 @@ def test_max_iter_is_the_lbfgs_budget() -> None:
     val = over_confident(calibrated_sample(4000, seed=0))
     one, full = (TemperatureScaling(n).fit(val.logits, val.targets) for n in (1, 100))
     assert abs(full - 3.0) < abs(one - 3.0) - 0.1
-    with pytest.raises(PosttrainError, match="calibration.max_iter"):
+    with pytest.raises(PosttrainError, match=r"calibration\.max_iter"):
         TemperatureScaling(0)
 
 
@@ -124,7 +124,5 @@ def test_methods_without_per_image_logits_are_refused(
 
 
 def test_no_validation_batches_is_refused(tmp_path: Path) -> None:
-    message = refusal(
-        tmp_path / "run", "calibration=temperature", "trainer.limit_val_batches=0"
-    )
+    message = refusal(tmp_path / "run", "calibration=temperature", "trainer.limit_val_batches=0")
     assert "`trainer.limit_val_batches=0`" in message
