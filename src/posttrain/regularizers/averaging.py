@@ -1,0 +1,207 @@
+"""Weight averaging during training: `reg=ema` and `reg=swa`.
+
+Both are Lightning `WeightAveraging` callbacks, and torch's `AveragedModel` does the
+averaging (EMA: `get_ema_avg_fn`; SWA: its default equal average), parameters and buffers
+(BatchNorm statistics) alike.
+
+Why `WeightAveraging` and not Lightning's `StochasticWeightAveraging`: the latter copies the
+average into the model only when training ends, so every validation (`val/acc`,
+`val/acc_best`, the choice of `best.ckpt`) and every checkpoint would be of the raw weights,
+and the test of `best.ckpt` would never see the average. `WeightAveraging` swaps the average
+in for each validation epoch and writes it as the checkpoint's `state_dict` (the raw weights
+ride along as `current_model_state`, and `AveragedModel`'s count as `averaging_state`, so a
+resumed run continues both exactly). `AveragedEverywhere` adds what posttrain needs on top:
+the test of `best.ckpt` keeps the averaged weights, and before the first average exists
+(SWA before `start_epoch`) the raw weights are validated and saved, not the initial ones.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, ClassVar
+
+from lightning.pytorch.callbacks import EMAWeightAveraging, WeightAveraging
+from lightning.pytorch.trainer.states import TrainerFn
+
+from posttrain.errors import require
+
+log = logging.getLogger("posttrain")
+
+# SWA's default start, as a fraction of `trainer.max_epochs` (Izmailov et al. 2018 average
+# over the last quarter of the budget).
+SWA_DEFAULT_START = 0.75
+
+
+class AveragedEverywhere(WeightAveraging):
+    """Validation, checkpoints and the test use the average once one exists.
+
+    Lightning's hooks assume an average from the first step. Until the first update the
+    average is a copy of the initial weights, so validating or saving it would score (and
+    keep as `best.ckpt`) an untrained model: the raw weights stand in until then.
+    """
+
+    _swapped = False
+
+    @property
+    def averaging(self) -> bool:
+        """True once at least one set of weights went into the average."""
+        average = self._average_model
+        return average is not None and int(average.n_averaged) > 0
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        others = [c for c in trainer.callbacks if isinstance(c, WeightAveraging) and c is not self]
+        require(
+            not others,
+            "`reg=[ema,swa]`: only one weight average can be validated and checkpointed, and "
+            "both `ema` and `swa` would swap their own into the model. Choose one: `reg=ema` "
+            "or `reg=swa` (other regularizers combine with either).",
+        )
+        super().setup(trainer, pl_module, stage)
+
+    def on_validation_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        self._swapped = self.averaging
+        if self._swapped:
+            super().on_validation_epoch_start(trainer, pl_module)
+
+    def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        if self._swapped:
+            super().on_validation_epoch_end(trainer, pl_module)
+        self._swapped = False
+
+    def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        """The averaged parameters and buffers; every other entry (`val/acc_best`'s tracker,
+        extra states) is the run's current one, not the copy made when averaging began."""
+        if not self.averaging:
+            return
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        averaged = {name for name, _ in pl_module.named_parameters()}
+        averaged |= {name for name, _ in pl_module.named_buffers()}
+        current = checkpoint["current_model_state"]
+        checkpoint["state_dict"].update({k: v for k, v in current.items() if k not in averaged})
+
+    def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        """Resuming training restores raw and averaged weights; testing or evaluating a
+        checkpoint keeps its `state_dict`, the averaged weights (Lightning would load the
+        raw ones into the model whenever an average exists)."""
+        if trainer.state.fn != TrainerFn.FITTING or self._average_model is None:
+            return
+        if "current_model_state" in checkpoint:
+            super().on_load_checkpoint(trainer, pl_module, checkpoint)
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        if self.averaging:
+            super().on_train_end(trainer, pl_module)
+        else:
+            log.warning("weight averaging: training ended before any weights were averaged")
+
+
+class EMACallback(AveragedEverywhere, EMAWeightAveraging):
+    """Lightning's EMA, updated after every optimizer step from the first one."""
+
+    def __init__(self, decay: float) -> None:
+        super().__init__(decay=decay)
+
+
+class SWACallback(AveragedEverywhere):
+    """Equal average of the weights at the end of every epoch from `start_epoch` on.
+
+    The update is made after the epoch's last optimizer step, not in `on_train_epoch_end`:
+    Lightning validates (and then checkpoints) before that hook, so an epoch-end update
+    would be validated an epoch late while the checkpoint already held the newer average.
+    """
+
+    def __init__(self, start_epoch: int | None) -> None:
+        super().__init__()  # no avg_fn: AveragedModel's equal (SWA) average
+        self.start_epoch = start_epoch
+        self._epoch_closing = False
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage == TrainerFn.FITTING:
+            self.start_epoch = resolved_start_epoch(self.start_epoch, trainer.max_epochs)
+        super().setup(trainer, pl_module, stage)
+
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        last_batch = batch_idx + 1 >= trainer.num_training_batches
+        self._epoch_closing = last_batch and trainer.current_epoch >= self.start_epoch
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
+        return step_idx is not None and self._epoch_closing
+
+
+def resolved_start_epoch(start_epoch: int | None, max_epochs: int | None) -> int:
+    """`reg.swa.start_epoch`, or 75% of `trainer.max_epochs` when null; refused unless some
+    epoch from it on is trained (`max_epochs` -1/None: unbounded)."""
+    limit = max_epochs if max_epochs is not None and max_epochs > 0 else None
+    if start_epoch is None:
+        require(
+            limit is not None,
+            "Config key `reg.swa.start_epoch` is null, which means 75% of "
+            f"`trainer.max_epochs`, but `trainer.max_epochs` is {max_epochs!r}. Set "
+            "`trainer.max_epochs` to a positive number or `reg.swa.start_epoch` to an epoch.",
+        )
+        return int(SWA_DEFAULT_START * limit)
+    require(
+        limit is None or start_epoch < limit,
+        f"Config key `reg.swa.start_epoch` is {start_epoch}, but training stops after "
+        f"`trainer.max_epochs={limit}` epochs (numbered from 0), so nothing would be averaged. "
+        "Use an epoch below `trainer.max_epochs`, or null for 75% of it.",
+    )
+    return start_epoch
+
+
+def is_epoch_number(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+class EMA:
+    """Exponential moving average of the weights (and BatchNorm statistics), updated every
+    optimizer step: `avg = decay * avg + (1 - decay) * weights`."""
+
+    key = "ema"
+    needs: ClassVar[frozenset[str]] = frozenset({"weights"})
+
+    def __init__(self, decay: float = 0.99) -> None:
+        require(
+            isinstance(decay, int | float) and not isinstance(decay, bool) and 0 < decay < 1,
+            f"Config key `reg.ema.decay` must be a number in (0, 1), got {decay!r} "
+            "(0.99 averages over about the last 100 optimizer steps, 0.999 over 1000).",
+        )
+        self.decay = float(decay)
+
+    def callbacks(self) -> list[Any]:
+        return [EMACallback(self.decay)]
+
+    def describe(self) -> str:
+        return (
+            f"EMA of the weights, decay {self.decay:g} per step (validated, checkpointed and "
+            "tested)"
+        )
+
+
+class SWA:
+    """Stochastic weight averaging: the equal average of the weights at the end of each
+    epoch from `start_epoch` on, on the run's own learning-rate schedule."""
+
+    key = "swa"
+    needs: ClassVar[frozenset[str]] = frozenset({"weights"})
+
+    def __init__(self, start_epoch: int | None = None) -> None:
+        require(
+            start_epoch is None or is_epoch_number(start_epoch),
+            f"Config key `reg.swa.start_epoch` must be an epoch number >= 0 (or null for 75% "
+            f"of `trainer.max_epochs`), got {start_epoch!r}.",
+        )
+        self.start_epoch = start_epoch
+
+    def callbacks(self) -> list[Any]:
+        return [SWACallback(self.start_epoch)]
+
+    def describe(self) -> str:
+        start = "75% of max_epochs" if self.start_epoch is None else f"epoch {self.start_epoch}"
+        return (
+            f"SWA: equal average of the epoch-end weights from {start} on (validated, "
+            "checkpointed and tested)"
+        )

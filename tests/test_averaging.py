@@ -1,0 +1,210 @@
+"""Weight averaging (`reg=ema`, `reg=swa`): the averaged weights are what is validated, what
+`best.ckpt`/`last.ckpt` hold, what the test and `eval.py` score, and a resumed run ends
+exactly like the uninterrupted one. Knobs out of range are refused naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor
+
+from posttrain.checkpoints import load_checkpoint
+from posttrain.errors import PosttrainError
+from posttrain.regularizers.averaging import EMA, SWA, resolved_start_epoch
+from posttrain.runs import find_user_error
+from posttrain.train import train
+from tests.conftest import add_callbacks, compose_config
+from tests.test_eval import evaluated
+from tests.test_resume import SMALL, InterruptAtEpoch, Interrupted, run
+
+TINY = [*SMALL, "model.width=8", "trainer.max_epochs=3"]  # 3 epochs of 4 batches
+Weights = dict[str, Tensor]
+
+
+def float_entries(state: dict[str, Any], prefix: str = "") -> Weights:
+    """The floating-point tensors of a state dict (the averaged ones), prefix stripped."""
+    return {
+        name.removeprefix(prefix): value
+        for name, value in state.items()
+        if isinstance(value, Tensor) and value.is_floating_point() and name.startswith(prefix)
+    }
+
+
+def snapshot(pl_module: Any) -> Weights:
+    return {k: v.clone() for k, v in float_entries(pl_module.model.state_dict()).items()}
+
+
+def saved(checkpoint: dict[str, Any], key: str = "state_dict") -> Weights:
+    return float_entries(checkpoint[key], prefix="model.")
+
+
+def same(a: Weights, b: Weights) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+class WeightsSeen(Callback):
+    """The model's weights per epoch as trained (`raw`, when validation starts, before the
+    averaging callback swaps) and as validated (`validated`, at the first validation batch),
+    and those the test scored (`tested`)."""
+
+    def __init__(self) -> None:
+        self.raw: dict[int, Weights] = {}
+        self.validated: dict[int, Weights] = {}
+        self.tested: Weights = {}
+
+    def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
+        if not trainer.sanity_checking:
+            self.raw[trainer.current_epoch] = snapshot(pl_module)
+
+    def on_validation_batch_start(self, trainer: Any, pl_module: Any, *args: Any) -> None:
+        epoch = trainer.current_epoch
+        if not trainer.sanity_checking and epoch not in self.validated:
+            self.validated[epoch] = snapshot(pl_module)
+
+    def on_test_batch_start(self, trainer: Any, pl_module: Any, *args: Any) -> None:
+        self.tested = self.tested or snapshot(pl_module)
+
+
+def trained_with_probe(
+    folder: Path, overrides: list[str], monkeypatch: pytest.MonkeyPatch
+) -> tuple[WeightsSeen, dict[str, float]]:
+    seen = WeightsSeen()
+    add_callbacks(monkeypatch, seen)
+    torch.set_num_threads(1)
+    return seen, train(compose_config(folder, overrides))
+
+
+def checkpoints(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    files = folder / "checkpoints"
+    return tuple(load_checkpoint(files / f"{n}.ckpt", key="ckpt_path") for n in ("best", "last"))
+
+
+def test_ema_is_validated_checkpointed_and_tested(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "ema"
+    seen, metrics = trained_with_probe(folder, [*TINY, "reg=ema", "reg.ema.decay=0.9"], monkeypatch)
+    best, last = checkpoints(folder)
+    assert int(last["averaging_state"]["n_averaged"]) == 12  # one update per optimizer step
+    assert same(saved(last, "current_model_state"), seen.raw[2])  # raw kept for resume
+    assert not same(seen.validated[2], seen.raw[2])  # EMA weights differ from the raw ones
+    assert same(saved(last), seen.validated[2])  # last.ckpt holds what was validated
+    # best.ckpt is the epoch whose *averaged* weights scored val/acc_best, and holds them
+    assert same(saved(best), seen.validated[best["epoch"]])
+    assert same(seen.tested, saved(best))  # the test scored them
+    tracker = "tracker.best.max_value"  # not the stale copy made when averaging began
+    assert float(best["state_dict"][tracker]) == pytest.approx(metrics["val/acc_best"])
+    again = evaluated(
+        tmp_path / "eval", folder / "checkpoints" / "best.ckpt", "trainer.limit_test_batches=2"
+    )
+    assert again["test/acc"] == metrics["test/acc"]  # eval.py scores the averaged weights
+
+
+def test_swa_averages_epoch_ends_from_start_epoch_and_validates_the_average(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "swa"
+    seen, _ = trained_with_probe(folder, [*TINY, "reg=swa", "reg.swa.start_epoch=1"], monkeypatch)
+    raw, validated = seen.raw, seen.validated
+    assert same(validated[0], raw[0])  # before start_epoch: the raw weights, not the initial
+    assert same(validated[1], raw[1])  # the average of one epoch end
+    mean = {k: (raw[1][k] + raw[2][k]) / 2 for k in raw[2]}
+    assert validated[2].keys() == mean.keys()
+    for name, value in validated[2].items():  # validated in the epoch it was made
+        torch.testing.assert_close(value, mean[name], rtol=1e-5, atol=1e-6, msg=name)
+    best, last = checkpoints(folder)
+    assert int(last["averaging_state"]["n_averaged"]) == 2
+    assert same(saved(last), validated[2]) and same(saved(best), validated[best["epoch"]])
+    assert same(seen.tested, saved(best))
+
+
+@pytest.mark.slow
+def test_resume_with_ema_matches_the_uninterrupted_run(tmp_path: Path) -> None:
+    overrides = [*TINY, "reg=[augment,ema]"]
+    uninterrupted = run(tmp_path / "whole", overrides)
+    interrupt = [
+        f"+callbacks.interrupt._target_={InterruptAtEpoch.__module__}.InterruptAtEpoch",
+        "+callbacks.interrupt.epoch=2",
+    ]
+    with pytest.raises(Interrupted):
+        run(tmp_path / "cut", [*overrides, *interrupt])
+    last = tmp_path / "cut" / "checkpoints" / "last.ckpt"
+    assert "current_model_state" in load_checkpoint(last, key="ckpt_path")
+    assert run(tmp_path / "resumed", [*overrides, f"ckpt_path={last}"]) == uninterrupted
+
+
+OTHER_METHODS = {
+    "finetune": ["method=finetune", "model.width=8"],
+    "multitask": ["experiment=digits_multitask", "model.width=8"],
+    "maml": ["experiment=digits_maml", "model.hidden=8", "data.queries=3", "data.image_size=16"],
+    "protonet": ["experiment=digits_protonet", "model.hidden=8", "data.image_size=16"],
+}
+
+
+def small_cnn_weights(folder: Path) -> Path:
+    """What `method=finetune` starts from: a state dict of the small CNN."""
+    from posttrain.models import build_classifier
+
+    path = folder / "small_cnn.pt"
+    torch.save(build_classifier("small_cnn", 10, 1, width=8).state_dict(), path)
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", list(OTHER_METHODS))
+def test_every_method_validates_and_checkpoints_the_average(
+    method: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MAML's functional inner loop adapts from the averaged initialization; finetune's
+    freeze schedule, multi-task heads and ProtoNet's embedding are averaged like any weight."""
+    folder = tmp_path / method
+    overrides = [*SMALL, *OTHER_METHODS[method], "reg=ema"]
+    if method == "finetune":
+        overrides.append(f"model.pretrained={small_cnn_weights(tmp_path)}")
+    seen, _ = trained_with_probe(folder, overrides, monkeypatch)
+    _, last = checkpoints(folder)
+    final = max(seen.validated)
+    assert not same(seen.validated[final], seen.raw[final])
+    assert same(saved(last), seen.validated[final])
+
+
+@pytest.mark.parametrize("decay", [0, 1, 1.5, -0.5, True, "high"])
+def test_ema_decay_outside_zero_one_is_refused(decay: object) -> None:
+    with pytest.raises(PosttrainError, match=r"`reg\.ema\.decay` must be a number in \(0, 1\)"):
+        EMA(decay=decay)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("start_epoch", [-1, 1.5, True])
+def test_swa_start_epoch_must_be_an_epoch_number(start_epoch: object) -> None:
+    with pytest.raises(PosttrainError, match=r"`reg\.swa\.start_epoch` must be an epoch"):
+        SWA(start_epoch=start_epoch)  # type: ignore[arg-type]
+
+
+def test_swa_start_epoch_is_checked_against_max_epochs() -> None:
+    assert resolved_start_epoch(None, 150) == 112  # null: 75% of the budget
+    assert resolved_start_epoch(4, -1) == 4  # unbounded training: any epoch
+    with pytest.raises(PosttrainError, match=r"`reg\.swa\.start_epoch` is null.*max_epochs"):
+        resolved_start_epoch(None, -1)
+
+
+def refusal(tmp_path: Path, overrides: list[str]) -> str:
+    with pytest.raises(Exception) as refused:
+        train(compose_config(tmp_path / "run", [*TINY, *overrides]))
+    error = find_user_error(refused.value)
+    assert isinstance(error, PosttrainError), refused.value
+    assert not (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()  # before any epoch
+    return str(error)
+
+
+def test_swa_starting_after_the_last_epoch_is_refused_before_training(tmp_path: Path) -> None:
+    message = refusal(tmp_path, ["reg=swa", "reg.swa.start_epoch=3"])
+    assert "`reg.swa.start_epoch` is 3" in message and "`trainer.max_epochs=3`" in message
+
+
+def test_ema_and_swa_together_are_refused(tmp_path: Path) -> None:
+    message = refusal(tmp_path, ["reg=[ema,swa]"])
+    assert "`reg=[ema,swa]`" in message and "Choose one" in message
