@@ -13,10 +13,20 @@ File name: `<name>-<hash of name, root, options>-<hash of listing>.pt`. Writing 
 removes the older entries with the same first two parts (same data and options, an older
 listing), so editing a dataset does not pile up stale copies; other options keep theirs.
 
+Subsampling (`data.samples_per_class`, `data.classes`) picks its rows from the listing's
+labels, before any decode (`ImageFiles.decoded(keep)`): a valid full entry is sliced (no
+decode); without one only the kept files are decoded and stored as a *subset* entry,
+`<name>-subset-<hash of name, root, options>-<hash of listing and kept rows>.pt`. Its name
+and key differ from the full entry's, so a later full run never reads it as complete; it
+serves only a run that keeps exactly those rows of exactly this listing (one subset entry is
+kept per data and options: the latest). With the size left to the data (`size` None), the
+sizes of all listed files are read from their headers (no decode) so a subset is decoded at
+the size a full decode would choose: the same pixels, cache or not.
+
 Entries are written atomically (`write_atomically`: staged, fsynced, renamed) and read with
 `torch.load(weights_only=True)`; an entry that does not load or does not match its listing
-(count, channels, dtype) is logged, ignored and rebuilt. A cache folder that cannot be
-written only costs the next start a decode: never a crash.
+(count, channels, dtype) is logged and ignored (decoded again and rewritten). A cache folder
+that cannot be written only costs the next start a decode: never a crash.
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,6 +49,9 @@ log = logging.getLogger("posttrain")
 FORMAT = "pil-convert/pil_to_tensor/resize-bilinear-antialias/v1"
 # When images differ in size and `data.options.size` is not set, they are resized to this.
 DEFAULT_SIZE = 64
+
+# decode(path, channels, size or None for the file's own size) -> uint8 (channels, H, W)
+Decoder = Callable[[str | Path, int, int | None], Tensor]
 
 
 def _digest(payload: object, length: int) -> str:
@@ -61,9 +75,14 @@ def entry_path(
     root: Path,
     options: dict[str, object],
     listing: list[tuple[str, int, int]],
+    keep: list[int] | None = None,
 ) -> Path:
+    """The full entry of `listing`, or with `keep` (row numbers) the subset entry of those rows."""
+    if keep is not None:
+        name = f"{name}-subset"
     family = _digest({"name": name, "root": str(root.resolve()), "format": FORMAT, **options}, 12)
-    return cache_dir / f"{name}-{family}-{_digest(listing, 20)}.pt"
+    key = listing if keep is None else {"listing": listing, "keep": keep}
+    return cache_dir / f"{name}-{family}-{_digest(key, 20)}.pt"
 
 
 def _read_entry(path: Path, count: int, channels: int) -> Tensor | None:
@@ -73,7 +92,7 @@ def _read_entry(path: Path, count: int, channels: int) -> Tensor | None:
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a corrupt file fails in many ways (zip, pickle, EOF, ...)
-        log.warning("Decoded-image cache entry %s is unreadable (%s); rebuilding it", path, error)
+        log.warning("Decoded-image cache entry %s is unreadable (%s); ignoring it", path, error)
         return None
     images = loaded.get("images") if isinstance(loaded, dict) else None
     if not (
@@ -85,7 +104,7 @@ def _read_entry(path: Path, count: int, channels: int) -> Tensor | None:
     ):
         log.warning(
             "Decoded-image cache entry %s does not hold %d uint8 images of %d channel(s); "
-            "rebuilding it",
+            "ignoring it",
             path,
             count,
             channels,
@@ -116,18 +135,36 @@ def _write_entry(path: Path, images: Tensor) -> None:
             stale.unlink(missing_ok=True)
 
 
+def _log_sizes_differ(
+    first: str | Path, shared: tuple[int, int], other: str | Path, shape: tuple[int, int]
+) -> None:
+    log.info(
+        "Images differ in size (%s is %dx%d, %s %dx%d): all resized to %dx%d "
+        "(set `data.options.size` to choose)",
+        first,
+        shared[1],
+        shared[0],
+        other,
+        shape[1],
+        shape[0],
+        DEFAULT_SIZE,
+        DEFAULT_SIZE,
+    )
+
+
 def _decode_all(
     files: Sequence[str | Path],
-    decode: Callable[[str | Path, int, int | None], Tensor],
+    decode: Decoder,
     channels: int,
     size: int | None,
+    why: str = "set",
 ) -> tuple[Tensor, str]:
     """Every file decoded, stacked; with `size` None, at the images' own size when they all
     share one (one pass: resized to DEFAULT_SIZE as soon as a second size shows up)."""
     from torchvision.transforms.v2 import functional as F
 
     if size is not None:
-        return torch.stack([decode(p, channels, size) for p in files]), f"{size}x{size} (set)"
+        return torch.stack([decode(p, channels, size) for p in files]), f"{size}x{size} ({why})"
     images: list[Tensor] = []
     shared: tuple[int, int] | None = None
     target: int | None = None
@@ -138,18 +175,7 @@ def _decode_all(
             if shared is None:
                 shared = shape
             elif shape != shared:
-                log.info(
-                    "Images differ in size (%s is %dx%d, %s %dx%d): all resized to %dx%d "
-                    "(set `data.options.size` to choose)",
-                    files[0],
-                    shared[1],
-                    shared[0],
-                    path,
-                    shape[1],
-                    shape[0],
-                    DEFAULT_SIZE,
-                    DEFAULT_SIZE,
-                )
+                _log_sizes_differ(files[0], shared, path, shape)
                 target = DEFAULT_SIZE
                 size_pair = [DEFAULT_SIZE, DEFAULT_SIZE]
                 images = [F.resize(x, size_pair, antialias=True) for x in images]
@@ -161,52 +187,118 @@ def _decode_all(
     return stacked, f"{width}x{height} ({how})"
 
 
-def decoded_images(
-    files: Sequence[str | Path],
-    decode: Callable[[str | Path, int, int | None], Tensor],
-    channels: int,
-    size: int | None,
-    cache_dir: str | Path | None,
-    name: str,
-    root: Path,
-) -> Tensor:
-    """uint8 (len(files), channels, H, W): from the cache entry of this listing and these
-    options if there is a valid one, else decoded with `decode(path, channels, size)` (size
-    None: no resize) and stored. `name` and `root` only label and group entries."""
-    start = time.perf_counter()
-    if cache_dir is None:
-        images, how = _decode_all(files, decode, channels, size)
+def _header_shape(path: str | Path) -> tuple[int, int] | None:
+    """(height, width) from the file's header, pixels not decoded; None when unreadable (the
+    run that keeps such a file refuses it when decoding it)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+    except (OSError, ValueError):
+        return None
+    return height, width
+
+
+def _size_a_full_decode_picks(files: Sequence[str | Path]) -> int | None:
+    """None when all `files` share one size, else DEFAULT_SIZE (logged): what `_decode_all`
+    decides over the whole listing, read from headers (~30 us a file, a decode's sixth)."""
+    seen: tuple[str | Path, tuple[int, int]] | None = None  # the first file and its size
+    for path in files:
+        shape = _header_shape(path)
+        if shape is None:
+            continue
+        if seen is None:
+            seen = (path, shape)
+        elif shape != seen[1]:
+            _log_sizes_differ(*seen, path, shape)
+            return DEFAULT_SIZE
+    return None
+
+
+@dataclass(frozen=True)
+class ImageFiles:
+    """A source's image files, listed (their labels are known) but not decoded yet, and how
+    to decode them: all, or only the rows a run keeps (`decoded`). `name` and `root` only
+    label and group cache entries."""
+
+    files: list[str]
+    decode: Decoder
+    channels: int
+    size: int | None
+    cache_dir: str | None
+    name: str
+    root: Path
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def decoded(self, keep: Tensor | None = None) -> Tensor:
+        """uint8 (rows, channels, H, W) of the files at the sorted, distinct row numbers
+        `keep` (None: all): sliced from this listing's full cache entry when there is a valid
+        one, else from the subset entry of exactly these rows, else decoded and stored."""
+        start = time.perf_counter()
+        rows = None if keep is None or len(keep) == len(self.files) else keep.tolist()
+        if self.cache_dir is None:
+            images, how = self._decode(rows)
+            log.info(
+                "%s: decoded %s images at %s in %.1fs (no cache: `paths.cache_dir` is null)",
+                self.name,
+                self._count(rows),
+                how,
+                time.perf_counter() - start,
+            )
+            return images
+        listing = listing_of(self.files)
+        path = self._entry(listing)
+        cached = _read_entry(path, len(self.files), self.channels)
+        if cached is not None:
+            self._log_hit(rows, cached, path, start)
+            return cached if rows is None else cached[rows]
+        if rows is not None:
+            path = self._entry(listing, rows)
+            cached = _read_entry(path, len(rows), self.channels)
+            if cached is not None:
+                self._log_hit(rows, cached, path, start)
+                return cached
+        images, how = self._decode(rows)
+        decoded = time.perf_counter() - start
+        _write_entry(path, images)
         log.info(
-            "%s: decoded %d images at %s in %.1fs (no cache: `paths.cache_dir` is null)",
-            name,
-            len(files),
+            "%s: decoded-image cache miss, decoded %s images at %s in %.1fs, stored in %s",
+            self.name,
+            self._count(rows),
             how,
-            time.perf_counter() - start,
+            decoded,
+            path,
         )
         return images
-    options = {"channels": channels, "size": size}
-    path = entry_path(Path(str(cache_dir)), name, root, options, listing_of(files))
-    images = _read_entry(path, len(files), channels)
-    if images is not None:
+
+    def _entry(self, listing: list[tuple[str, int, int]], rows: list[int] | None = None) -> Path:
+        options = {"channels": self.channels, "size": self.size}
+        return entry_path(Path(str(self.cache_dir)), self.name, self.root, options, listing, rows)
+
+    def _decode(self, rows: list[int] | None) -> tuple[Tensor, str]:
+        """The files at `rows` (None: all), at the size a decode of all of them would pick."""
+        if rows is None:
+            return _decode_all(self.files, self.decode, self.channels, self.size)
+        kept = [self.files[i] for i in rows]
+        if self.size is not None:
+            return _decode_all(kept, self.decode, self.channels, self.size)
+        size = _size_a_full_decode_picks(self.files)
+        return _decode_all(kept, self.decode, self.channels, size, why="default, sizes differ")
+
+    def _count(self, rows: list[int] | None) -> str:
+        listed = f"{len(self.files):,}"
+        return listed if rows is None else f"{len(rows):,} kept of {listed} listed"
+
+    def _log_hit(self, rows: list[int] | None, images: Tensor, path: Path, start: float) -> None:
         log.info(
-            "%s: decoded-image cache hit, %d images at %dx%d read from %s in %.1fs",
-            name,
-            len(files),
+            "%s: decoded-image cache hit, %s images at %dx%d read from %s in %.1fs",
+            self.name,
+            self._count(rows),
             images.shape[-1],
             images.shape[-2],
             path,
             time.perf_counter() - start,
         )
-        return images
-    images, how = _decode_all(files, decode, channels, size)
-    decoded = time.perf_counter() - start
-    _write_entry(path, images)
-    log.info(
-        "%s: decoded-image cache miss, decoded %d images at %s in %.1fs, stored in %s",
-        name,
-        len(files),
-        how,
-        decoded,
-        path,
-    )
-    return images

@@ -15,7 +15,14 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from posttrain.data.sources import LabelledImages, Source, SourceInfo, make_source
+from posttrain.data.sources import (
+    LabelledImages,
+    Source,
+    SourceInfo,
+    decode_kept,
+    load_listed,
+    make_source,
+)
 from posttrain.data.targets import derive_targets, parse_tasks
 from posttrain.data.transforms import channel_stats, normalize, to_model_input
 from posttrain.errors import require, require_fraction, require_positive
@@ -80,7 +87,8 @@ def keep_classes(data: LabelledImages | None, classes: list[int]) -> LabelledIma
     """Only the images of `classes`, relabelled 0..len(classes)-1 in the order given."""
     if data is None:
         return None
-    mapping = torch.full((int(data.labels.max()) + 1,), -1, dtype=torch.long)
+    # Sized for the classes too: a part may hold none of them (Omniglot's test pool).
+    mapping = torch.full((max(int(data.labels.max()), *classes) + 1,), -1, dtype=torch.long)
     mapping[torch.tensor(classes)] = torch.arange(len(classes))
     kept = mapping[data.labels] >= 0
     return LabelledImages(data.images[kept], mapping[data.labels[kept]])
@@ -207,9 +215,11 @@ class ImageClassificationDataModule(SourceDataModule):
         return len(self.classes) if self.classes is not None else self.info.num_classes
 
     def setup(self, stage: str | None = None) -> None:
+        """Splits and subsets are chosen on labels; file images are decoded afterwards, only
+        those the splits keep (`data.classes`, `data.samples_per_class` decode less)."""
         if self.splits:
             return
-        loaded = self.source.load()
+        loaded = load_listed(self.source)
         generator = torch.Generator().manual_seed(self.seed)
         pool, val, test = loaded.train, loaded.val, loaded.test
         class_names = loaded.class_names
@@ -227,6 +237,8 @@ class ImageClassificationDataModule(SourceDataModule):
             train = train.subset(per_class_subset(train.labels, self.samples_per_class, generator))
         self.splits = {"train": train, "val": val, "test": test}
         self.check_splits_not_empty()
+        self.splits = decode_kept(self.splits)  # only now: the files the splits keep
+        train = self.splits["train"]
         if self.tasks is not None:
             self.task_targets = {
                 split: derive_targets(

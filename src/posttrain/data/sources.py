@@ -4,6 +4,10 @@ Every source yields uint8 tensors (N, C, H, W) held in memory, so batches are sl
 than decoded sample by sample; resizing, augmentation and normalization happen on whole
 batches on the training device (see `datamodule.py`). Adding a dataset = one class here plus
 one yaml in `conf/data/`.
+
+Sources that read image files (ImageFolder, Omniglot) can also hand out their listing before
+any decode (`load_listed`: labels known from folder names, images as `ImageRows`), so the
+DataModule subsamples first and decodes only what it keeps (`decode_kept`).
 """
 
 from __future__ import annotations
@@ -11,14 +15,14 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
-from posttrain.data.cache import decoded_images
+from posttrain.data.cache import ImageFiles
 from posttrain.errors import (
     PosttrainError,
     require,
@@ -30,11 +34,26 @@ from posttrain.errors import (
 log = logging.getLogger("posttrain")
 
 
+@dataclass(frozen=True)
+class ImageRows:
+    """Rows of a file listing, not decoded yet: indexed like the image tensor they stand for,
+    so subsets are chosen on labels alone and only the rows kept in the end are decoded."""
+
+    files: ImageFiles
+    rows: Tensor
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: Tensor | slice) -> ImageRows:
+        return ImageRows(self.files, self.rows[index])
+
+
 @dataclass
 class LabelledImages:
-    """Images as uint8 (N, C, H, W) and integer labels (N,)."""
+    """Images as uint8 (N, C, H, W), or `ImageRows` until decoded, and integer labels (N,)."""
 
-    images: Tensor
+    images: Tensor | ImageRows
     labels: Tensor
 
     def __len__(self) -> int:
@@ -42,6 +61,22 @@ class LabelledImages:
 
     def subset(self, indices: Tensor) -> LabelledImages:
         return LabelledImages(self.images[indices], self.labels[indices])
+
+
+def decode_kept(parts: dict[str, LabelledImages]) -> dict[str, LabelledImages]:
+    """`parts` with every `ImageRows` decoded: one pass per file listing over the rows the
+    parts hold (each row decoded once; the listing's other rows never)."""
+    decoded = dict(parts)
+    listed = {key: p.images for key, p in parts.items() if isinstance(p.images, ImageRows)}
+    for files in {id(r.files): r.files for r in listed.values()}.values():
+        mine = {key: r.rows for key, r in listed.items() if r.files is files}
+        kept = torch.cat(list(mine.values())).unique()  # sorted
+        images = files.decoded(kept)
+        position = torch.full((len(files),), -1, dtype=torch.long)
+        position[kept] = torch.arange(len(kept))
+        for key, rows in mine.items():
+            decoded[key] = LabelledImages(images[position[rows]], parts[key].labels)
+    return decoded
 
 
 @dataclass
@@ -56,6 +91,12 @@ class SourceData:
     # Meta-learning sources that fix which classes are meta-train/val/test (Omniglot's named
     # protocols): {split: label ids}; a missing `val` is drawn from `train` by class.
     class_splits: dict[str, list[int]] | None = None
+
+    def decoded(self) -> SourceData:
+        """Every part's images as tensors (all of them: nothing was subsampled)."""
+        parts = {"train": self.train, "val": self.val, "test": self.test}
+        done = decode_kept({k: p for k, p in parts.items() if p is not None})
+        return replace(self, train=done["train"], val=done.get("val"), test=done.get("test"))
 
 
 @dataclass(frozen=True)
@@ -74,6 +115,20 @@ class Source(Protocol):
     def prepare(self) -> None: ...
 
     def load(self) -> SourceData: ...
+
+
+@runtime_checkable
+class ListsFiles(Protocol):
+    """A source that reads image files and can list them (labels) before decoding any."""
+
+    def load_listed(self) -> SourceData:
+        """`load()` with images left as `ImageRows`: pick the rows, then `decode_kept`."""
+        ...
+
+
+def load_listed(source: Source) -> SourceData:
+    """The source's data with file images undecoded where it can (in-memory sources load)."""
+    return source.load_listed() if isinstance(source, ListsFiles) else source.load()
 
 
 class DigitsSource:
@@ -529,12 +584,12 @@ class ImageFolderSource:
             labels += [label] * len(found)
         return files, labels
 
-    def read_folders(self, folders: dict[str, Path]) -> dict[str, LabelledImages]:
-        """Every folder's images, decoded in one pass (one size for all, one cache entry)."""
+    def list_folders(self, folders: dict[str, Path]) -> dict[str, LabelledImages]:
+        """Every folder's images, listed as one `ImageFiles` (decoded in one pass: one size
+        for all, one cache entry)."""
         listed = {split: self.list_classes(folder) for split, folder in folders.items()}
-        files = [path for paths, _ in listed.values() for path in paths]
-        images = decoded_images(
-            files,
+        files = ImageFiles(
+            [path for paths, _ in listed.values() for path in paths],
             self.decode_file,
             self.channels,
             self.size,
@@ -544,16 +599,15 @@ class ImageFolderSource:
         )
         read, start = {}, 0
         for split, (paths, labels) in listed.items():
-            part = images[start : start + len(paths)]
-            read[split] = LabelledImages(part, torch.tensor(labels, dtype=torch.long))
+            rows = ImageRows(files, torch.arange(start, start + len(paths)))
+            read[split] = LabelledImages(rows, torch.tensor(labels, dtype=torch.long))
             start += len(paths)
         return read
 
-    def read_classes(self, folder: Path) -> LabelledImages:
-        """`folder/<class>/<images>` for this source's classes, labelled by class name."""
-        return self.read_folders({"all": folder})["all"]
-
     def load(self) -> SourceData:
+        return self.load_listed().decoded()
+
+    def load_listed(self) -> SourceData:
         if not self.splits:
             log.info(
                 "data.root=%s: one folder of classes (%d); val and test are held out by "
@@ -561,8 +615,8 @@ class ImageFolderSource:
                 self.root,
                 len(self.class_names),
             )
-            return SourceData(self.read_classes(self.root), None, self.class_names)
-        read = self.read_folders(self.splits)
+            return SourceData(self.list_folders({"all": self.root})["all"], None, self.class_names)
+        read = self.list_folders(self.splits)
         held = [s for s in ("val", "test") if s not in read]
         log.info(
             "data.root=%s: split folders %s (%s images)%s",
@@ -640,9 +694,9 @@ class OmniglotSource:
         require(bool(characters), f"Omniglot folder {folder} holds no character folders.")
         return characters
 
-    def read_characters(self, characters: list[Path], first_label: int = 0) -> LabelledImages:
-        """Every drawing of `characters`, labelled first_label, first_label + 1, ... (decoded
-        once into the cache, keyed by this listing: see `cache.py`)."""
+    def list_characters(self, characters: list[Path], first_label: int = 0) -> LabelledImages:
+        """Every drawing of `characters`, labelled first_label, first_label + 1, ..., listed
+        as one `ImageFiles` (decoded once into the cache, keyed by this listing: `cache.py`)."""
         files: list[str] = []
         labels: list[int] = []
         for offset, character in enumerate(characters):
@@ -659,7 +713,7 @@ class OmniglotSource:
             )
             files += found
             labels += [first_label + offset] * len(found)
-        images = decoded_images(
+        listed = ImageFiles(
             files,
             ImageFolderSource.decode_file,
             1,
@@ -668,7 +722,8 @@ class OmniglotSource:
             name=f"omniglot-{self.split}",
             root=self.root / self.FOLDER,
         )
-        return LabelledImages(images, torch.tensor(labels, dtype=torch.long))
+        rows = ImageRows(listed, torch.arange(len(files)))
+        return LabelledImages(rows, torch.tensor(labels, dtype=torch.long))
 
     @staticmethod
     def name_of(character: Path) -> str:
@@ -678,7 +733,7 @@ class OmniglotSource:
         """Background alphabets: the training pool; evaluation alphabets: the test pool."""
         background = self.character_folders("images_background")
         evaluation = self.character_folders("images_evaluation")
-        both = self.read_characters(background + evaluation)  # one pass, one cache entry
+        both = self.list_characters(background + evaluation)  # one pass, one cache entry
         first_test = int((both.labels < len(background)).sum())
         train = LabelledImages(both.images[:first_test], both.labels[:first_test])
         test = LabelledImages(both.images[first_test:], both.labels[first_test:])
@@ -711,7 +766,7 @@ class OmniglotSource:
         )
         names = sorted(listed)
         label = {name: index for index, name in enumerate(names)}
-        pool = self.read_characters([found[n] for n in names], 0)
+        pool = self.list_characters([found[n] for n in names], 0)
         splits = {s: [label[c] for c in characters] for s, characters in wanted.items()}
         log.info(
             "Omniglot split `vinyals`: %s characters (meta-train/val/test, all 50 alphabets)",
@@ -720,6 +775,9 @@ class OmniglotSource:
         return SourceData(pool, None, names, class_splits=splits)
 
     def load(self) -> SourceData:
+        return self.load_listed().decoded()
+
+    def load_listed(self) -> SourceData:
         self.prepare()
         return self.load_vinyals() if self.split == "vinyals" else self.load_lake()
 
