@@ -72,7 +72,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         record_run,
         resolved_config,
     )
-    from posttrain.tta import VIEWS, test_time_augmentation
+    from posttrain.tta import VIEWS, augmented_predictions
 
     check_run_config(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -84,7 +84,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     calibration = calibration_for(cfg, method)
     trainer = build_trainer(cfg, extra_callbacks=[])
     metrics: dict[str, float] = {"test/tta_views": float(len(VIEWS.get(cfg.tta, ())))}
-    with test_time_augmentation(cfg.tta, method), warnings.catch_warnings():
+    with augmented_predictions(cfg.tta, method), warnings.catch_warnings():
         # Lightning asks for the training callbacks (checkpointing, LR monitor) to restore
         # their state; a test does not use them.
         warnings.filterwarnings("ignore", message="Be aware that when using `ckpt_path`")

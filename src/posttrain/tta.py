@@ -111,7 +111,7 @@ def check_tta(name: str, method: L.LightningModule) -> None:
 
 
 @contextmanager
-def test_time_augmentation(name: str, method: L.LightningModule) -> Iterator[None]:
+def augmented_predictions(name: str, method: L.LightningModule) -> Iterator[None]:
     """Within the block, `method` predicts from the mean over the views of `tta=name`."""
     check_tta(name, method)
     if name == "none":
