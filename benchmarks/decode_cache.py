@@ -11,10 +11,17 @@ Generates, in a temporary folder:
 
 For each, a fresh process loads the source (`source.load()`, wall time, imports excluded)
 with an empty cache (first start: decode + store) and then again (second start: cache hit,
-median of `--repeats` processes). `--scale` shrinks both datasets (recorded in the JSON).
+median of `--repeats` processes).
+
+Subsampling: on the JPEG folder, a fresh process sets up the DataModule as `data=imagefolder`
+builds it (`conf/data/imagefolder.yaml`: val/test held out as 10%/20%) with an empty cache,
+once with all images and once per seed (`--seeds`) with `data.samples_per_class=10`, which
+decodes only the kept training images and the val/test images it uses.
+
+`--scale` shrinks both datasets (recorded in the JSON).
 Writes benchmarks/results/decode_cache.json.
 
-    python -m benchmarks.decode_cache [--scale 1.0] [--repeats 3]
+    python -m benchmarks.decode_cache [--scale 1.0] [--repeats 3] [--seeds 5]
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from benchmarks.common import ROOT, bench_command, last_json_line, write_result
 
 OMNIGLOT_CHARACTERS, OMNIGLOT_DRAWINGS = 1623, 20
 JPEG_IMAGES, JPEG_CLASSES = 50_000, 10
+SAMPLES_PER_CLASS = 10
 
 
 def write_omniglot_folder(root: Path, scale: float) -> int:
@@ -105,16 +113,38 @@ def load_once(kind: str, root: str, cache: str) -> dict:
     return {"seconds": seconds, "images": count, "shape": shape}
 
 
-def measured_load(kind: str, root: Path, cache: Path) -> dict:
-    command = [sys.executable, "-m", "benchmarks.decode_cache", "--load", kind, str(root)]
-    result = subprocess.run(
-        [*command, str(cache)], cwd=ROOT, capture_output=True, text=True, check=False
-    )
+def set_up_once(root: str, cache: str, samples_per_class: str, seed: str) -> dict:
+    """In this process: the DataModule of `data=imagefolder` (its yaml), `setup("fit")` timed."""
+    import logging
+
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    cfg = OmegaConf.load(ROOT / "conf" / "data" / "imagefolder.yaml")
+    cfg.root, cfg.options.cache_dir, cfg.seed = root, cache, int(seed)
+    cfg.samples_per_class = None if samples_per_class == "all" else int(samples_per_class)
+    datamodule = instantiate(cfg)
+    start = time.perf_counter()
+    datamodule.setup("fit")
+    seconds = time.perf_counter() - start
+    used = {split: len(data) for split, data in datamodule.splits.items()}
+    return {"seconds": seconds, "decoded": sum(used.values()), "splits": used}
+
+
+def measured(label: str, flag: str, *args: str) -> dict:
+    """`python -m benchmarks.decode_cache <flag> <args>` in a fresh process: its report."""
+    command = [sys.executable, "-m", "benchmarks.decode_cache", flag, *args]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
     if result.returncode != 0:
-        raise SystemExit(f"[{kind}] load failed:\n{result.stderr[-3000:]}")
+        raise SystemExit(f"[{label}] failed:\n{result.stderr[-3000:]}")
     report = last_json_line(result.stdout)
     report["hit"] = "cache hit" in result.stderr
     return report
+
+
+def measured_load(kind: str, root: Path, cache: Path) -> dict:
+    return measured(kind, "--load", kind, str(root), str(cache))
 
 
 def measure(kind: str, root: Path, cache: Path, repeats: int) -> dict:
@@ -144,6 +174,52 @@ LABELS = {
 }
 
 
+def measure_subsampling(root: Path, work: Path, seeds: int) -> dict:
+    """First starts (empty cache) of the DataModule: all images once, then
+    `samples_per_class` with each seed (each its own empty cache)."""
+    full = measured("all", "--setup", str(root), str(work / "cache-all"), "all", "0")
+    runs = []
+    for seed in range(seeds):
+        cache = work / f"cache-subsample-{seed}"
+        runs.append(
+            measured(
+                "subsample", "--setup", str(root), str(cache), str(SAMPLES_PER_CLASS), str(seed)
+            )
+        )
+        print(f"[subsample seed {seed}] {runs[-1]['decoded']} decoded in "
+              f"{runs[-1]['seconds']:.2f}s", flush=True)  # fmt: skip
+    assert not full["hit"] and not any(r["hit"] for r in runs), "first starts must decode"
+    seconds = [r["seconds"] for r in runs]
+    return {
+        "samples_per_class": SAMPLES_PER_CLASS,
+        "full_first_start_seconds": full["seconds"],
+        "full_decoded": full["decoded"],
+        "subsampled_first_start_seconds": seconds,
+        "subsampled_mean_seconds": statistics.mean(seconds),
+        "subsampled_std_seconds": statistics.stdev(seconds) if len(seconds) > 1 else 0.0,
+        "subsampled_decoded": [r["decoded"] for r in runs],
+        "subsampled_splits": runs[0]["splits"],
+    }
+
+
+def subsampling_table(row: dict) -> list[str]:
+    """First start of `data=imagefolder` with and without `data.samples_per_class`."""
+    decoded = row["subsampled_decoded"][0]
+    seeds = len(row["subsampled_first_start_seconds"])
+    return [
+        "",
+        "First start of `data=imagefolder` on the JPEG folder (DataModule set-up, empty cache; "
+        "val/test held out as 10%/20% are decoded too, they are used):",
+        "",
+        "| run | images decoded | first start (s) |",
+        "|---|---|---|",
+        f"| all images | {row['full_decoded']:,} | {row['full_first_start_seconds']:.2f} |",
+        f"| `data.samples_per_class={row['samples_per_class']}` (data.seed=0..{seeds - 1}, "
+        f"mean ± std) | {decoded:,} | {row['subsampled_mean_seconds']:.2f} ± "
+        f"{row['subsampled_std_seconds']:.2f} |",
+    ]
+
+
 def markdown_table(result: dict) -> str:
     """The README table: first start (decode + store) and second start (cache hit), seconds."""
     lines = [
@@ -158,6 +234,8 @@ def markdown_table(result: dict) -> str:
             f"{row['second_start_median_seconds']:.2f} | {row['speedup']:.1f}x | "
             f"{row['cache_entry_mib']:.1f} |"
         )
+    if "subsampling" in result:
+        lines += subsampling_table(result["subsampling"])
     return "\n".join(lines)
 
 
@@ -165,21 +243,23 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--scale", type=float, default=1.0, help="fraction of the full sizes")
     parser.add_argument("--repeats", type=int, default=3, help="second starts (median)")
+    parser.add_argument("--seeds", type=int, default=5, help="subsampled first starts")
     parser.add_argument(
         "--load", nargs=3, metavar=("KIND", "ROOT", "CACHE"), help=argparse.SUPPRESS
     )
+    parser.add_argument("--setup", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.load:
-        print(json.dumps(load_once(*args.load)))
+    if args.load or args.setup:
+        print(json.dumps(load_once(*args.load) if args.load else set_up_once(*args.setup)))
         return
     with tempfile.TemporaryDirectory() as tmp:  # 82,000 files: removing them takes minutes
-        payload = measure_all(Path(tmp), args.scale, args.repeats)
+        payload = measure_all(Path(tmp), args.scale, args.repeats, args.seeds)
         print(markdown_table(payload))
         written = write_result("decode_cache", bench_command("decode_cache", argv), payload)
         print(f"\nwrote {written}; removing the generated files", flush=True)
 
 
-def measure_all(work: Path, scale: float, repeats: int) -> dict:
+def measure_all(work: Path, scale: float, repeats: int, seeds: int) -> dict:
     """Generate both folders under `work`, measure their first and second starts."""
     results, generation = {}, {}
     for kind, write in (("omniglot", write_omniglot_folder), ("imagefolder", write_jpeg_folder)):
@@ -195,11 +275,14 @@ def measure_all(work: Path, scale: float, repeats: int) -> dict:
             f"{repeats}): {row['speedup']:.1f}x faster",
             flush=True,
         )
+    subsampling = measure_subsampling(work / "imagefolder", work, seeds)
+    print("\n".join(subsampling_table(subsampling)), flush=True)
     return {
         "scale": scale,
         "repeats": repeats,
         "generation_seconds": generation,
         "results": results,
+        "subsampling": subsampling,
         "floor": "second start >= 10x faster (issue 13)",
         "meets_floor": all(r["speedup"] >= 10 for r in results.values()),
     }
