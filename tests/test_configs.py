@@ -203,6 +203,9 @@ METHODS = {
                  "algorithm", lambda v: v == "protonet"),
     "multitask": (["experiment=digits_multitask", "method.weighting=dwa"],
                   "MultiTaskClassifier", "weighting", lambda v: v == "dwa"),
+    # The teacher file is read when fitting starts, not when the method is built.
+    "distill": (["method.teacher=teacher.ckpt", "method.temperature=2.5"], "Distillation",
+                "temperature", lambda v: v == 2.5),
 }  # fmt: skip
 
 

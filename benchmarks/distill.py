@@ -1,0 +1,167 @@
+"""Knowledge distillation on digits: does a ResNet-18 teacher make a small CNN better than the
+same CNN trained alone on the same 100 images, epochs and seeds?
+
+One teacher for all seeds: `model=resnet18` trained once (seed 0) on
+`experiment=digits_lowdata` (10 digits per class, 32x32). Then, per seed, the student
+`model=small_cnn` on the same recipe, trained alone (`method=supervised`) and distilled
+(`method=distill method.teacher=<teacher best.ckpt>`, T and alpha at their defaults), the two
+runs one after the other so they share the machine's load; each process's wall time is
+measured, and the table gives their ratio. Test accuracy is each run's own `test/acc` (its
+best checkpoint by `val/acc`) on the recipe's fixed test split. Writes
+benchmarks/results/distill.json; the README table is rendered from it by `markdown_table`.
+
+    python -m benchmarks.distill [--seeds 0,1,2,3,4] [--teacher-epochs 150]
+        [--student-epochs 150] [--extra method.temperature=2]
+
+`--teacher-epochs`/`--student-epochs` below the recipe's 150 shorten it to fit a time budget;
+the table says so. `callbacks.last_checkpoint=null` skips the per-epoch resume checkpoint
+(it changes no number; the ResNet-18 one is 130 MB a write).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from benchmarks.common import OUT, QUIET, bench_command, mean_std, run_train, write_result
+
+RECIPE = ["experiment=digits_lowdata", "callbacks.last_checkpoint=null", *QUIET]
+STUDENT = ["model=small_cnn"]
+RECIPE_EPOCHS = 150
+
+
+def timed_run(overrides: list[str], run_dir: Path, label: str) -> dict:
+    """One `python train.py` process: its metrics.json and its wall time in seconds."""
+    started = time.perf_counter()
+    run_train([*overrides, f"hydra.run.dir={run_dir}"], label)
+    wall = time.perf_counter() - started
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    return {"test_acc": metrics["test/acc"], "val_acc_best": metrics["val/acc_best"],
+            "wall_seconds": round(wall, 1)}  # fmt: skip
+
+
+def train_teacher(sweep: Path, epochs: int) -> dict:
+    overrides = [*RECIPE, "model=resnet18", f"trainer.max_epochs={epochs}", "seed=0"]
+    result = timed_run(overrides, sweep / "teacher", "teacher")
+    return {
+        **result,
+        "overrides": overrides,
+        "checkpoint": str(sweep / "teacher" / "checkpoints" / "best.ckpt"),
+    }
+
+
+def train_students(
+    sweep: Path, seeds: list[int], epochs: int, teacher: str, extra: list[str]
+) -> list[dict]:
+    """Per seed: the student alone, then distilled, run back to back (same load)."""
+    common = [*RECIPE, *STUDENT, f"trainer.max_epochs={epochs}"]
+    distill = ["method=distill", f"method.teacher={teacher}", *extra]
+    rows = []
+    for seed in seeds:
+        alone = timed_run([*common, f"seed={seed}"], sweep / f"alone_seed{seed}", f"alone {seed}")
+        distilled = timed_run([*common, *distill, f"seed={seed}"], sweep / f"distill_seed{seed}",
+                              f"distill {seed}")  # fmt: skip
+        rows.append({"seed": seed, "alone": alone, "distilled": distilled,
+                     "wall_ratio": distilled["wall_seconds"] / alone["wall_seconds"]})  # fmt: skip
+    return rows
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Mean ± std over seeds of each setting's test accuracy and of the wall-time ratio."""
+    summary = {}
+    for setting in ("alone", "distilled"):
+        acc_mean, acc_std = mean_std([r[setting]["test_acc"] for r in rows])
+        wall_mean, _ = mean_std([r[setting]["wall_seconds"] for r in rows])
+        summary[setting] = {"test_acc_mean": acc_mean, "test_acc_std": acc_std,
+                            "wall_seconds_mean": wall_mean}  # fmt: skip
+    ratio_mean, ratio_std = mean_std([r["wall_ratio"] for r in rows])
+    gain = summary["distilled"]["test_acc_mean"] - summary["alone"]["test_acc_mean"]
+    alone_std = summary["alone"]["test_acc_std"]
+    summary.update(
+        wall_ratio_mean=ratio_mean,
+        wall_ratio_std=ratio_std,
+        gain=gain,
+        gain_in_alone_stds=gain / alone_std if alone_std else None,
+        target_met=bool(gain > alone_std),
+    )
+    return summary
+
+
+def epochs_note(result: dict) -> str:
+    teacher, student = result["teacher_epochs"], result["student_epochs"]
+    if teacher == student == RECIPE_EPOCHS:
+        return f"the recipe's {RECIPE_EPOCHS} epochs"
+    return (
+        f"shortened from the recipe's {RECIPE_EPOCHS} epochs to fit the time budget: teacher "
+        f"{teacher}, students {student}"
+    )
+
+
+def markdown_table(result: dict) -> str:
+    """The README table: teacher, student alone, student distilled; test accuracy mean ± std
+    over seeds, wall time and its ratio to the student alone."""
+    s, teacher = result["summary"], result["teacher"]
+    seeds = len(result["rows"])
+
+    def acc(cell: dict) -> str:
+        return f"{100 * cell['test_acc_mean']:.1f} ± {100 * cell['test_acc_std']:.1f}"
+
+    gain = f"{100 * s['gain']:+.1f} points"
+    if s["gain_in_alone_stds"] is not None:
+        gain += f" ({s['gain_in_alone_stds']:+.1f} std of alone)"
+    extra = " ".join(result["extra"]) or "defaults"
+    return "\n".join(
+        [
+            "| model | test acc % | wall time per run | time ratio |",
+            "|---|---|---|---|",
+            f"| teacher: `model=resnet18` (1 run, seed 0) | {100 * teacher['test_acc']:.1f} | "
+            f"{teacher['wall_seconds']:.0f} s | — |",
+            f"| student `model=small_cnn` alone ({seeds} seeds) | {acc(s['alone'])} | "
+            f"{s['alone']['wall_seconds_mean']:.0f} s | 1 |",
+            f"| student distilled, `method=distill` ({extra}) | {acc(s['distilled'])} | "
+            f"{s['distilled']['wall_seconds_mean']:.0f} s | "
+            f"{s['wall_ratio_mean']:.2f} ± {s['wall_ratio_std']:.2f} |",
+            "",
+            f"`experiment=digits_lowdata` (100 training images, 32×32), {epochs_note(result)}; "
+            f"one teacher for every seed; distilled − alone: {gain}; target (more than one std "
+            f"of alone): {'met' if s['target_met'] else 'not met'}. Wall time: whole "
+            "`train.py` processes, each distilled run right after its seed's alone run.",
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seeds", default="0,1,2,3,4")
+    parser.add_argument("--teacher-epochs", type=int, default=RECIPE_EPOCHS)
+    parser.add_argument("--student-epochs", type=int, default=RECIPE_EPOCHS)
+    parser.add_argument(
+        "--extra", nargs="*", default=[], help="distilled runs, e.g. method.alpha=0.5"
+    )
+    parser.add_argument("--sweep-dir", default=None)
+    parser.add_argument("--results-dir", default=None, help="instead of benchmarks/results")
+    args = parser.parse_args(argv)
+    sweep = Path(args.sweep_dir or OUT / f"distill_{time.strftime('%Y%m%d_%H%M%S')}")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    started = time.time()
+    teacher = train_teacher(sweep, args.teacher_epochs)
+    rows = train_students(sweep, seeds, args.student_epochs, teacher["checkpoint"], args.extra)
+    payload = {
+        "sweep_dir": str(sweep),
+        "teacher_epochs": args.teacher_epochs,
+        "student_epochs": args.student_epochs,
+        "extra": args.extra,
+        "wall_seconds": round(time.time() - started, 1),
+        "teacher": teacher,
+        "summary": summarize(rows),
+        "rows": rows,
+    }
+    path = write_result("distill", bench_command("distill", argv), payload, args.results_dir)
+    print(markdown_table(json.loads(path.read_text())))
+    print(f"\nwrote {path} (runs in {sweep})")
+
+
+if __name__ == "__main__":
+    main()

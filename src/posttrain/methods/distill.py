@@ -1,0 +1,156 @@
+"""Knowledge distillation (Hinton et al. 2015): a student learns from a frozen teacher.
+
+Training loss: `alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T))
++ (1 - alpha) * CE(student, labels)`. `T^2` keeps the soft part's gradients on the scale of
+the hard part's as `T` grows (the paper's advice). Validation and test are the student's own
+cross-entropy and metrics, exactly as `method=supervised` reports them.
+
+Why a subclass of `SupervisedClassifier` rather than a `MethodCore` of its own: the student
+*is* a supervised classifier in everything but its training loss (forward, metrics,
+confusion matrix, evaluation of its checkpoint), and composing one would forward each of
+those hooks again. What distillation adds is the training step, the teacher's lifecycle and
+two logged loss parts.
+
+The teacher (`posttrain.models.teacher`) is loaded when fitting starts, not when the method
+is built: `eval.py` and `model.pretrained` rebuild or read this run's checkpoint without the
+teacher file. Its checks (file, classes, channels, method) still run before any training.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from posttrain.errors import require
+from posttrain.methods.core import StepOutput
+from posttrain.methods.metrics import EpochMeans
+from posttrain.methods.supervised import SupervisedClassifier
+from posttrain.models.teacher import Teacher, load_teacher
+from posttrain.regularizers import RegularizerSet
+
+log = logging.getLogger("posttrain")
+
+LOSS_PARTS = ("distill_loss", "label_loss")
+
+
+def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """`T^2 * KL(softmax(teacher / T) || softmax(student / T))`, averaged over the batch."""
+    student = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    kl = F.kl_div(student, teacher, reduction="batchmean", log_target=True)
+    return kl * temperature**2
+
+
+def hard_labels(targets: Tensor) -> Tensor:
+    """Class indices, also of mixup/cutmix soft targets (their arg-max), for the metrics."""
+    return targets.argmax(dim=-1) if targets.is_floating_point() else targets
+
+
+def check_settings(teacher: str | None, temperature: float, alpha: float) -> None:
+    """`method.teacher` is set, `method.temperature` > 0, `method.alpha` in (0, 1]."""
+    require(
+        bool(teacher),
+        "`method=distill` needs a teacher: set `method.teacher` to the checkpoint of a "
+        "trained posttrain run, e.g. `method.teacher=outputs/<run>/checkpoints/best.ckpt`.",
+    )
+    require(
+        isinstance(temperature, int | float)
+        and not isinstance(temperature, bool)
+        and math.isfinite(temperature)
+        and temperature > 0,
+        f"Config key `method.temperature` (softening of both distributions) must be a "
+        f"positive number, got {temperature!r}; Hinton et al. use 1-20, 4 is common.",
+    )
+    require(
+        isinstance(alpha, int | float) and not isinstance(alpha, bool) and 0 < alpha <= 1,
+        f"Config key `method.alpha` (the teacher's share of the loss) must be in (0, 1], got "
+        f"{alpha!r}: 1 learns from the teacher alone; 0 would ignore it (that is "
+        "`method=supervised`).",
+    )
+
+
+class Distillation(SupervisedClassifier):
+    """A supervised student trained on a frozen teacher's soft predictions and the labels."""
+
+    # Every supervised capability keeps its meaning: regularizers act on the student; the
+    # teacher sees the same (augmented, mixed) batch; mixup/cutmix soft targets and label
+    # smoothing shape the label part (`alpha=1` leaves no label part: smoothing is refused).
+    OFFERS = SupervisedClassifier.OFFERS
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: dict[str, Any],
+        scheduler: dict[str, Any],
+        regularizers: RegularizerSet | None = None,
+        teacher: str | None = None,
+        temperature: float = 4.0,
+        alpha: float = 0.9,
+    ) -> None:
+        super().__init__(model, optimizer, scheduler, regularizers)
+        check_settings(teacher, temperature, alpha)
+        require(
+            not (alpha == 1 and self.regularizers.label_smoothing > 0),
+            "`reg=label_smoothing` cannot be used with `method=distill method.alpha=1`: the "
+            "loss then has no label part to smooth. Lower `method.alpha` below 1 or remove "
+            "`label_smoothing` from `reg=`.",
+        )
+        self.teacher_path, self.temperature, self.alpha = str(teacher), float(temperature), alpha
+        # The supervised means plus this method's two training loss parts.
+        self.means = EpochMeans([*self.means.names, *(f"train/{p}" for p in LOSS_PARTS)])
+        self.teacher: Teacher | None = None  # a plain object: never in state_dict or optimizer
+
+    @property
+    def method_name(self) -> str:
+        return "distill"
+
+    def setup(self, stage: str) -> None:
+        """Load and check the teacher before fitting (the data is set up: classes, channels)."""
+        if stage != "fit" or self.teacher is not None:
+            return
+        datamodule = self.trainer.datamodule
+        self.teacher = load_teacher(
+            self.teacher_path, self.model.head.out_features, datamodule.in_channels
+        )
+        log.info("%s", self.teacher.describe())
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        assert self.teacher is not None, "setup('fit') loads the teacher"
+        self.teacher.adapt_to(*student_inputs(self.trainer.datamodule))
+        self.teacher.follow(self.model.head.weight)
+
+    def step(self, batch: tuple[Tensor, Tensor], split: str) -> StepOutput:
+        """Training: the distillation loss; validation/test: the supervised step."""
+        if split != "train":
+            return super().step(batch, split)
+        assert self.teacher is not None, "fitting loads the teacher"
+        images, targets = batch
+        logits = self(images)
+        label_loss = F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
+        self.metrics.update(split, logits, hard_labels(targets))
+        soft_loss = distillation_loss(logits, self.teacher.logits(images), self.temperature)
+        loss = self.alpha * soft_loss + (1 - self.alpha) * label_loss
+        parts = {"distill_loss": soft_loss, "label_loss": label_loss}
+        return StepOutput(loss, len(images), parts)
+
+
+def student_inputs(datamodule: Any) -> tuple[tuple[Tensor, Tensor], tuple[int, int]]:
+    """The student's input normalization and the data's native image size (what a teacher
+    trained with `data.image_size=null` saw), from the DataModule after its set-up."""
+    state = datamodule.state_dict()
+    require(
+        "mean" in state and getattr(datamodule, "splits", None),
+        "`method=distill` needs image-classification data (`data=digits`, `cifar10`, "
+        "`imagefolder`, ...): the teacher sees the student's images.",
+    )
+    native = tuple(datamodule.splits["train"].images.shape[-2:])
+    return (torch.tensor(state["mean"]), torch.tensor(state["std"])), native  # type: ignore[return-value]
+
+
+__all__ = ["Distillation", "distillation_loss"]

@@ -1,0 +1,197 @@
+"""The frozen teacher of `method=distill`: any posttrain classifier checkpoint, rebuilt from
+the config it stores.
+
+The teacher lives outside the student's module tree on purpose (a plain object, not an
+`nn.Module` attribute): it is then in no `state_dict` (the student's checkpoint neither stores
+it nor needs its file later, for `eval.py` or as `model.pretrained`), in no `parameters()` (so
+never in the optimizer), and Lightning's `train()`/`to()` never reach it, so it stays in eval
+mode and is moved to the student's device explicitly (`follow`). It runs inside the student's
+training step, so the step's autocast (`trainer.precision=*-mixed`) applies to it as well.
+
+Its input is the student's batch as the teacher was trained to see it: back to pixels with
+the student's normalization, resized to the teacher's `data.image_size`, normalized with the
+statistics the teacher's checkpoint carries.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from posttrain.errors import PosttrainError, require
+
+log = logging.getLogger("posttrain")
+
+KEY = "method.teacher"
+# Methods whose checkpoint holds one classifier over the data's classes (a distilled student
+# can teach in turn); episodic and multi-task checkpoints predict something else.
+CLASSIFIER_METHODS = (
+    "posttrain.methods.supervised.SupervisedClassifier",
+    "posttrain.methods.distill.Distillation",
+)
+Stats = tuple[Tensor, Tensor]  # per-channel mean and std of model inputs
+
+
+@dataclass
+class InputAdapter:
+    """Student batch -> teacher input. Identity where sizes and statistics agree."""
+
+    student_stats: Stats
+    teacher_stats: Stats
+    size: tuple[int, int]  # the teacher's trained input size
+
+    def __post_init__(self) -> None:
+        pairs = zip(self.student_stats, self.teacher_stats, strict=True)
+        self.same_stats = all(torch.equal(a, b) for a, b in pairs)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        resize = tuple(x.shape[-2:]) != self.size
+        if self.same_stats and not resize:
+            return x
+        pixels = x * column(self.student_stats[1], x) + column(self.student_stats[0], x)
+        if resize:
+            pixels = F.interpolate(
+                pixels, size=self.size, mode="bilinear", align_corners=False, antialias=True
+            )
+        mean, std = (column(s, x) for s in self.teacher_stats)
+        return (pixels - mean) / std
+
+
+def column(values: Tensor, like: Tensor) -> Tensor:
+    """Per-channel values shaped (C, 1, 1) on `like`'s device and dtype."""
+    return values.to(device=like.device, dtype=like.dtype).view(-1, 1, 1)
+
+
+class Teacher:
+    """A frozen classifier in eval mode that turns student batches into teacher logits."""
+
+    def __init__(
+        self, network: nn.Module, stats: Stats | None, size: int | None, source: str
+    ) -> None:
+        self.network = network.eval().requires_grad_(False)
+        self.stats, self.size, self.source = stats, size, source
+        self.adapter: InputAdapter | None = None
+
+    def adapt_to(self, student_stats: Stats, native_size: tuple[int, int]) -> None:
+        """How student batches become teacher inputs; `native_size`: the data's own image
+        size, which a teacher trained with `data.image_size=null` saw."""
+        size = (self.size, self.size) if self.size is not None else native_size
+        teacher_stats = self.stats if self.stats is not None else student_stats
+        self.adapter = InputAdapter(student_stats, teacher_stats, size)
+
+    def follow(self, reference: Tensor) -> None:
+        """Onto the device of `reference` (a student parameter)."""
+        self.network.to(device=reference.device)
+
+    @torch.no_grad()
+    def logits(self, x: Tensor) -> Tensor:
+        """Teacher logits for a student batch; never part of the autograd graph."""
+        self.network.eval()  # nothing should have changed it; a teacher in train mode is wrong
+        return self.network(self.adapter(x) if self.adapter is not None else x)
+
+    def describe(self) -> str:
+        size = f"{self.size}x{self.size}" if self.size is not None else "native size"
+        count = sum(p.numel() for p in self.network.parameters())
+        return f"teacher {self.source}: {count:,} frozen parameters, input {size}"
+
+
+def method_target(config: dict[str, Any]) -> str:
+    method = config.get("method")
+    return str(method.get("_target_", "")) if isinstance(method, dict) else ""
+
+
+def network_weights(checkpoint: dict[str, Any], path: Path) -> dict[str, Tensor]:
+    """The classifier's tensors (`model.*` of the method's state dict, prefix removed)."""
+    state = checkpoint.get("state_dict")
+    require(
+        isinstance(state, dict) and "model.head.weight" in state,
+        f"Config key `{KEY}`: {path} holds no classifier weights (`state_dict` with "
+        "`model.head.weight`); point it at a run's `checkpoints/best.ckpt` or `last.ckpt`.",
+    )
+    return {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+
+
+def first_conv_channels(weights: dict[str, Tensor]) -> int:
+    """Input channels of the first convolution (state dicts keep registration order)."""
+    return next(v.shape[1] for k, v in weights.items() if k.startswith("features.") and v.ndim == 4)
+
+
+def check_compatible(
+    weights: dict[str, Tensor], path: Path, num_classes: int, in_channels: int
+) -> None:
+    """The teacher predicts this data's classes from images of this data's channel count."""
+    classes, channels = weights["head.weight"].shape[0], first_conv_channels(weights)
+    require(
+        classes == num_classes and channels == in_channels,
+        f"Config key `{KEY}`: {path} was trained on {classes} classes of {channels}-channel "
+        f"images, but this run's data has {num_classes} classes of {in_channels}-channel "
+        "images. A teacher must predict the student's classes from the same kind of images: "
+        "use a teacher trained on this data (or set `data.*` to the teacher's data).",
+    )
+
+
+def build_network(config: dict[str, Any], weights: dict[str, Tensor], path: Path) -> nn.Module:
+    """The teacher's `model` config, without its own start weights (the checkpoint has them)."""
+    from hydra.utils import instantiate
+
+    model = {**config["model"], "pretrained": None, "compile": False}
+    network = instantiate(
+        model,
+        num_classes=weights["head.weight"].shape[0],
+        in_channels=first_conv_channels(weights),
+    )
+    try:
+        network.load_state_dict(weights)
+    except RuntimeError as error:
+        raise PosttrainError(
+            f"Config key `{KEY}`: the weights in {path} do not fit the model its own config "
+            f"describes ({str(error).splitlines()[0]}); the file may come from another version "
+            "of the run. Use a checkpoint written by the run it came from."
+        ) from error
+    return network
+
+
+def input_stats(checkpoint: dict[str, Any]) -> Stats | None:
+    """The normalization the teacher trained with (its DataModule's state in the checkpoint)."""
+    from posttrain.data.datamodule import ImageClassificationDataModule
+
+    state = checkpoint.get(ImageClassificationDataModule.__qualname__) or {}
+    if "mean" not in state or "std" not in state:
+        return None
+    return torch.tensor(state["mean"]), torch.tensor(state["std"])
+
+
+def load_teacher(path: str | Path, num_classes: int, in_channels: int) -> Teacher:
+    """Read, check and rebuild the teacher of `method.teacher`; each refusal one paragraph."""
+    from posttrain.checkpoints import load_checkpoint, stored_config
+
+    file = Path(str(path))
+    checkpoint = load_checkpoint(file, key=KEY)
+    config = stored_config(checkpoint, file, key=KEY)
+    target = method_target(config)
+    trained_with = target.rsplit(".", 1)[-1] or "an unknown method"
+    require(
+        target in CLASSIFIER_METHODS,
+        f"Config key `{KEY}`: {file} was trained with `{trained_with}` "
+        f"(episodic or multi-task: its outputs are not one distribution over the data's "
+        "classes). A teacher is the checkpoint of a `method=supervised`, `finetune` or "
+        "`distill` run.",
+    )
+    weights = network_weights(checkpoint, file)
+    check_compatible(weights, file, num_classes, in_channels)
+    network = build_network(config, weights, file)
+    size = (config.get("data") or {}).get("image_size")
+    arch = config["model"].get("arch", "model")
+    teacher = Teacher(network, input_stats(checkpoint), size, f"{arch} from {file}")
+    if teacher.stats is None:
+        log.warning("%s carries no normalization statistics: the student's are used", file)
+    return teacher
+
+
+__all__ = ["InputAdapter", "Teacher", "load_teacher"]

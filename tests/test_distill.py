@@ -1,0 +1,242 @@
+"""`method=distill`: the loss is Hinton et al.'s formula, the teacher stays frozen, in eval
+mode, outside the student's checkpoint and optimizer, may differ in architecture and input
+size, and every unusable teacher or setting is refused in one paragraph naming its key."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor
+
+from posttrain.checkpoints import CONFIG_KEY
+from posttrain.errors import PosttrainError
+from posttrain.evaluate import evaluate, open_overrides
+from posttrain.methods.distill import Distillation, distillation_loss
+from posttrain.models import build_classifier
+from posttrain.models.teacher import load_teacher
+from posttrain.regularizers import RegularizerSet
+from posttrain.regularizers.targets import LabelSmoothing
+from posttrain.runs import find_user_error
+from posttrain.train import train
+from tests.conftest import add_callbacks, compose_config, run_cli
+
+CPU = ["logger=none", "trainer.accelerator=cpu", "trainer.devices=1", "debug=limit"]
+# The teacher: another architecture (convnet4) and input size (16 px) than the student's.
+TEACHER = ["model=convnet4", "model.hidden=8", "data.image_size=16", "trainer.max_epochs=1"]
+STUDENT = ["method=distill", "model.width=8", "data.image_size=12"]
+OPTIMIZER = {"name": "sgd", "lr": 0.1}
+NO_SCHEDULE = {"name": "none"}
+
+
+@pytest.fixture(scope="module")
+def teacher_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.set_num_threads(1)
+    run = tmp_path_factory.mktemp("teacher") / "run"
+    train(compose_config(run, [*CPU, *TEACHER]))
+    return run / "checkpoints" / "best.ckpt"
+
+
+def user_error(action: Any) -> str:
+    with pytest.raises(Exception) as raised:
+        action()
+    error = find_user_error(raised.value)
+    assert isinstance(error, PosttrainError), raised.value
+    return str(error)
+
+
+def student(**settings: Any) -> Distillation:
+    model = build_classifier("small_cnn", num_classes=3, in_channels=1, width=4)
+    regularizers = settings.pop("regularizers", None)
+    settings = {"teacher": "teacher.ckpt", **settings}
+    return Distillation(model, OPTIMIZER, NO_SCHEDULE, regularizers, **settings)
+
+
+class FixedTeacher:
+    """Stands in for the teacher: the same logits for every batch."""
+
+    def __init__(self, logits: Tensor) -> None:
+        self.fixed = logits
+
+    def logits(self, images: Tensor) -> Tensor:
+        return self.fixed
+
+
+# --- the loss -------------------------------------------------------------------------------
+
+
+def test_training_loss_is_the_reference_formula_on_fixed_logits() -> None:
+    """alpha T^2 KL(p_teacher || p_student) + (1 - alpha) CE, computed here by hand."""
+    temperature, alpha = 2.0, 0.7
+    method = student(temperature=temperature, alpha=alpha)
+    student_logits = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.2, 3.0]])
+    teacher_logits = torch.tensor([[1.0, 1.5, -0.5], [0.0, -2.0, 4.0]])
+    labels = torch.tensor([0, 1])
+    method.model.forward = lambda images: student_logits  # type: ignore[method-assign]
+    method.teacher = FixedTeacher(teacher_logits)  # type: ignore[assignment]
+
+    def softmax(row: list[float], t: float) -> list[float]:
+        exps = [math.exp(v / t) for v in row]
+        return [e / sum(exps) for e in exps]
+
+    kl = ce = 0.0
+    rows = zip(student_logits.tolist(), teacher_logits.tolist(), labels.tolist(), strict=True)
+    for s, t, label in rows:
+        p_teacher, p_student = softmax(t, temperature), softmax(s, temperature)
+        kl += sum(pt * math.log(pt / ps) for pt, ps in zip(p_teacher, p_student, strict=True))
+        ce -= math.log(softmax(s, 1.0)[label])
+    soft, hard = temperature**2 * kl / 2, ce / 2
+
+    output = method.step((torch.zeros(2, 1, 8, 8), labels), "train")
+    assert output.parts["distill_loss"].item() == pytest.approx(soft, rel=1e-5)
+    assert output.parts["label_loss"].item() == pytest.approx(hard, rel=1e-5)
+    assert output.loss.item() == pytest.approx(alpha * soft + (1 - alpha) * hard, rel=1e-5)
+    assert distillation_loss(teacher_logits, teacher_logits, 3.0).item() == pytest.approx(0)
+
+
+def test_validation_is_the_students_own_cross_entropy() -> None:
+    method = student()
+    method.teacher = None  # evaluation never needs it
+    labels = torch.tensor([0, 2])
+    output = method.step((torch.randn(2, 1, 8, 8), labels), "val")
+    assert output.parts == {} and output.loss.item() > 0
+
+
+# --- a real run: frozen teacher, other architecture and size, checkpoint without it ------------
+
+
+class TeacherProbe(Callback):
+    """Records the teacher during fitting: its mode, inputs, output dtype, and its tensors."""
+
+    def __init__(self) -> None:
+        self.modes: list[bool] = []
+        self.input_sizes: set[tuple[int, ...]] = set()
+        self.dtypes: set[torch.dtype] = set()
+
+    def on_fit_start(self, trainer: Any, method: Any) -> None:
+        network = method.teacher.network
+        self.before = {k: v.clone() for k, v in network.state_dict().items()}
+        self.teacher_ids = {id(p) for p in network.parameters()}
+
+        def record(module: Any, inputs: tuple[Tensor], output: Tensor) -> None:
+            self.modes.append(module.training)
+            self.input_sizes.add(tuple(inputs[0].shape[1:]))
+            self.dtypes.add(output.dtype)
+
+        network.register_forward_hook(record)
+
+    def on_train_end(self, trainer: Any, method: Any) -> None:
+        network = method.teacher.network
+        self.after = network.state_dict()
+        self.grads = [p.grad for p in network.parameters()]
+        self.in_optimizer = any(
+            id(p) in self.teacher_ids
+            for optimizer in trainer.optimizers
+            for group in optimizer.param_groups
+            for p in group["params"]
+        )
+        self.student_keys = list(method.state_dict())
+
+
+def test_frozen_teacher_of_another_architecture_and_size_and_a_checkpoint_without_it(
+    teacher_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    teacher = tmp_path / "teacher.ckpt"
+    shutil.copy(teacher_file, teacher)
+    probe = TeacherProbe()
+    add_callbacks(monkeypatch, probe)
+    run = tmp_path / "student"
+    overrides = [*CPU, *STUDENT, f"method.teacher={teacher}", "trainer.precision=bf16-mixed"]
+    metrics = train(compose_config(run, overrides))
+
+    assert probe.modes and not any(probe.modes)  # eval mode at every training step
+    assert probe.input_sizes == {(1, 16, 16)}  # 12 px student batches resized to 16 px
+    assert probe.dtypes == {torch.bfloat16}  # under the student's autocast
+    assert all(grad is None for grad in probe.grads) and not probe.in_optimizer
+    for name, value in probe.before.items():  # BatchNorm statistics included
+        assert torch.equal(value, probe.after[name]), name
+    assert metrics["train/distill_loss"] > 0 and metrics["train/label_loss"] > 0
+    assert not any("teacher" in key for key in probe.student_keys)
+
+    teacher.unlink()  # the student's checkpoint needs no teacher from here on
+    best = run / "checkpoints" / "best.ckpt"
+    arguments = open_overrides(["logger=none", "trainer.accelerator=cpu", f"ckpt_path={best}"])
+    again = evaluate(compose_config(tmp_path / "eval", arguments, "eval"))
+    assert again["test/acc"] == json.loads((run / "metrics.json").read_text())["test/acc"]
+    reused = build_classifier("small_cnn", 10, 1, pretrained=str(best), width=8)
+    stored = torch.load(best, weights_only=True)["state_dict"]
+    assert torch.equal(reused.features[0][0].weight, stored["model.features.0.0.weight"])
+
+
+# --- refusals, each one paragraph naming its key -----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("settings", "key"),
+    [
+        ({"teacher": None}, "method.teacher"),
+        ({"temperature": 0}, "method.temperature"),
+        ({"temperature": float("inf")}, "method.temperature"),
+        ({"alpha": 0}, "method.alpha"),
+        ({"alpha": 1.5}, "method.alpha"),
+        ({"alpha": 1, "regularizers": RegularizerSet([LabelSmoothing(0.1)])}, "method.alpha=1"),
+    ],
+)
+def test_settings_out_of_range_are_refused(settings: dict[str, Any], key: str) -> None:
+    message = user_error(lambda: student(**settings))
+    assert key in message and "\n" not in message
+
+
+def checkpoint_of(path: Path, method_target: str) -> Path:
+    config = {"method": {"_target_": method_target}, "model": {}, "data": {}}
+    torch.save({CONFIG_KEY: config, "state_dict": {}}, path)
+    return path
+
+
+def test_unusable_teacher_files_are_refused(teacher_file: Path, tmp_path: Path) -> None:
+    text = tmp_path / "notes.ckpt"
+    text.write_text("not a checkpoint")
+    state_dict = tmp_path / "weights.pt"
+    torch.save({"weight": torch.zeros(2)}, state_dict)
+    episodic = checkpoint_of(tmp_path / "maml.ckpt", "posttrain.methods.meta.EpisodicLearner")
+    multitask = checkpoint_of(
+        tmp_path / "mt.ckpt", "posttrain.methods.multitask.MultiTaskClassifier"
+    )
+    cases = {
+        tmp_path / "missing.ckpt": "does not exist",
+        text: "not a PyTorch checkpoint",
+        state_dict: "not written by a posttrain run",
+        episodic: "EpisodicLearner",
+        multitask: "MultiTaskClassifier",
+    }
+    for path, reason in cases.items():
+        message = user_error(lambda p=path: load_teacher(p, num_classes=10, in_channels=1))
+        assert "method.teacher" in message and reason in message, message
+    classes = user_error(lambda: load_teacher(teacher_file, num_classes=5, in_channels=1))
+    channels = user_error(lambda: load_teacher(teacher_file, num_classes=10, in_channels=3))
+    assert "10 classes of 1-channel" in classes and "5 classes" in classes
+    assert "3-channel" in channels and "method.teacher" in channels
+
+
+def test_the_teacher_is_checked_before_any_training(teacher_file: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    overrides = [*CPU, *STUDENT, f"method.teacher={teacher_file}", "data.classes=[0,1,2]"]
+    message = user_error(lambda: train(compose_config(run, overrides)))
+    assert "method.teacher" in message and "3 classes" in message
+    assert not (run / "checkpoints").exists()  # not one epoch ran
+
+
+@pytest.mark.slow
+def test_cli_refuses_a_missing_teacher_in_one_paragraph(tmp_path: Path) -> None:
+    missing = tmp_path / "teacher.ckpt"
+    result = run_cli("train.py", *CPU, *STUDENT, f"method.teacher={missing}",
+                     f"hydra.run.dir={tmp_path / 'run'}")  # fmt: skip
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert f"`method.teacher`: checkpoint file {missing} does not exist" in result.stderr
