@@ -21,7 +21,9 @@ and key differ from the full entry's, so a later full run never reads it as comp
 serves only a run that keeps exactly those rows of exactly this listing (one subset entry is
 kept per data and options: the latest). With the size left to the data (`size` None), the
 sizes of all listed files are read from their headers (no decode) so a subset is decoded at
-the size a full decode would choose: the same pixels, cache or not.
+the size a full decode would choose: the same pixels, cache or not. A file a run does not
+keep is never decoded, so a broken one goes unnoticed until a run keeps it (that run refuses
+it in one paragraph); an empty class folder is refused by every run (labels come from it).
 
 Entries are written atomically (`write_atomically`: staged, fsynced, renamed) and read with
 `torch.load(weights_only=True)`; an entry that does not load or does not match its listing

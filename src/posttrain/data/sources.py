@@ -494,6 +494,7 @@ class ImageFolderSource:
 
     `size` None (the default): the images' own size when they all share one, else 64x64
     (logged). With a `cache_dir`, the decoded tensors are cached there (see `cache.py`).
+    The DataModule lists the files first (`load_listed`) and decodes only those it keeps.
     """
 
     EXTENSIONS: ClassVar[tuple[str, ...]] = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
