@@ -24,8 +24,9 @@ METRICS: dict[str, str] = {
     "train/loss_step": "the method's training loss on each logging step (penalty excluded)",
     "{split}/loss": "epoch mean of the method's loss (training: penalty excluded)",
     "train/penalty": "epoch mean of the regularizers' penalty (l1, l2, l2sp)",
-    "train/distill_loss": "epoch mean of distillation's soft part, T^2 KL(teacher || student) "
-    "(distill; `train/loss` weighs it by `method.alpha`)",
+    "train/distill_loss": "epoch mean of distillation's soft part: T^2 times the KL divergence "
+    "of the student's softened predictions from the teacher's (distill; weighed by "
+    "`method.alpha`)",
     "train/label_loss": "epoch mean of distillation's hard part, the student's cross-entropy on "
     "the labels (distill; weighed by 1 - `method.alpha`)",
     "{split}/acc": "top-1 accuracy (episodic methods: mean query accuracy per episode)",
