@@ -3,8 +3,10 @@
 Reads every job folder of a Hydra multirun (its `.hydra/overrides.yaml` and `metrics.json`)
 and writes `report.md`, `report.csv` and `report.png` beside them: one row per job with its
 overrides, best validation and test metrics, train/val gap and status; the plot shows the
-metric and the gap against the swept value. It also runs by itself at the end of every
-sweep (`SweepReportCallback`, registered in `conf/hydra/default.yaml`).
+metric and the gap against the swept value. Model soups made from the sweep
+(`python -m posttrain.soup`, in `soup_<recipe>/`) are rows beside the jobs and lines on the
+plot; they are not jobs (never counted, never failed). It also runs by itself at the end of
+every sweep (`SweepReportCallback`, registered in `conf/hydra/default.yaml`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import json
 import logging
 import math
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,12 +38,22 @@ class JobRow:
     status: str
     metrics: dict[str, float] = field(default_factory=dict)
     error: str = ""
+    ingredients: list[str] = field(default_factory=list)  # a soup's jobs
 
 
 def read_overrides(job_dir: Path) -> dict[str, str]:
     import yaml
 
     return normalized(yaml.safe_load((job_dir / ".hydra" / "overrides.yaml").read_text()) or [])
+
+
+def numbers_of(record: dict[str, Any]) -> dict[str, float]:
+    """The numeric entries of a metrics.json (flags such as `true` are not numbers)."""
+    return {
+        k: float(v)
+        for k, v in record.items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    }
 
 
 def read_job(job_dir: Path, sweep_dir: Path) -> JobRow:
@@ -51,7 +64,7 @@ def read_job(job_dir: Path, sweep_dir: Path) -> JobRow:
     if not metrics_file.is_file():
         return JobRow(folder, overrides, "missing")
     data = json.loads(metrics_file.read_text())
-    numbers = {k: float(v) for k, v in data.items() if isinstance(v, int | float)}
+    numbers = numbers_of(data)
     error = str(data.get("error", "")).strip().splitlines()
     return JobRow(
         folder, overrides, str(data.get("status", "unknown")), numbers, error[-1] if error else ""
@@ -97,6 +110,21 @@ def collect(sweep_dir: Path) -> list[JobRow]:
     return sorted(rows, key=lambda row: job_number(row.folder))
 
 
+def collect_soups(sweep_dir: Path) -> list[JobRow]:
+    """The soups made from this sweep (`soup_<recipe>/metrics.json`). A soup has one set of
+    weights, so its `val/acc_best` column shows its `val/acc`."""
+    rows = []
+    for record_file in sorted(sweep_dir.glob("soup_*/metrics.json")):
+        data = json.loads(record_file.read_text())
+        numbers = numbers_of(data)
+        if "val/acc" in numbers:
+            numbers.setdefault("val/acc_best", numbers["val/acc"])
+        folder = record_file.parent.name
+        status = str(data.get("status", "unknown"))
+        rows.append(JobRow(folder, {}, status, numbers, ingredients=data.get("ingredients", [])))
+    return rows
+
+
 def job_number(folder: str) -> tuple[int, str]:
     head = folder.split("_", 1)[0]
     return (int(head), folder) if head.isdigit() else (sys.maxsize, folder)
@@ -132,8 +160,24 @@ def status_counts(rows: list[JobRow]) -> str:
     return ", ".join(f"{counts[status]} {status}" for status in order)
 
 
-def write_tables(rows: list[JobRow], keys: list[str], sweep_dir: Path) -> None:
-    header = ["job", *keys, "status", *COLUMNS, "overrides", "error"]
+def soup_lines(soups: Sequence[JobRow]) -> list[str]:
+    """Under the table: which jobs each soup averaged."""
+    if not soups:
+        return []
+    return [
+        "",
+        "Soups (python -m posttrain.soup; a soup's val/acc_best is its val/acc):",
+        *(
+            f"- {soup.folder}: {len(soup.ingredients)} jobs: {', '.join(soup.ingredients)}"
+            for soup in soups
+        ),
+    ]
+
+
+def write_tables(
+    rows: list[JobRow], keys: list[str], sweep_dir: Path, soups: Sequence[JobRow] = ()
+) -> None:
+    header = ["job", *keys, "status", *COLUMNS, "overrides", "error", "ingredients"]
     records = [
         [
             row.folder,
@@ -142,21 +186,25 @@ def write_tables(rows: list[JobRow], keys: list[str], sweep_dir: Path) -> None:
             *(format_cell(row.metrics.get(c)) for c in COLUMNS),
             " ".join(f"{k}={v}" for k, v in row.overrides.items()),
             row.error,
+            " ".join(row.ingredients),
         ]
-        for row in rows
+        for row in [*rows, *soups]
     ]
     with (sweep_dir / "report.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(header)
         writer.writerows(records)
+    shown = len(header) - 3  # overrides, error and ingredients are listed below the table
     lines = [
         f"# Sweep report: {sweep_dir}",
         "",
-        f"{len(rows)} jobs: {status_counts(rows)}.",
+        f"{len(rows)} jobs: {status_counts(rows)}."
+        + (f" {len(soups)} soup(s) of their weights." if soups else ""),
         "",
-        "| " + " | ".join(header[:-2]) + " |",
-        "|" + "---|" * (len(header) - 2),
-        *("| " + " | ".join(record[:-2]) + " |" for record in records),
+        "| " + " | ".join(header[:shown]) + " |",
+        "|" + "---|" * shown,
+        *("| " + " | ".join(record[:shown]) + " |" for record in records),
+        *soup_lines(soups),
     ]
     failures = [(r.folder, r.error) for r in rows if r.status != "completed"]
     if failures:
@@ -168,7 +216,9 @@ def write_tables(rows: list[JobRow], keys: list[str], sweep_dir: Path) -> None:
     (sweep_dir / "report.md").write_text("\n".join(lines) + "\n")
 
 
-def plot(rows: list[JobRow], keys: list[str], sweep_dir: Path, metric: str) -> bool:
+def plot(
+    rows: list[JobRow], keys: list[str], sweep_dir: Path, metric: str, soups: Sequence[JobRow] = ()
+) -> bool:
     """Metric and train/val gap against the first numeric swept key (mean ± std over repeats)."""
     numeric = [k for k in keys if all(as_number(r.overrides.get(k, "")) is not None for r in rows)]
     if not numeric:
@@ -194,6 +244,9 @@ def plot(rows: list[JobRow], keys: list[str], sweep_dir: Path, metric: str) -> b
             means.append(np.mean(values) if values else np.nan)
             stds.append(np.std(values) if values else np.nan)
         axes.errorbar(xs, means, yerr=stds, fmt=style, capsize=3, label=name)
+    for soup, style in zip(soups, (":", "-.", "--"), strict=False):
+        if metric in soup.metrics:
+            axes.axhline(soup.metrics[metric], linestyle=style, color="k", label=soup.folder)
     positive = [x for x in xs if x > 0]
     if len(positive) == len(xs) and positive and max(positive) / min(positive) >= 100:
         axes.set_xscale("log")
@@ -210,7 +263,7 @@ def plot(rows: list[JobRow], keys: list[str], sweep_dir: Path, metric: str) -> b
 
 
 def write_report(sweep_dir: str | Path, metric: str = "test/acc") -> list[JobRow]:
-    """Write report.md/csv/png for the multirun in `sweep_dir`; returns the rows."""
+    """Write report.md/csv/png for the multirun in `sweep_dir`; returns the job rows."""
     sweep = Path(sweep_dir)
     rows = collect(sweep)
     if not rows:
@@ -218,8 +271,9 @@ def write_report(sweep_dir: str | Path, metric: str = "test/acc") -> list[JobRow
             f"posttrain.report: no Hydra job folders (.hydra/overrides.yaml) under {sweep}"
         )
     keys = swept_keys(rows)
-    write_tables(rows, keys, sweep)
-    plot(rows, keys, sweep, metric)
+    soups = collect_soups(sweep)
+    write_tables(rows, keys, sweep, soups)
+    plot(rows, keys, sweep, metric, soups)
     return rows
 
 
