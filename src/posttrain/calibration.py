@@ -16,6 +16,7 @@ add to metrics.json: `test/nll` and `test/ece` (the logged one) before, `test/nl
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ from torch.nn import functional as F
 from torchmetrics.classification import MulticlassCalibrationError
 
 from posttrain.errors import require, require_positive
+
+log = logging.getLogger("posttrain")
 
 # The bins of the logged `{split}/ece` (`posttrain.methods.metrics.classification_metrics`);
 # a test keeps the two equal, so "before" here is the logged `test/ece`.
@@ -60,8 +63,21 @@ class TemperatureScaling:
         self.max_iter = max_iter
 
     def fit(self, logits: Tensor, targets: Tensor) -> float:
-        """The T minimizing the NLL of `logits / T` (LBFGS on log T, from T = 1)."""
+        """The T minimizing the NLL of `logits / T` (LBFGS on log T, from T = 1).
+
+        When every validation image is already classified correctly, the NLL keeps falling
+        as T -> 0 and no temperature minimizes it (LBFGS returned T ~ 0.003, which made every
+        test mistake cost ~100 nats): T = 1 is kept then, with a warning.
+        """
         logits, targets = logits.detach().float(), targets.detach()
+        if bool((logits.argmax(dim=-1) == targets).all()):
+            log.warning(
+                "temperature scaling: all %d validation images are classified correctly, so "
+                "no temperature minimizes their NLL; T = 1 kept (test logits unchanged). A "
+                "larger validation split (`data.val_fraction`) gives it mistakes to fit on.",
+                len(targets),
+            )
+            return 1.0
         log_t = torch.zeros((), device=logits.device, requires_grad=True)
         optimizer = torch.optim.LBFGS(
             [log_t], lr=1.0, max_iter=self.max_iter, line_search_fn="strong_wolfe"
