@@ -63,6 +63,17 @@ def test_keeps_every_prediction_and_lowers_nll_and_ece_on_over_confident_logits(
     assert report["test/ece_calibrated"] < expected_calibration_error(test.logits, test.targets) / 5
 
 
+def test_validation_without_a_mistake_keeps_t_1(caplog: pytest.LogCaptureFixture) -> None:
+    """Its NLL falls as T -> 0; an unbounded fit made every test mistake cost ~100 nats."""
+    sample = over_confident(calibrated_sample(400, seed=3))
+    right = Predictions(sample.logits, sample.logits.argmax(-1))
+    assert TemperatureScaling().fit(right.logits, right.targets) == 1.0
+    assert "no temperature minimizes" in caplog.text
+    one_wrong = Predictions(right.logits, right.targets.clone())
+    one_wrong.targets[0] = (one_wrong.targets[0] + 1) % 10
+    assert TemperatureScaling().fit(one_wrong.logits, one_wrong.targets) != 1.0
+
+
 def test_ece_is_the_logged_test_ece() -> None:
     """Same bins and definition as `SplitMetrics`, accumulated over several batches."""
     sample = over_confident(calibrated_sample(1000, seed=2))
@@ -126,3 +137,19 @@ def test_methods_without_per_image_logits_are_refused(
 def test_no_validation_batches_is_refused(tmp_path: Path) -> None:
     message = refusal(tmp_path / "run", "calibration=temperature", "trainer.limit_val_batches=0")
     assert "`trainer.limit_val_batches=0`" in message
+
+
+def test_benchmark_table_shows_before_after_and_cost() -> None:
+    from benchmarks.calibration import FIELDS, markdown_table, summarize
+
+    def run(seed: int, ece: float) -> dict:
+        values = dict.fromkeys(FIELDS.values(), 0.5) | {"ece": ece, "ece_calibrated": 0.01}
+        return {"seed": seed, "wall_seconds": 100.0, **values, "calibration_seconds": 5.0}
+
+    row = summarize("default", 3, [run(0, 0.04), run(1, 0.06)])
+    assert row["ece_mean"] == pytest.approx(0.05) and row["ece_halved"]
+    assert row["cost_ratio_mean"] == pytest.approx(0.05) and row["predictions_unchanged"]
+    assert "seed=S" in row["command"] and "trainer.max_epochs=3" in row["command"]
+    table = markdown_table({"rows": [row]})
+    assert "(3 / 30)" in table and "5.00 ± 1.41 | 1.00 ± 0.00" in table
+    assert "5.0 s (5.0% of the run)" in table

@@ -43,7 +43,8 @@ METRICS: dict[str, str] = {
     "lr-{optimizer}": "learning rate per parameter group (LearningRateMonitor)",
     "epoch": "epochs completed (metrics.json)",
     "global_step": "optimizer steps completed (metrics.json)",
-    "test/temperature": "temperature T fitted on the validation logits (`calibration=temperature`)",
+    "test/temperature": "temperature T fitted on the validation logits (`calibration=temperature`"
+    "; exactly 1 when no validation image is misclassified: no T minimizes the NLL then)",
     "test/nll": "test negative log-likelihood before calibration (`calibration=temperature`)",
     "test/nll_calibrated": "test negative log-likelihood of the logits divided by T",
     "test/ece_calibrated": "`test/ece` of the logits divided by T (before: `test/ece`)",
