@@ -20,7 +20,7 @@ from posttrain.errors import PosttrainError
 from posttrain.evaluate import evaluate, open_overrides
 from posttrain.methods.distill import Distillation, distillation_loss
 from posttrain.models import build_classifier
-from posttrain.models.teacher import load_teacher
+from posttrain.models.teacher import InputAdapter, load_teacher
 from posttrain.regularizers import RegularizerSet
 from posttrain.regularizers.targets import LabelSmoothing
 from posttrain.runs import find_user_error
@@ -106,6 +106,22 @@ def test_validation_is_the_students_own_cross_entropy() -> None:
     labels = torch.tensor([0, 2])
     output = method.step((torch.randn(2, 1, 8, 8), labels), "val")
     assert output.parts == {} and output.loss.item() > 0
+
+
+def test_teacher_input_is_the_batch_renormalized_with_the_teachers_statistics(
+    teacher_file: Path,
+) -> None:
+    pixels = torch.rand(2, 1, 16, 16)
+    student_stats = (torch.tensor([0.3]), torch.tensor([0.2]))
+    teacher_stats = (torch.tensor([0.5]), torch.tensor([0.25]))
+    adapter = InputAdapter(student_stats, teacher_stats, (16, 16))
+    batch = (pixels - 0.3) / 0.2
+    assert torch.allclose(adapter(batch), (pixels - 0.5) / 0.25, atol=1e-6)
+    assert InputAdapter(student_stats, student_stats, (16, 16))(batch) is batch
+    assert adapter(batch[..., :8, :8]).shape[-2:] == (16, 16)  # resized to the teacher's size
+    teacher = load_teacher(teacher_file, num_classes=10, in_channels=1)
+    stored = torch.load(teacher_file, weights_only=True)["ImageClassificationDataModule"]
+    assert teacher.stats is not None and teacher.stats[0].tolist() == stored["mean"]
 
 
 # --- a real run: frozen teacher, other architecture and size, checkpoint without it ------------

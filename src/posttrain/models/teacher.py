@@ -92,7 +92,6 @@ class Teacher:
     @torch.no_grad()
     def logits(self, x: Tensor) -> Tensor:
         """Teacher logits for a student batch; never part of the autograd graph."""
-        self.network.eval()  # nothing should have changed it; a teacher in train mode is wrong
         return self.network(self.adapter(x) if self.adapter is not None else x)
 
     def describe(self) -> str:
