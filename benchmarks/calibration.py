@@ -116,8 +116,21 @@ def markdown_table(result: dict) -> str:
             f" | {pm(row, 'nll_calibrated', 1, 3)} | {pm(row, 'temperature')} | {cost} |"
         )
     commands = "; ".join(f"`{row['command']}`" for row in result["rows"])
-    lines += ["", f"Per seed S: {commands}."]
+    lines += ["", f"Per seed S: {commands}.", *kept_t1_notes(result["rows"])]
     return "\n".join(lines)
+
+
+def kept_t1_notes(rows: list[dict]) -> list[str]:
+    """Which seeds fitted no temperature (T = 1 exactly: no validation mistake to fit on)."""
+    notes = []
+    for row in rows:
+        kept = [r["seed"] for r in row["per_seed"] if r["temperature"] == 1.0]
+        if kept:
+            notes.append(
+                f"{row['label']}: T = 1 kept for seed(s) {', '.join(map(str, kept))}: every "
+                "validation image was already right, so no temperature minimizes the NLL."
+            )
+    return notes
 
 
 def main(argv: list[str] | None = None) -> None:

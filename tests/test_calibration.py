@@ -152,4 +152,6 @@ def test_benchmark_table_shows_before_after_and_cost() -> None:
     assert "seed=S" in row["command"] and "trainer.max_epochs=3" in row["command"]
     table = markdown_table({"rows": [row]})
     assert "(3 / 30)" in table and "5.00 ± 1.41 | 1.00 ± 0.00" in table
-    assert "5.0 s (5.0% of the run)" in table
+    assert "5.0 s (5.0% of the run)" in table and "T = 1 kept" not in table
+    row["per_seed"][1]["temperature"] = 1.0
+    assert "T = 1 kept for seed(s) 1:" in markdown_table({"rows": [row]})
