@@ -18,6 +18,7 @@ from PIL import Image
 
 from posttrain.data import ImageClassificationDataModule
 from posttrain.data import datamodule as datamodule_module
+from posttrain.data.cache import HEADER_BYTES, header_shape, jpeg_shape, png_shape
 from posttrain.data.sources import ImageFolderSource
 from posttrain.errors import PosttrainError
 from tests.fixtures import write_image_folder, write_omniglot, write_split_image_folder
@@ -177,3 +178,34 @@ def test_an_empty_class_folder_is_refused_even_when_not_kept(tmp_path) -> None:
     os.mkdir(tmp_path / "class_3")
     with pytest.raises(PosttrainError, match=r"class_3.*holds no images"):
         set_up(tmp_path, classes=[0, 1])
+
+
+def test_header_shapes_agree_with_pil_for_every_format(tmp_path) -> None:
+    """The size decision reads headers (PNG and JPEG parsed by hand): each must be PIL's."""
+    rng = np.random.default_rng(0)
+    written = []
+    for name, mode, size, options in [
+        ("rgb.png", "RGB", (13, 7), {}),
+        ("gray.png", "L", (5, 9), {}),
+        ("palette.png", "P", (6, 4), {}),
+        ("base.jpg", "RGB", (17, 11), {}),
+        ("progressive.jpg", "RGB", (9, 21), {"progressive": True}),
+        ("gray.jpg", "L", (8, 3), {}),
+        ("exif.jpg", "RGB", (10, 12), {"exif": b"Exif\x00\x00" + bytes(30_000)}),
+        ("image.bmp", "RGB", (7, 5), {}),
+        ("image.gif", "P", (4, 6), {}),
+        ("image.webp", "RGB", (12, 8), {}),
+    ]:
+        pixels = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+        Image.fromarray(pixels).convert(mode).save(tmp_path / name, **options)
+        written.append(tmp_path / name)
+    for path in written:
+        with Image.open(path) as image:
+            assert header_shape(path) == (image.height, image.width), path.name
+        if path.suffix in (".png", ".jpg"):  # parsed by hand, not by PIL's fallback
+            head = path.read_bytes()[:HEADER_BYTES]
+            assert (png_shape(head) or jpeg_shape(head)) == header_shape(path), path.name
+    (tmp_path / "junk.png").write_bytes(b"not an image")
+    (tmp_path / "cut.jpg").write_bytes((tmp_path / "base.jpg").read_bytes()[:40])
+    assert header_shape(tmp_path / "junk.png") is None
+    assert header_shape(tmp_path / "cut.jpg") is None
