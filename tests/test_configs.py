@@ -107,6 +107,8 @@ NEW_KNOB_VALUES: dict[str, Any] = {
     "flip": True,
     "magnitude": 5,
     "num_ops": 3,
+    "decay": 0.95,
+    "start_epoch": 3,
 }
 # Where a knob is kept under another name on the object.
 KNOB_ATTRIBUTES = {("label_smoothing", "epsilon"): "label_smoothing"}
