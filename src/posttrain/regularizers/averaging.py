@@ -2,7 +2,8 @@
 
 Both are Lightning `WeightAveraging` callbacks, and torch's `AveragedModel` does the
 averaging (EMA: `get_ema_avg_fn`; SWA: its default equal average), parameters and buffers
-(BatchNorm statistics) alike.
+alike: BatchNorm statistics are averaged with the weights (Lightning's `use_buffers=True`),
+not re-estimated by a pass over the data as in the SWA paper's `update_bn`.
 
 Why `WeightAveraging` and not Lightning's `StochasticWeightAveraging`: the latter copies the
 average into the model only when training ends, so every validation (`val/acc`,
