@@ -310,8 +310,15 @@ class SoupJudge:
         )
 
     def training_inputs(self) -> Iterator[Tensor]:
-        """Training images as the model sees them (resized, normalized; not augmented)."""
-        for batch in self.datamodule.train_dataloader():
+        """Training images as the model sees them (resized, normalized; not augmented), in
+        a fixed order: equal weights get equal statistics, so greedy's ties are exact."""
+        from torch.utils.data import DataLoader
+
+        shuffled = self.datamodule.train_dataloader()
+        ordered = DataLoader(
+            shuffled.dataset, batch_size=shuffled.batch_size, collate_fn=shuffled.collate_fn
+        )
+        for batch in ordered:
             yield self.datamodule.on_after_batch_transfer(batch, 0)[0]
 
     def load(self, state: dict[str, Tensor]) -> None:

@@ -1,0 +1,226 @@
+"""Model soups from a sweep (`python -m posttrain.soup`): the average, the greedy choice, the
+refusals, the checkpoint that eval.py and `model.pretrained` load, the report row."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from posttrain.checkpoints import CONFIG_KEY
+from posttrain.report import write_report
+from posttrain.soup import average_state_dicts, main, make_soup, select
+from tests.conftest import compose_config, run_cli
+from tests.test_sweeps import fake_job
+
+SUPERVISED = "posttrain.methods.supervised.SupervisedClassifier"
+EPISODIC = "posttrain.methods.meta.EpisodicLearner"
+
+
+def test_uniform_soup_is_the_mean_of_two_state_dicts() -> None:
+    first = {"w": torch.tensor([1.0, 2.0]), "bn.num_batches_tracked": torch.tensor(7)}
+    second = {"w": torch.tensor([3.0, 6.0]), "bn.num_batches_tracked": torch.tensor(9)}
+    soup = average_state_dicts([first, second])
+    assert torch.equal(soup["w"], torch.tensor([2.0, 4.0])) and soup["w"].dtype == torch.float32
+    # A count, not a weight: taken from the first ingredient, still an integer.
+    assert soup["bn.num_batches_tracked"].item() == 7
+    assert soup["bn.num_batches_tracked"].dtype == torch.int64
+
+
+def job_config(width: int = 8, pretrained: str = "a.ckpt", method: str = SUPERVISED) -> dict:
+    return {
+        "seed": 0,
+        "model": {"arch": "small_cnn", "width": width, "pretrained": pretrained},
+        "method": {"_target_": method, "finetune": {"weights": pretrained}},
+    }
+
+
+def checkpointed_job(
+    sweep: Path, name: str, metrics: dict, config: dict | None, state: dict | None = None
+) -> Path:
+    """A sweep job folder; with `config`, its best.ckpt holds `state` and that config."""
+    fake_job(sweep, name, [f"job={name}"], metrics)
+    if config is not None:
+        (sweep / name / "checkpoints").mkdir()
+        state = state if state is not None else {"model.w": torch.zeros(2, 2)}
+        torch.save(
+            {"state_dict": state, CONFIG_KEY: config}, sweep / name / "checkpoints/best.ckpt"
+        )
+    return sweep / name
+
+
+def completed(val: float) -> dict:
+    return {"status": "completed", "val/acc_best": val, "test/acc": val}
+
+
+def test_incompatible_jobs_are_refused_with_the_reason(tmp_path: Path) -> None:
+    checkpointed_job(tmp_path, "0_a", completed(0.5), job_config())
+    checkpointed_job(tmp_path, "1_b", completed(0.9), job_config())
+    checkpointed_job(tmp_path, "2_wide", completed(0.95), job_config(width=16))
+    checkpointed_job(tmp_path, "3_other", completed(0.8), job_config(pretrained="b.ckpt"))
+    checkpointed_job(tmp_path, "4_failed", {"status": "failed", "error": "boom"}, None)
+    checkpointed_job(tmp_path, "5_nockpt", completed(0.8), None)
+    checkpointed_job(
+        tmp_path, "6_shape", completed(0.7), job_config(), {"model.w": torch.zeros(3, 2)}
+    )
+    selection = select(tmp_path)
+    assert [c.folder for c in selection.candidates] == ["1_b", "0_a"]  # best val first
+    refused = dict(line.split(": ", 1) for line in selection.refused)
+    assert refused["2_wide"].startswith("another architecture (model.width=16, not 8")
+    assert refused["3_other"].startswith("another starting point (model.pretrained=b.ckpt")
+    assert refused["4_failed"] == "not completed (status failed: boom)"
+    assert refused["5_nockpt"].startswith("no checkpoints/best.ckpt")
+    assert "weights differ in names or shapes, e.g. model.w: (3, 2)" in refused["6_shape"]
+    assert len(refused) == 5
+
+
+def run_main(args: list[str], capsys: pytest.CaptureFixture) -> str:
+    """`python -m posttrain.soup <args>` in process; its exit status must be 2, stderr one
+    paragraph (no traceback)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and "Traceback" not in error
+    return error
+
+
+def test_unusable_folders_are_one_paragraph(tmp_path: Path, capsys) -> None:
+    assert "does not exist" in run_main([str(tmp_path / "nope")], capsys)
+    (tmp_path / "empty").mkdir()
+    assert "is not a multirun folder" in run_main([str(tmp_path / "empty")], capsys)
+    checkpointed_job(tmp_path / "failed", "0_x", {"status": "diverged", "error": "nan"}, None)
+    assert "none of the 1 jobs" in run_main([str(tmp_path / "failed")], capsys)
+
+
+def test_fewer_than_two_soupable_jobs_or_episodic_jobs_are_refused(tmp_path: Path, capsys) -> None:
+    one = tmp_path / "one"
+    checkpointed_job(one, "0_a", completed(0.9), job_config())
+    checkpointed_job(one, "1_b", completed(0.8), job_config(width=16))
+    error = run_main([str(one)], capsys)
+    assert "needs at least 2 compatible completed jobs" in error
+    assert "1_b: another architecture (model.width=16" in error
+    episodic = tmp_path / "episodic"
+    for name in ("0_a", "1_b"):
+        checkpointed_job(episodic, name, completed(0.9), job_config(method=EPISODIC))
+    assert "episodic method" in run_main([str(episodic)], capsys)
+
+
+def test_the_report_lists_a_soup_beside_the_jobs(tmp_path: Path) -> None:
+    fake_job(tmp_path, "0_lr=0.1", ["optimizer.lr=0.1"], completed(0.8))
+    fake_job(tmp_path, "1_lr=0.2", ["optimizer.lr=0.2"], completed(0.9))
+    soup = {"status": "completed", "val/acc": 0.95, "test/acc": 0.93, "bn_reestimated": True}
+    (tmp_path / "soup_greedy").mkdir()
+    (tmp_path / "soup_greedy" / "metrics.json").write_text(
+        json.dumps({**soup, "ingredients": ["1_lr=0.2", "0_lr=0.1"]})
+    )
+    for _ in range(2):  # writing the report again keeps the soup
+        rows = write_report(tmp_path)
+        assert [row.folder for row in rows] == ["0_lr=0.1", "1_lr=0.2"]  # a soup is no job
+        with (tmp_path / "report.csv").open() as handle:
+            table = list(csv.DictReader(handle))
+        assert table[-1]["job"] == "soup_greedy" and table[-1]["test/acc"] == "0.9300"
+        assert table[-1]["val/acc_best"] == "0.9500"
+        assert table[-1]["ingredients"] == "1_lr=0.2 0_lr=0.1"
+        report = (tmp_path / "report.md").read_text()
+        assert "2 jobs: 2 completed. 1 soup(s) of their weights." in report
+        assert "| soup_greedy |  | completed | 0.9500 | 0.9300 |" in report
+        assert "- soup_greedy: 2 jobs: 1_lr=0.2, 0_lr=0.1" in report
+        assert "Failed jobs" not in report
+
+
+@pytest.fixture(scope="module")
+def trained_job(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One real training run (small CNN, a few batches of digits): best.ckpt and metrics."""
+    from posttrain.train import train
+
+    folder = tmp_path_factory.mktemp("trained") / "run"
+    overrides = ["trainer=cpu", "logger=none", "callbacks.progress_bar=null", "model.width=8",
+                 "debug=limit"]  # fmt: skip
+    train(compose_config(folder, overrides))
+    return folder
+
+
+def copy_job(trained: Path, sweep: Path, name: str, val: float, scale: float = 1.0) -> None:
+    """The trained job under another name, its float weights multiplied by `scale`."""
+    checkpointed_job(sweep, name, completed(val), None)
+    shutil.copytree(trained / "checkpoints", sweep / name / "checkpoints")
+    file = sweep / name / "checkpoints" / "best.ckpt"
+    checkpoint = torch.load(file, weights_only=True)
+    state = checkpoint["state_dict"]
+    checkpoint["state_dict"] = {
+        k: v * scale if v.is_floating_point() else v for k, v in state.items()
+    }
+    torch.save(checkpoint, file)
+
+
+@pytest.fixture(scope="module")
+def soups(trained_job: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, dict]:
+    """A sweep of three copies of the trained job, ranked by val/acc_best: the best; one whose
+    weights cancel the best job's (any soup with it is all zeros and predicts one class);
+    the best job again. Its greedy and uniform soups."""
+    sweep = tmp_path_factory.mktemp("sweep")
+    copy_job(trained_job, sweep, "0_best", val=0.9)
+    copy_job(trained_job, sweep, "1_garbage", val=0.8, scale=-1.0)
+    copy_job(trained_job, sweep, "2_same", val=0.7)
+    return sweep, make_soup(sweep, "greedy"), make_soup(sweep, "uniform")
+
+
+def test_greedy_skips_a_job_that_lowers_validation_accuracy(
+    soups: tuple[Path, dict, dict],
+) -> None:
+    sweep, greedy, uniform = soups
+    assert [(s["job"], s["kept"]) for s in greedy["steps"]] == [
+        ("0_best", True),
+        ("1_garbage", False),
+        ("2_same", True),  # no drop: kept
+    ]
+    assert greedy["ingredients"] == ["0_best", "2_same"]
+    best_alone, with_garbage = greedy["steps"][0]["val_acc"], greedy["steps"][1]["val_acc"]
+    assert with_garbage < best_alone - 0.2 and greedy["val/acc"] == best_alone
+    assert uniform["ingredients"] == ["0_best", "1_garbage", "2_same"]
+    assert uniform["val/acc"] < greedy["val/acc"]
+    record = json.loads((sweep / "soup_greedy" / "metrics.json").read_text())
+    assert record["status"] == "completed" and record["test/acc"] == greedy["test/acc"]
+    report = (sweep / "report.md").read_text()
+    assert "3 jobs: 3 completed. 2 soup(s)" in report and "| soup_uniform |" in report
+
+
+def test_the_soup_checkpoint_has_reestimated_batchnorm_statistics(
+    trained_job: Path, soups: tuple[Path, dict, dict]
+) -> None:
+    soup = torch.load(soups[0] / "soup_greedy/checkpoints/soup.ckpt", weights_only=True)
+    original = torch.load(trained_job / "checkpoints" / "best.ckpt", weights_only=True)
+    weights, trained = soup["state_dict"], original["state_dict"]
+    # The soup of the best job with itself: its weights, but statistics from one pass over
+    # the training images (not the running averages of training).
+    assert torch.equal(weights["model.head.weight"], trained["model.head.weight"])
+    name = "model.features.0.1.running_var"
+    assert not torch.allclose(weights[name], trained[name])
+    assert "optimizer_states" not in soup and soup["posttrain_soup"]["recipe"] == "greedy"
+
+
+@pytest.mark.slow
+def test_the_soup_checkpoint_loads_in_eval_and_as_pretrained_weights(
+    soups: tuple[Path, dict, dict], tmp_path: Path
+) -> None:
+    from posttrain.runs import build_components
+
+    sweep, _, uniform = soups
+    soup_file = sweep / "soup_uniform" / "checkpoints" / "soup.ckpt"
+    result = run_cli(
+        "eval.py", f"ckpt_path={soup_file}", "logger=none", f"hydra.run.dir={tmp_path / 'eval'}"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert evaluated["test/acc"] == pytest.approx(uniform["test/acc"])
+
+    overrides = ["model.width=8", f"model.pretrained={soup_file}", "model.pretrained_head=true"]
+    _, method = build_components(compose_config(tmp_path / "finetune", overrides))
+    soup = torch.load(soup_file, weights_only=True)["state_dict"]
+    loaded = method.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in soup.items() if k.startswith("model."))
