@@ -15,8 +15,8 @@ median of `--repeats` processes).
 
 Subsampling: on the JPEG folder, a fresh process sets up the DataModule as `data=imagefolder`
 builds it (`conf/data/imagefolder.yaml`: val/test held out as 10%/20%) with an empty cache,
-once with all images and once per seed (`--seeds`) with `data.samples_per_class=10`, which
-decodes only the kept training images and the val/test images it uses.
+per seed (`--seeds`) once with all images and once with `data.samples_per_class=10`, which
+decodes only the kept training images and the val/test images it uses (wall and CPU time).
 
 `--scale` shrinks both datasets (recorded in the JSON).
 Writes benchmarks/results/decode_cache.json.
@@ -125,11 +125,12 @@ def set_up_once(root: str, cache: str, samples_per_class: str, seed: str) -> dic
     cfg.root, cfg.options.cache_dir, cfg.seed = root, cache, int(seed)
     cfg.samples_per_class = None if samples_per_class == "all" else int(samples_per_class)
     datamodule = instantiate(cfg)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     datamodule.setup("fit")
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
     used = {split: len(data) for split, data in datamodule.splits.items()}
-    return {"seconds": seconds, "decoded": sum(used.values()), "splits": used}
+    return {"seconds": seconds, "cpu_seconds": cpu_seconds, "decoded": sum(used.values()),
+            "splits": used}  # fmt: skip
 
 
 def measured(label: str, flag: str, *args: str) -> dict:
@@ -175,48 +176,49 @@ LABELS = {
 
 
 def measure_subsampling(root: Path, work: Path, seeds: int) -> dict:
-    """First starts (empty cache) of the DataModule: all images once, then
-    `samples_per_class` with each seed (each its own empty cache)."""
-    full = measured("all", "--setup", str(root), str(work / "cache-all"), "all", "0")
-    runs = []
+    """First starts (each with its own empty cache) of the DataModule, per seed: all images,
+    then `samples_per_class` (alternating, so both see the same load of a shared machine)."""
+    runs: dict[str, list[dict]] = {"all": [], "subsampled": []}
     for seed in range(seeds):
-        cache = work / f"cache-subsample-{seed}"
-        runs.append(
-            measured(
-                "subsample", "--setup", str(root), str(cache), str(SAMPLES_PER_CLASS), str(seed)
-            )
-        )
-        print(f"[subsample seed {seed}] {runs[-1]['decoded']} decoded in "
-              f"{runs[-1]['seconds']:.2f}s", flush=True)  # fmt: skip
-    assert not full["hit"] and not any(r["hit"] for r in runs), "first starts must decode"
-    seconds = [r["seconds"] for r in runs]
-    return {
-        "samples_per_class": SAMPLES_PER_CLASS,
-        "full_first_start_seconds": full["seconds"],
-        "full_decoded": full["decoded"],
-        "subsampled_first_start_seconds": seconds,
-        "subsampled_mean_seconds": statistics.mean(seconds),
-        "subsampled_std_seconds": statistics.stdev(seconds) if len(seconds) > 1 else 0.0,
-        "subsampled_decoded": [r["decoded"] for r in runs],
-        "subsampled_splits": runs[0]["splits"],
-    }
+        for kind, keep in (("all", "all"), ("subsampled", str(SAMPLES_PER_CLASS))):
+            cache = str(work / f"cache-{kind}-{seed}")
+            run = measured(kind, "--setup", str(root), cache, keep, str(seed))
+            assert not run["hit"], "a first start must decode (empty cache)"
+            runs[kind].append(run)
+            print(f"[{kind} seed {seed}] {run['decoded']} decoded in {run['seconds']:.2f}s "
+                  f"({run['cpu_seconds']:.2f}s CPU)", flush=True)  # fmt: skip
+    row: dict = {"samples_per_class": SAMPLES_PER_CLASS, "seeds": seeds}
+    for kind, done in runs.items():
+        for measure in ("seconds", "cpu_seconds"):
+            values = [r[measure] for r in done]
+            row[f"{kind}_{measure}"] = values
+            row[f"{kind}_{measure}_mean"] = statistics.mean(values)
+            row[f"{kind}_{measure}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        row[f"{kind}_decoded"] = done[0]["decoded"]
+        row[f"{kind}_splits"] = done[0]["splits"]
+    return row
 
 
 def subsampling_table(row: dict) -> list[str]:
     """First start of `data=imagefolder` with and without `data.samples_per_class`."""
-    decoded = row["subsampled_decoded"][0]
-    seeds = len(row["subsampled_first_start_seconds"])
+
+    def cells(kind: str) -> str:
+        return " | ".join(
+            f"{row[f'{kind}_{m}_mean']:.2f} ± {row[f'{kind}_{m}_std']:.2f}"
+            for m in ("seconds", "cpu_seconds")
+        )
+
     return [
         "",
-        "First start of `data=imagefolder` on the JPEG folder (DataModule set-up, empty cache; "
-        "val/test held out as 10%/20% are decoded too, they are used):",
+        "First start of `data=imagefolder` on the JPEG folder (DataModule set-up, empty cache, "
+        f"data.seed=0..{row['seeds'] - 1}, mean ± std; val/test held out as 10%/20% are "
+        "decoded too, they are used):",
         "",
-        "| run | images decoded | first start (s) |",
-        "|---|---|---|",
-        f"| all images | {row['full_decoded']:,} | {row['full_first_start_seconds']:.2f} |",
-        f"| `data.samples_per_class={row['samples_per_class']}` (data.seed=0..{seeds - 1}, "
-        f"mean ± std) | {decoded:,} | {row['subsampled_mean_seconds']:.2f} ± "
-        f"{row['subsampled_std_seconds']:.2f} |",
+        "| run | images decoded | first start (s) | CPU (s) |",
+        "|---|---|---|---|",
+        f"| all images | {row['all_decoded']:,} | {cells('all')} |",
+        f"| `data.samples_per_class={row['samples_per_class']}` | "
+        f"{row['subsampled_decoded']:,} | {cells('subsampled')} |",
     ]
 
 
