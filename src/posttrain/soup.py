@@ -403,20 +403,27 @@ def write_soup(folder: Path, checkpoint: dict, record: dict[str, Any]) -> None:
     write_json(folder / "metrics.json", record)
 
 
+def job_name(folder: str) -> str:
+    """`job 4` for Hydra's `4_<overrides>` folders (the report lists the overrides)."""
+    number = folder.split("_", 1)[0]
+    return f"job {number}" if number.isdigit() else folder
+
+
 def summary(record: dict[str, Any], folder: Path, best: Candidate) -> str:
     """The one paragraph the console shows."""
-    chosen = record["ingredients"]
+    chosen = ", ".join(job_name(job) for job in record["ingredients"])
+    reference = job_name(best.folder)
     statistics = (
         "BatchNorm statistics re-estimated on the training images"
         if record["bn_reestimated"]
         else "BatchNorm statistics kept (the recipe froze them)"
     )
     return (
-        f"posttrain.soup: {record['recipe']} soup of {len(chosen)} of {record['candidates']} "
-        f"compatible jobs ({', '.join(chosen)}): val/acc {record['val/acc']:.4f}, test/acc "
-        f"{record['test/acc']:.4f}; the best single job {best.folder} had val/acc_best "
+        f"posttrain.soup: {record['recipe']} soup of {len(record['ingredients'])} of "
+        f"{record['candidates']} compatible jobs ({chosen}): val/acc {record['val/acc']:.4f}, "
+        f"test/acc {record['test/acc']:.4f}; the best single job ({reference}) had val/acc_best "
         f"{best.val_acc_best:.4f}. {len(record['refused'])} job(s) refused. {statistics}; "
-        f"scored with {best.folder}'s data and method in {record['seconds']:.1f} s. Wrote "
+        f"scored with {reference}'s data and method in {record['seconds']:.1f} s. Wrote "
         f"{folder / 'checkpoints' / 'soup.ckpt'} and metrics.json; the sweep report lists it."
     )
 
