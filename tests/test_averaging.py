@@ -84,10 +84,11 @@ def checkpoints(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def test_ema_is_validated_checkpointed_and_tested(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     folder = tmp_path / "ema"
     seen, metrics = trained_with_probe(folder, [*TINY, "reg=ema", "reg.ema.decay=0.9"], monkeypatch)
+    assert "still holds 28% of the first step's weights" in caplog.text  # 0.9**12: too short
     best, last = checkpoints(folder)
     assert int(last["averaging_state"]["n_averaged"]) == 12  # one update per optimizer step
     assert same(saved(last, "current_model_state"), seen.raw[2])  # raw kept for resume

@@ -107,7 +107,7 @@ NEW_KNOB_VALUES: dict[str, Any] = {
     "flip": True,
     "magnitude": 5,
     "num_ops": 3,
-    "decay": 0.95,
+    "decay": 0.9,
     "start_epoch": 3,
 }
 # Where a knob is kept under another name on the object.
