@@ -12,9 +12,11 @@ from typing import Any
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import WeightAveraging
 from torch import Tensor, nn
 
 import posttrain.runs
+from posttrain.checkpoints import load_checkpoint
 from posttrain.errors import PosttrainError
 from posttrain.methods.metrics import documented_metric
 from posttrain.train import train
@@ -39,9 +41,18 @@ REFUSED: dict[tuple[str, str], str] = {
 
 def test_the_matrix_lists_every_method_and_regularizer() -> None:
     assert set(METHODS) == {path.stem for path in (CONF / "method").glob("*.yaml")}
-    assert {"none", "l1", "l2", "l2sp", "dropout", "augment", "mixup", "cutmix"} <= set(
-        REGULARIZERS
-    )
+    assert {
+        "none",
+        "l1",
+        "l2",
+        "l2sp",
+        "dropout",
+        "augment",
+        "mixup",
+        "cutmix",
+        "ema",
+        "swa",
+    } <= set(REGULARIZERS)
 
 
 class Probe:
@@ -130,9 +141,25 @@ def show_effect(regularizer: str, probe: Probe, metrics: dict[str, float]) -> No
         assert probe.transform_calls and all(changed for changed, _ in probe.transform_calls)
     if regularizer in ("mixup", "cutmix"):
         assert probe.transform_calls and all(soft for _, soft in probe.transform_calls)
-    if regularizer in ("none", "l1", "l2", "l2sp", "dropout", "label_smoothing", "early_stopping"):
+    if regularizer not in ("augment", "mixup", "cutmix"):
         assert not probe.transform_calls
     assert (0.1 in probe.smoothing) == (regularizer == "label_smoothing")
+    averages = [c for c in trainer.callbacks if isinstance(c, WeightAveraging)]
+    if regularizer in ("ema", "swa"):
+        # The checkpoints hold the average (the raw weights ride along), and the test ran on
+        # best.ckpt's averaged weights.
+        assert len(averages) == 1
+        folder = Path(trainer.checkpoint_callback.dirpath)
+        last = load_checkpoint(folder / "last.ckpt", "ckpt_path")
+        saved, raw = last["state_dict"], last["current_model_state"]
+        assert int(last["averaging_state"]["n_averaged"]) > 0
+        weights = [k for k, v in raw.items() if isinstance(v, Tensor) and v.is_floating_point()]
+        assert any(not torch.equal(saved[k], raw[k]) for k in weights)
+        best = load_checkpoint(folder / "best.ckpt", "ckpt_path")["state_dict"]
+        for name, value in method.state_dict().items():
+            assert not isinstance(value, Tensor) or torch.equal(best[name], value), name
+    else:
+        assert not averages
     stoppers = [c for c in trainer.callbacks if type(c).__name__ == "EarlyStopping"]
     if regularizer == "early_stopping":
         (stopper,) = stoppers
@@ -163,7 +190,9 @@ def test_method_and_regularizer_pair(
 ) -> None:
     torch.set_num_threads(1)  # tiny models: threads only add contention on a busy machine
     weights = [f"model.pretrained={pretrained_weights}"] if method == "finetune" else []
-    overrides = [*METHODS[method], *weights, *FAST, f"reg={regularizer}"]
+    # SWA averages from epoch 0 of the two: from its default start it would hold one epoch.
+    averaged_from = ["reg.swa.start_epoch=0"] if regularizer == "swa" else []
+    overrides = [*METHODS[method], *weights, *FAST, f"reg={regularizer}", *averaged_from]
     cfg = compose_config(tmp_path / "run", overrides)
     probe = Probe(monkeypatch)
     if (method, regularizer) in REFUSED:
