@@ -116,7 +116,9 @@ def markdown_table(result: dict) -> str:
             f" | {pm(row, 'nll_calibrated', 1, 3)} | {pm(row, 'temperature')} | {cost} |"
         )
     commands = "; ".join(f"`{row['command']}`" for row in result["rows"])
-    lines += ["", f"Per seed S: {commands}.", *kept_t1_notes(result["rows"])]
+    lines += ["", f"Per seed S: {commands}."]
+    for note in kept_t1_notes(result["rows"]):
+        lines += ["", note]
     return "\n".join(lines)
 
 
