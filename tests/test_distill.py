@@ -119,7 +119,9 @@ def test_teacher_input_is_the_batch_renormalized_with_the_teachers_statistics(
     assert torch.allclose(adapter(batch), (pixels - 0.5) / 0.25, atol=1e-6)
     assert InputAdapter(student_stats, student_stats, (16, 16))(batch) is batch
     assert adapter(batch[..., :8, :8]).shape[-2:] == (16, 16)  # resized to the teacher's size
+    torch.manual_seed(0)
     teacher = load_teacher(teacher_file, num_classes=10, in_channels=1)
+    assert torch.equal(torch.get_rng_state(), torch.manual_seed(0).get_state())  # draws kept
     stored = torch.load(teacher_file, weights_only=True)["ImageClassificationDataModule"]
     assert teacher.stats is not None and teacher.stats[0].tolist() == stored["mean"]
 

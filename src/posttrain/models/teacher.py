@@ -136,15 +136,21 @@ def check_compatible(
 
 
 def build_network(config: dict[str, Any], weights: dict[str, Tensor], path: Path) -> nn.Module:
-    """The teacher's `model` config, without its own start weights (the checkpoint has them)."""
+    """The teacher's `model` config, without its own start weights (the checkpoint has them).
+
+    Built on a forked random generator: its (overwritten) initial weights would otherwise
+    shift every later draw, so a distilled run and the same seed trained alone would see
+    other batch orders and augmentations, and compare worse than they need to.
+    """
     from hydra.utils import instantiate
 
     model = {**config["model"], "pretrained": None, "compile": False}
-    network = instantiate(
-        model,
-        num_classes=weights["head.weight"].shape[0],
-        in_channels=first_conv_channels(weights),
-    )
+    with torch.random.fork_rng(devices=[]):  # the student's seeded draws stay as without it
+        network = instantiate(
+            model,
+            num_classes=weights["head.weight"].shape[0],
+            in_channels=first_conv_channels(weights),
+        )
     try:
         network.load_state_dict(weights)
     except RuntimeError as error:
