@@ -11,7 +11,10 @@ best checkpoint by `val/acc`) on the recipe's fixed test split. Writes
 benchmarks/results/distill.json; the README table is rendered from it by `markdown_table`.
 
     python -m benchmarks.distill [--seeds 0,1,2,3,4] [--teacher-epochs 150]
-        [--student-epochs 150] [--extra method.temperature=2]
+        [--student-epochs 150] [--extra method.temperature=2] [--teacher-result <json>]
+
+`--teacher-result` reuses the teacher of an earlier run of this benchmark (its result file
+names the checkpoint, how it was trained and what it measured) instead of training one.
 
 `--teacher-epochs`/`--student-epochs` below the recipe's 150 shorten it to fit a time budget;
 the table says so. `callbacks.last_checkpoint=null` skips the per-epoch resume checkpoint
@@ -50,6 +53,15 @@ def train_teacher(sweep: Path, epochs: int) -> dict:
         "overrides": overrides,
         "checkpoint": str(sweep / "teacher" / "checkpoints" / "best.ckpt"),
     }
+
+
+def reused_teacher(result_file: str) -> dict:
+    """The teacher record of an earlier result file, with where it came from."""
+    earlier = json.loads(Path(result_file).read_text())
+    teacher = earlier["teacher"]
+    if not Path(teacher["checkpoint"]).is_file():
+        raise SystemExit(f"{result_file}: its teacher {teacher['checkpoint']} no longer exists")
+    return {**teacher, "epochs": earlier["teacher_epochs"], "reused_from": result_file}
 
 
 def train_students(
@@ -112,11 +124,13 @@ def markdown_table(result: dict) -> str:
     if s["gain_in_alone_stds"] is not None:
         gain += f" ({s['gain_in_alone_stds']:+.1f} std of alone)"
     extra = " ".join(result["extra"]) or "defaults"
+    origin = " (trained by an earlier run of this benchmark)" if "reused_from" in teacher else ""
     return "\n".join(
         [
             "| model | test acc % | wall time per run | time ratio |",
             "|---|---|---|---|",
-            f"| teacher: `model=resnet18` (1 run, seed 0) | {100 * teacher['test_acc']:.1f} | "
+            f"| teacher: `model=resnet18` (1 run, seed 0{origin}) | "
+            f"{100 * teacher['test_acc']:.1f} | "
             f"{teacher['wall_seconds']:.0f} s | — |",
             f"| student `model=small_cnn` alone ({seeds} seeds) | {acc(s['alone'])} | "
             f"{s['alone']['wall_seconds_mean']:.0f} s | 1 |",
@@ -140,17 +154,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--extra", nargs="*", default=[], help="distilled runs, e.g. method.alpha=0.5"
     )
+    parser.add_argument("--teacher-result", default=None, help="reuse this result's teacher")
     parser.add_argument("--sweep-dir", default=None)
     parser.add_argument("--results-dir", default=None, help="instead of benchmarks/results")
     args = parser.parse_args(argv)
     sweep = Path(args.sweep_dir or OUT / f"distill_{time.strftime('%Y%m%d_%H%M%S')}")
     seeds = [int(s) for s in args.seeds.split(",")]
     started = time.time()
-    teacher = train_teacher(sweep, args.teacher_epochs)
+    if args.teacher_result:
+        teacher = reused_teacher(args.teacher_result)
+    else:
+        teacher = {**train_teacher(sweep, args.teacher_epochs), "epochs": args.teacher_epochs}
     rows = train_students(sweep, seeds, args.student_epochs, teacher["checkpoint"], args.extra)
     payload = {
         "sweep_dir": str(sweep),
-        "teacher_epochs": args.teacher_epochs,
+        "teacher_epochs": teacher["epochs"],
         "student_epochs": args.student_epochs,
         "extra": args.extra,
         "wall_seconds": round(time.time() - started, 1),
