@@ -124,7 +124,7 @@ def markdown_table(result: dict) -> str:
     if s["gain_in_alone_stds"] is not None:
         gain += f" ({s['gain_in_alone_stds']:+.1f} std of alone)"
     extra = " ".join(result["extra"]) or "defaults"
-    origin = " (trained by an earlier run of this benchmark)" if "reused_from" in teacher else ""
+    origin = ", trained by an earlier run of this benchmark" if "reused_from" in teacher else ""
     return "\n".join(
         [
             "| model | test acc % | wall time per run | time ratio |",
