@@ -72,7 +72,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         record_run,
         resolved_config,
     )
-    from posttrain.tta import VIEWS, augmented_predictions
+    from posttrain.tta import VIEWS, augmented_predictions, check_tta
 
     check_run_config(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -82,8 +82,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     datamodule, method = build_components(evaluated)
     check_resumable(checkpoint, method, cfg.ckpt_path)  # e.g. a 10-class head on 100 classes
     calibration = calibration_for(cfg, method)
+    check_tta(cfg.tta, method)
     trainer = build_trainer(cfg, extra_callbacks=[])
-    metrics: dict[str, float] = {"test/tta_views": float(len(VIEWS.get(cfg.tta, ())))}
+    metrics: dict[str, float] = {"test/tta_views": float(len(VIEWS[cfg.tta]))}
     with augmented_predictions(cfg.tta, method), warnings.catch_warnings():
         # Lightning asks for the training callbacks (checkpointing, LR monitor) to restore
         # their state; a test does not use them.
