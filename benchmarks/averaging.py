@@ -5,13 +5,13 @@ Runs `experiment=digits_lowdata` (10 digits per class) with `reg=none`, `augment
 `swa`, `[augment,ema]` and `[augment,swa]` at their default knobs, one `python train.py`
 process per (seed, setting), seeds outermost so machine load falls on every setting alike.
 Each run's fit time (training + validation, from `FitClock`) and process wall time are
-recorded; the cost column is the mean fit time divided by `reg=none`'s. Writes
+recorded; the cost column is the median fit time divided by `reg=none`'s. Writes
 benchmarks/results/averaging.json; the README table is rendered from it by `markdown_table`.
 
 The recipe's own ResNet-18 at 150 epochs takes ~6 min a run on this 2-core machine, so the
 default `--recipe` is `model=small_cnn trainer.max_epochs=50` (both written into the result and
 the table's caption). Completed runs are kept: re-running the same command with `--sweep-dir`
-finishes an interrupted benchmark.
+finishes an interrupted benchmark (and, once all are done, rewrites the result from them).
 
     python -m benchmarks.averaging [--seeds 0,1,2,3,4] [--recipe model=small_cnn ...]
         [--threads 1] [--sweep-dir outputs/bench/averaging_<stamp>] [--collect-only]
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -88,12 +89,16 @@ def read_run(run_dir: Path, seed: int) -> dict[str, float]:
     return {"seed": seed, **{k: metrics[k] for k in ("test/acc", "val/acc_best")}, **fit, **wall}
 
 
+def median_of(runs: list[dict[str, float]], key: str) -> float:
+    return statistics.median(r[key] for r in runs)
+
+
 def summarize(runs: dict[str, list[dict[str, float]]]) -> list[dict[str, Any]]:
     """Per setting: mean ± std test accuracy, the difference to `none`, and the fit and
-    wall time as ratios to `none`'s means."""
+    wall time as ratios of medians to `none`'s (a median: one run slowed by the machine's
+    other work does not move it)."""
     base = runs["none"]
-    base_fit = mean_std([r["fit_seconds"] for r in base])[0]
-    base_wall = mean_std([r["wall_seconds"] for r in base])[0]
+    base_fit, base_wall = median_of(base, "fit_seconds"), median_of(base, "wall_seconds")
     base_acc = mean_std([r["test/acc"] for r in base])[0]
     rows = []
     for label, override in SETTINGS:
@@ -101,8 +106,7 @@ def summarize(runs: dict[str, list[dict[str, float]]]) -> list[dict[str, Any]]:
         if not group:
             continue
         acc_mean, acc_std = mean_std([r["test/acc"] for r in group])
-        fit_mean, _ = mean_std([r["fit_seconds"] for r in group])
-        wall_mean, _ = mean_std([r["wall_seconds"] for r in group])
+        fit_median = median_of(group, "fit_seconds")
         rows.append(
             {
                 "setting": label,
@@ -112,9 +116,9 @@ def summarize(runs: dict[str, list[dict[str, float]]]) -> list[dict[str, Any]]:
                 "test_acc_std": acc_std,
                 "val_acc_best_mean": mean_std([r["val/acc_best"] for r in group])[0],
                 "delta_vs_none": acc_mean - base_acc,
-                "fit_seconds_mean": fit_mean,
-                "fit_time_ratio": fit_mean / base_fit,
-                "wall_time_ratio": wall_mean / base_wall,
+                "fit_seconds_median": fit_median,
+                "fit_time_ratio": fit_median / base_fit,
+                "wall_time_ratio": median_of(group, "wall_seconds") / base_wall,
                 "per_seed": group,
             }
         )
@@ -123,12 +127,12 @@ def summarize(runs: dict[str, list[dict[str, float]]]) -> list[dict[str, Any]]:
 
 def markdown_table(result: dict) -> str:
     """The README table: one row per `reg=` setting, mean ± std test accuracy over the
-    seeds, its difference to `reg=none`, and the fit time as a multiple of `reg=none`'s."""
+    seeds, its difference to `reg=none`, and the median fit time as a multiple of `reg=none`'s."""
     recipe = " ".join(["experiment=digits_lowdata", *result["recipe"]])
     lines = [
         f"`{recipe}`, seeds {result['seeds']}, {result['threads']} thread(s) per run",
         "",
-        "| `reg=` | test acc (%) | Δ vs `none` (points) | fit time × `none` |",
+        "| `reg=` | test acc (%) | Δ vs `none` (points) | fit time × `none` (median) |",
         "|---|---|---|---|",
     ]
     for row in result["rows"]:
@@ -155,7 +159,6 @@ def main(argv: list[str] | None = None) -> None:
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by every train.py
     seeds = [int(s) for s in args.seeds.split(",")]
     sweep = Path(args.sweep_dir or OUT / f"averaging_{time.strftime('%Y%m%d_%H%M%S')}")
-    started = time.time()
     runs: dict[str, list[dict[str, float]]] = {}
     for seed in seeds:  # seeds outermost: load drifts affect every setting alike
         for label, override in SETTINGS:
@@ -168,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
         "recipe": args.recipe,
         "seeds": args.seeds,
         "threads": args.threads,
-        "wall_seconds": round(time.time() - started, 1),
+        "runs_wall_seconds": round(sum(r["wall_seconds"] for g in runs.values() for r in g), 1),
         "rows": summarize(runs),
     }
     path = write_result("averaging", bench_command("averaging", argv), payload)
