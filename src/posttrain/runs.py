@@ -416,9 +416,9 @@ def print_summary(output_dir: Path, metrics: dict[str, float], log_root: str) ->
     lines = [
         "",
         f"posttrain: run folder   {output_dir}",
-        *(f"  {name:<18} {value:.4f}" for name, value in shown.items()),
-        f"  metrics.json       {output_dir / 'metrics.json'}",
-        *([f"  TensorBoard        tensorboard --logdir {logdir}"] if logdir else []),
+        *(f"  {name:<26} {value:.4f}" for name, value in shown.items()),
+        f"  metrics.json               {output_dir / 'metrics.json'}",
+        *([f"  TensorBoard                tensorboard --logdir {logdir}"] if logdir else []),
         "",
     ]
     print("\n".join(lines), flush=True)
