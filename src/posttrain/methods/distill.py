@@ -110,19 +110,21 @@ class Distillation(SupervisedClassifier):
         return "distill"
 
     def setup(self, stage: str) -> None:
-        """Load and check the teacher before fitting (the data is set up: classes, channels)."""
+        """Load and check the teacher before fitting; the data is set up by now (classes,
+        channels, normalization), the model not yet on its device."""
         if stage != "fit" or self.teacher is not None:
             return
         datamodule = self.trainer.datamodule
         self.teacher = load_teacher(
             self.teacher_path, self.model.head.out_features, datamodule.in_channels
         )
+        self.teacher.adapt_to(*student_inputs(datamodule))
         log.info("%s", self.teacher.describe())
 
     def on_fit_start(self) -> None:
+        """The student is on its device now; the teacher follows it there."""
         super().on_fit_start()
         assert self.teacher is not None, "setup('fit') loads the teacher"
-        self.teacher.adapt_to(*student_inputs(self.trainer.datamodule))
         self.teacher.follow(self.model.head.weight)
 
     def step(self, batch: tuple[Tensor, Tensor], split: str) -> StepOutput:
@@ -149,8 +151,8 @@ def student_inputs(datamodule: Any) -> tuple[tuple[Tensor, Tensor], tuple[int, i
         "`method=distill` needs image-classification data (`data=digits`, `cifar10`, "
         "`imagefolder`, ...): the teacher sees the student's images.",
     )
-    native = tuple(datamodule.splits["train"].images.shape[-2:])
-    return (torch.tensor(state["mean"]), torch.tensor(state["std"])), native  # type: ignore[return-value]
+    height, width = datamodule.splits["train"].images.shape[-2:]
+    return (torch.tensor(state["mean"]), torch.tensor(state["std"])), (int(height), int(width))
 
 
 __all__ = ["Distillation", "distillation_loss"]
