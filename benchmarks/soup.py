@@ -143,8 +143,11 @@ def markdown_table(result: dict) -> str:
     on test, and the extra wall time as a fraction of the sweep's."""
     seeds = len(result["rows"])
     lines = [
-        f"Sweep per outer seed: `{' '.join(result['sweep'])}` "
-        f"({result['jobs_per_sweep']} jobs; recipe as shipped, 40 epochs).",
+        "Pretrained once: `experiment=digits_pretrain`. "
+        f"Sweep per outer seed o: `{' '.join(result['sweep'])}` "
+        f"({result['jobs_per_sweep']} jobs; recipe as shipped, 40 epochs). Val acc: the "
+        "single job's `val/acc_best` (its best epoch), a soup's `val/acc` after BatchNorm "
+        "re-estimation; both choose on the same validation split, the test split is never used.",
         "",
         "| model | test acc % | val acc % | ingredients | test ≥ best single "
         "| extra time vs sweep |",
