@@ -32,12 +32,15 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from posttrain.errors import PosttrainError, require
+
+if TYPE_CHECKING:
+    from posttrain.report import JobRow
 
 RECIPES = ("greedy", "uniform")
 # Model keys that do not change the weights' layout (the starting point is compared apart).
@@ -140,7 +143,7 @@ def average_state_dicts(states: Iterable[dict[str, Tensor]]) -> dict[str, Tensor
 # Choosing the ingredients ---------------------------------------------------------------------
 
 
-def sweep_rows(sweep: Path) -> list[Any]:
+def sweep_rows(sweep: Path) -> list[JobRow]:
     """The sweep's job rows, or one paragraph for a folder that is no multirun."""
     from posttrain.report import collect
 
@@ -168,7 +171,7 @@ def sweep_rows(sweep: Path) -> list[Any]:
     return rows
 
 
-def read_candidate(sweep: Path, row: Any) -> Candidate | str:
+def read_candidate(sweep: Path, row: JobRow) -> Candidate | str:
     """A completed job's best checkpoint as a candidate, or why it cannot be one."""
     from posttrain.checkpoints import load_checkpoint, stored_config
 
