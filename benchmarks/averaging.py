@@ -3,7 +3,8 @@ alone and on top of augmentation, and what does it cost?
 
 Runs `experiment=digits_lowdata` (10 digits per class) with `reg=none`, `augment`, `ema`,
 `swa`, `[augment,ema]` and `[augment,swa]` at their default knobs, one `python train.py`
-process per (seed, setting), seeds outermost so machine load falls on every setting alike.
+process per (seed, setting): seeds outermost, the settings' order rotated every seed, so
+machine load falls on every setting alike.
 Each run's fit time (training + validation, from `FitClock`) and process wall time are
 recorded; the cost column is the median fit time divided by `reg=none`'s. Writes
 benchmarks/results/averaging.json; the README table is rendered from it by `markdown_table`.
@@ -57,6 +58,14 @@ class FitClock(Callback):
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         seconds = time.perf_counter() - self.started
         self.out.write_text(json.dumps({"fit_seconds": seconds}) + "\n")
+
+
+def rotated(settings: list[tuple[str, str]], shift: int) -> list[tuple[str, str]]:
+    """The settings starting at `shift`: over the seed rounds each setting runs early and
+    late alike, so a machine load that drifts during the benchmark (observed: load 12 falling
+    to 1 in 30 min) does not make the setting that always runs first look slow."""
+    shift %= len(settings)
+    return settings[shift:] + settings[:shift]
 
 
 def run_one(run_dir: Path, setting: str, seed: int, recipe: list[str]) -> None:
@@ -160,8 +169,8 @@ def main(argv: list[str] | None = None) -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     sweep = Path(args.sweep_dir or OUT / f"averaging_{time.strftime('%Y%m%d_%H%M%S')}")
     runs: dict[str, list[dict[str, float]]] = {}
-    for seed in seeds:  # seeds outermost: load drifts affect every setting alike
-        for label, override in SETTINGS:
+    for round_index, seed in enumerate(seeds):
+        for label, override in rotated(SETTINGS, round_index):
             run_dir = sweep / label / f"seed{seed}"
             if not args.collect_only:
                 run_one(run_dir, override, seed, args.recipe)
