@@ -188,3 +188,30 @@ def test_a_killed_sweep_is_reported_and_finished_by_running_it_again(tmp_path: P
     assert jobs == ["0", "1", "2", "3"]  # original numbers, no new folders
     assert {job: (job / "metrics.json").read_text() for job in kept} == kept  # not redone
     assert "resuming it from" in again.stdout  # the interrupted job continued from last.ckpt
+
+
+class TerminateDuringTest(Callback):
+    """SIGTERMs its own process when the test of the best checkpoint starts."""
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.mark.slow
+def test_a_signal_after_training_stops_the_sweep_and_is_recorded(tmp_path: Path) -> None:
+    """Outside `fit` Lightning's own SIGTERM handler only sets a flag: a sweep signalled during
+    a job's test ran on, and every job read `completed`."""
+    sweep = tmp_path / "sweep"
+    command = [
+        sys.executable, str(ROOT / "train.py"), "-m", *TINY, "seed=0,1",
+        "+callbacks.stop._target_=tests.test_signals.TerminateDuringTest",
+        f"hydra.sweep.dir={sweep}",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800
+    )
+    assert result.returncode == 143, result.stderr[-3000:]
+    (job,) = [path for path in sweep.iterdir() if path.is_dir()]  # the second never started
+    record = json.loads((job / "metrics.json").read_text())
+    assert record["status"] == "interrupted" and record["epochs_completed"] == 3, record

@@ -85,6 +85,10 @@ class CompletedEpochs(Callback):
     def __init__(self) -> None:
         self.completed = 0
         self.batches = 0
+        self.fitting = False
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self.fitting = stage == "fit"
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         self.batches = 0
@@ -100,4 +104,7 @@ class CompletedEpochs(Callback):
         return {"completed": self.completed}
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        self.completed = state_dict["completed"]
+        """Resuming counts on; testing `best.ckpt` after training keeps the run's count (it
+        would otherwise go back to the best epoch's)."""
+        if self.fitting:
+            self.completed = state_dict["completed"]

@@ -94,9 +94,13 @@ def write_sweep_report_now() -> None:
         log.warning("sweep report not written: %s", error)
 
 
-def record_interruption(output_dir: Path, stop: Any) -> None:
+def record_interruption(output_dir: Path, stop: Any, task_name: str) -> None:
     """metrics.json says `interrupted` (never `completed`), and how to continue."""
-    resume = f"python train.py <same overrides> ckpt_path=last hydra.run.dir={output_dir}"
+    resume = (
+        "python eval.py <same overrides>"  # an evaluation has nothing to resume: run it again
+        if task_name == "eval"
+        else f"python train.py <same overrides> ckpt_path=last hydra.run.dir={output_dir}"
+    )
     write_json(
         output_dir / "metrics.json",
         {
@@ -107,10 +111,15 @@ def record_interruption(output_dir: Path, stop: Any) -> None:
             "resume": resume,
         },
     )
+    progress = (
+        "the evaluation was abandoned; run it again"
+        if task_name == "eval"
+        else f"after {stop.epochs_completed} completed epoch(s); the current one was abandoned. "
+        f"{output_dir / 'checkpoints' / 'last.ckpt'} holds the last completed epoch; continue "
+        "exactly"
+    )
     print(
-        f"\nposttrain: interrupted by {stop.signal_name} after {stop.epochs_completed} completed "
-        f"epoch(s); the current one was abandoned. {output_dir / 'checkpoints' / 'last.ckpt'} "
-        f"holds the last completed epoch; continue exactly with: {resume}\n",
+        f"\nposttrain: interrupted by {stop.signal_name}: {progress} with: {resume}\n",
         file=sys.stderr,
         flush=True,
     )
@@ -123,13 +132,16 @@ def guarded(task: Callable[[DictConfig], dict[str, float]], cfg: DictConfig) -> 
     on (the sweeper gets NaN); in a single run a user error exits with status 2 and no
     traceback, while a bug keeps its traceback.
     """
-    from posttrain.interrupts import RunInterrupted
+    from posttrain.interrupts import RunInterrupted, stop_on_signals
 
     output_dir = Path(cfg.paths.output_dir)
     try:
-        metrics = task(cfg)
+        # The whole task, not only `fit`: elsewhere (building, testing, calibrating) Lightning's
+        # SIGTERM handler only sets a flag, and a signalled sweep went on to its next job.
+        with stop_on_signals():
+            metrics = task(cfg)
     except RunInterrupted as stop:  # also in a sweep: the scheduler is stopping everything
-        record_interruption(output_dir, stop)
+        record_interruption(output_dir, stop, str(cfg.get("task_name", "train")))
         if is_multirun():
             write_sweep_report_now()
         raise SystemExit(stop.exit_status) from None

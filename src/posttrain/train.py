@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import hydra
 from omegaconf import DictConfig
@@ -42,7 +43,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
         build_components,
         build_trainer,
         completed_sweep_job,
-        epoch_metrics,
         interrupted_sweep_job,
         record_run,
         resolved_config,
@@ -66,20 +66,30 @@ def train(cfg: DictConfig) -> dict[str, float]:
     always = [ConfigInCheckpoint(config), RandomStateInCheckpoint(), epochs]
     trainer = build_trainer(cfg, extra_callbacks=[*always, ValidateWhenStoppingMidEpoch()])
 
-    try:
+    try:  # a signal here says how far training got; `runs.guarded` covers the rest of the run
         with stop_on_signals():
-            trainer.fit(method, datamodule=datamodule, ckpt_path=ckpt_path)
+            metrics = fit_and_test(trainer, method, datamodule, ckpt_path, epochs)
+            metrics.update(calibrate_after_test(calibration, trainer, method))  # best.ckpt's
     except RunInterrupted as stop:
         stop.epochs_completed, stop.global_step = epochs.completed, trainer.global_step
         raise
+    record_run(trainer, cfg, config, metrics)
+    return metrics
+
+
+def fit_and_test(
+    trainer: Any, method: Any, datamodule: Any, ckpt_path: str | None, epochs: Any
+) -> dict[str, float]:
+    """Fit, then test the best checkpoint; the final epoch metrics and the test metrics."""
+    from posttrain.runs import epoch_metrics
+
+    trainer.fit(method, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = epoch_metrics(trainer.callback_metrics)
     # Read before testing: testing `best.ckpt` restores the callbacks' state of that epoch.
     metrics.update({"epoch": float(epochs.completed), "global_step": float(trainer.global_step)})
     best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
     for result in trainer.test(method, datamodule=datamodule, ckpt_path=best, verbose=False):
         metrics.update(epoch_metrics(result))
-    metrics.update(calibrate_after_test(calibration, trainer, method))  # best.ckpt's weights
-    record_run(trainer, cfg, config, metrics)
     return metrics
 
 
