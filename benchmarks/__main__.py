@@ -17,6 +17,10 @@ BENCHMARKS = (
     "transfer",
     "multitask",
     "decode_cache",
+    "soup",
+    "distill",
+    "averaging",
+    "calibration",
 )
 
 
