@@ -28,6 +28,9 @@ NOISE = (
     "Loading `train_dataloader` to estimate number of stepping batches",
     "`Trainer.fit` stopped: `max_",  # max_epochs/max_steps: the last epoch line says it
     "Loaded model weights from the checkpoint at",  # follows "Restoring states from ..."
+    # The method's callbacks (reg=ema/swa/early_stopping, freeze schedules) are made afresh
+    # for the test after fit: expected, nothing is lost.
+    "The following callbacks returned in `LightningModule.configure_callbacks` will override",
 )
 # Shown in the epoch line, when logged (training metrics and the last validation).
 EPOCH_METRICS = ("train/loss", "val/loss", "val/acc")
