@@ -25,6 +25,7 @@ from tests.conftest import CONF, compose_config
 METHODS: dict[str, list[str]] = {
     "supervised": ["model.width=8"],
     "finetune": ["method=finetune", "model.width=8"],
+    "distill": ["method=distill", "model.width=8"],
     "maml": ["experiment=digits_maml", "model.hidden=8", "data.queries=3", "data.image_size=16"],
     "protonet": ["experiment=digits_protonet", "model.hidden=8", "data.image_size=16"],
     "multitask": ["experiment=digits_multitask", "model.width=8"],
@@ -178,6 +179,24 @@ def pretrained_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def teacher_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """What `method=distill` learns from: a one-epoch run of another architecture."""
+    run = tmp_path_factory.mktemp("teacher") / "run"
+    teacher = ["model=convnet4", "model.hidden=8", "data.image_size=16", "trainer.max_epochs=1"]
+    train(compose_config(run, [*FAST, *teacher]))
+    return run / "checkpoints" / "best.ckpt"
+
+
+def source_weights(method: str, request: pytest.FixtureRequest) -> list[str]:
+    """The file a method starts from or learns from, built only for the methods that need one."""
+    if method == "finetune":
+        return [f"model.pretrained={request.getfixturevalue('pretrained_weights')}"]
+    if method == "distill":
+        return [f"method.teacher={request.getfixturevalue('teacher_checkpoint')}"]
+    return []
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("regularizer", REGULARIZERS)
 @pytest.mark.parametrize("method", list(METHODS))
@@ -186,10 +205,10 @@ def test_method_and_regularizer_pair(
     regularizer: str,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
-    pretrained_weights: Path,
+    request: pytest.FixtureRequest,
 ) -> None:
     torch.set_num_threads(1)  # tiny models: threads only add contention on a busy machine
-    weights = [f"model.pretrained={pretrained_weights}"] if method == "finetune" else []
+    weights = source_weights(method, request)
     # SWA averages from epoch 0 of the two: from its default start it would hold one epoch.
     averaged_from = ["reg.swa.start_epoch=0"] if regularizer == "swa" else []
     overrides = [*METHODS[method], *weights, *FAST, f"reg={regularizer}", *averaged_from]
