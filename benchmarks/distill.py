@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -124,6 +125,13 @@ def markdown_table(result: dict) -> str:
     if s["gain_in_alone_stds"] is not None:
         gain += f" ({s['gain_in_alone_stds']:+.1f} std of alone)"
     extra = " ".join(result["extra"]) or "defaults"
+    # The median too: one run caught in a load spike moves the mean of a few ratios a lot.
+    ratio_median = statistics.median(r["wall_ratio"] for r in result["rows"])
+    weaker_teacher = (
+        " (the teacher scores below the student trained alone)"
+        if teacher["test_acc"] < s["alone"]["test_acc_mean"]
+        else ""
+    )
     origin = ", trained by an earlier run of this benchmark" if "reused_from" in teacher else ""
     return "\n".join(
         [
@@ -136,12 +144,12 @@ def markdown_table(result: dict) -> str:
             f"{s['alone']['wall_seconds_mean']:.0f} s | 1 |",
             f"| student distilled, `method=distill` ({extra}) | {acc(s['distilled'])} | "
             f"{s['distilled']['wall_seconds_mean']:.0f} s | "
-            f"{s['wall_ratio_mean']:.2f} ± {s['wall_ratio_std']:.2f} |",
+            f"{s['wall_ratio_mean']:.2f} ± {s['wall_ratio_std']:.2f} (median {ratio_median:.2f}) |",
             "",
             f"`experiment=digits_lowdata` (100 training images, 32×32), {epochs_note(result)}; "
             f"one teacher for every seed; distilled − alone: {gain}; target (more than one std "
-            f"of alone): {'met' if s['target_met'] else 'not met'}. Wall time: whole "
-            "`train.py` processes, each distilled run right after its seed's alone run.",
+            f"of alone): {'met' if s['target_met'] else 'not met'}{weaker_teacher}. Wall time: "
+            "whole `train.py` processes, each distilled run right after its seed's alone run.",
         ]
     )
 
