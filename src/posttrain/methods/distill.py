@@ -46,11 +46,6 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, temperatur
     return kl * temperature**2
 
 
-def hard_labels(targets: Tensor) -> Tensor:
-    """Class indices, also of mixup/cutmix soft targets (their arg-max), for the metrics."""
-    return targets.argmax(dim=-1) if targets.is_floating_point() else targets
-
-
 def check_settings(teacher: str | None, temperature: float, alpha: float) -> None:
     """`method.teacher` is set, `method.temperature` > 0, `method.alpha` in (0, 1]."""
     require(
@@ -132,14 +127,11 @@ class Distillation(SupervisedClassifier):
         if split != "train":
             return super().step(batch, split)
         assert self.teacher is not None, "fitting loads the teacher"
-        images, targets = batch
-        logits = self(images)
-        label_loss = F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
-        self.metrics.update(split, logits, hard_labels(targets))
-        soft_loss = distillation_loss(logits, self.teacher.logits(images), self.temperature)
-        loss = self.alpha * soft_loss + (1 - self.alpha) * label_loss
-        parts = {"distill_loss": soft_loss, "label_loss": label_loss}
-        return StepOutput(loss, len(images), parts)
+        labelled, logits = self.cross_entropy_step(batch, split)
+        soft_loss = distillation_loss(logits, self.teacher.logits(batch[0]), self.temperature)
+        loss = self.alpha * soft_loss + (1 - self.alpha) * labelled.loss
+        parts = {"distill_loss": soft_loss, "label_loss": labelled.loss}
+        return StepOutput(loss, labelled.size, parts)
 
 
 def student_inputs(datamodule: Any) -> tuple[tuple[Tensor, Tensor], tuple[int, int]]:

@@ -68,13 +68,19 @@ class SupervisedClassifier(MethodCore):
         self.train(self.training)
 
     def step(self, batch: tuple[Tensor, Tensor], split: str) -> StepOutput:
-        """Logits and cross-entropy; targets may be soft (mixup/cutmix) in training."""
+        return self.cross_entropy_step(batch, split)[0]
+
+    def cross_entropy_step(
+        self, batch: tuple[Tensor, Tensor], split: str
+    ) -> tuple[StepOutput, Tensor]:
+        """Cross-entropy and metrics of a batch, and its logits (methods that add a loss term
+        to the labels' one, like distillation, reuse it); targets may be soft (mixup/cutmix)."""
         images, targets = batch
         logits = self(images)
         loss = F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
         hard_targets = targets.argmax(dim=-1) if targets.is_floating_point() else targets
         self.metrics.update(split, logits, hard_targets)
-        return StepOutput(loss, len(images))
+        return StepOutput(loss, len(images)), logits
 
     def on_test_epoch_end(self) -> None:
         super().on_test_epoch_end()
