@@ -46,12 +46,13 @@ def timed_run(overrides: list[str], run_dir: Path, label: str) -> dict:
             "wall_seconds": round(wall, 1)}  # fmt: skip
 
 
-def train_teacher(sweep: Path, epochs: int) -> dict:
-    overrides = [*RECIPE, "model=resnet18", f"trainer.max_epochs={epochs}", "seed=0"]
+def train_teacher(sweep: Path, epochs: int, extra: list[str]) -> dict:
+    overrides = [*RECIPE, "model=resnet18", f"trainer.max_epochs={epochs}", "seed=0", *extra]
     result = timed_run(overrides, sweep / "teacher", "teacher")
     return {
         **result,
         "overrides": overrides,
+        "extra": extra,
         "checkpoint": str(sweep / "teacher" / "checkpoints" / "best.ckpt"),
     }
 
@@ -137,7 +138,8 @@ def markdown_table(result: dict) -> str:
         [
             "| model | test acc % | wall time per run | time ratio |",
             "|---|---|---|---|",
-            f"| teacher: `model=resnet18` (1 run, seed 0{origin}) | "
+            f"| teacher: `{' '.join(['model=resnet18', *teacher.get('extra', [])])}` "
+            f"(1 run, seed 0{origin}) | "
             f"{100 * teacher['test_acc']:.1f} | "
             f"{teacher['wall_seconds']:.0f} s | — |",
             f"| student `model=small_cnn` alone ({seeds} seeds) | {acc(s['alone'])} | "
@@ -162,6 +164,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--extra", nargs="*", default=[], help="distilled runs, e.g. method.alpha=0.5"
     )
+    parser.add_argument(
+        "--teacher-extra", nargs="*", default=[], help="the teacher's run, e.g. reg=augment"
+    )
     parser.add_argument("--teacher-result", default=None, help="reuse this result's teacher")
     parser.add_argument("--sweep-dir", default=None)
     parser.add_argument("--results-dir", default=None, help="instead of benchmarks/results")
@@ -172,7 +177,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.teacher_result:
         teacher = reused_teacher(args.teacher_result)
     else:
-        teacher = {**train_teacher(sweep, args.teacher_epochs), "epochs": args.teacher_epochs}
+        trained = train_teacher(sweep, args.teacher_epochs, args.teacher_extra)
+        teacher = {**trained, "epochs": args.teacher_epochs}
     rows = train_students(sweep, seeds, args.student_epochs, teacher["checkpoint"], args.extra)
     payload = {
         "sweep_dir": str(sweep),
