@@ -96,9 +96,12 @@ def write_sweep_report_now() -> None:
 
 def record_interruption(output_dir: Path, stop: Any, task_name: str) -> None:
     """metrics.json says `interrupted` (never `completed`), and how to continue."""
+    # An evaluation, or a run stopped before its first checkpoint, has nothing to resume from
+    # (`ckpt_path=last` would be refused): it starts again.
+    last_exists = (output_dir / "checkpoints" / "last.ckpt").is_file()
     resume = (
-        "python eval.py <same overrides>"  # an evaluation has nothing to resume: run it again
-        if task_name == "eval"
+        f"python {task_name}.py <same overrides>"
+        if task_name == "eval" or not last_exists
         else f"python train.py <same overrides> ckpt_path=last hydra.run.dir={output_dir}"
     )
     write_json(
@@ -114,6 +117,8 @@ def record_interruption(output_dir: Path, stop: Any, task_name: str) -> None:
     progress = (
         "the evaluation was abandoned; run it again"
         if task_name == "eval"
+        else "before the first checkpoint was written; start it again"
+        if not last_exists
         else f"after {stop.epochs_completed} completed epoch(s); the current one was abandoned. "
         f"{output_dir / 'checkpoints' / 'last.ckpt'} holds the last completed epoch; continue "
         "exactly"
