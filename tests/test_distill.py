@@ -14,8 +14,9 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
+from torch.nn import functional as F
 
-from posttrain.checkpoints import CONFIG_KEY
+from posttrain.checkpoints import CONFIG_KEY, load_checkpoint
 from posttrain.errors import PosttrainError
 from posttrain.evaluate import evaluate, open_overrides
 from posttrain.methods.distill import Distillation, distillation_loss
@@ -26,6 +27,8 @@ from posttrain.regularizers.targets import LabelSmoothing
 from posttrain.runs import find_user_error
 from posttrain.train import train
 from tests.conftest import add_callbacks, compose_config, run_cli
+from tests.test_resume import Interrupted
+from tests.test_resume import run as run_to_metrics
 
 CPU = ["logger=none", "trainer.accelerator=cpu", "trainer.devices=1", "debug=limit"]
 # The teacher: another architecture (convnet4) and input size (16 px) than the student's.
@@ -192,6 +195,92 @@ def test_frozen_teacher_of_another_architecture_and_size_and_a_checkpoint_withou
     assert torch.equal(reused.features[0][0].weight, stored["model.features.0.0.weight"])
 
 
+# --- method.unlabelled: a transfer set of the images samples_per_class leaves out ------------
+
+
+class FixedTransferSet:
+    """Stands in for the transfer set: the same images at every draw."""
+
+    def __init__(self, images: Tensor) -> None:
+        self.images = images
+
+    def draw(self, count: int, trainer: Any, device: torch.device) -> Tensor:
+        return self.images[:count]
+
+
+def test_the_soft_loss_averages_over_the_labelled_and_the_unlabelled_batch() -> None:
+    torch.manual_seed(0)
+    method = student(alpha=0.7, temperature=2.0, unlabelled=True)
+    teacher_logits = torch.randn(4, 3)
+    method.teacher = FixedTeacher(teacher_logits)
+    labelled, unlabelled = torch.randn(4, 1, 8, 8), torch.randn(4, 1, 8, 8)
+    method.transfer_set = FixedTransferSet(unlabelled)
+    method._trainer = object()  # the stand-in transfer set never reads it
+    labels = torch.tensor([0, 1, 2, 0])
+    output = method.step((labelled, labels), "train")
+
+    soft = [distillation_loss(method(x), teacher_logits, 2.0) for x in (labelled, unlabelled)]
+    expected_soft = (soft[0] + soft[1]) / 2
+    hard = F.cross_entropy(method(labelled), labels)
+    assert output.parts["distill_loss"].item() == pytest.approx(expected_soft.item(), rel=1e-5)
+    assert output.loss.item() == pytest.approx((0.7 * expected_soft + 0.3 * hard).item(), rel=1e-5)
+    assert output.size == 4  # the unlabelled images are not counted as labelled examples
+
+
+def digits_setup(samples_per_class: int | None) -> Any:
+    from posttrain.data.datamodule import ImageClassificationDataModule
+
+    data = ImageClassificationDataModule("digits", samples_per_class=samples_per_class)
+    data.setup("fit")
+    return data
+
+
+def image_bytes(images: Tensor) -> list[bytes]:
+    return sorted(image.numpy().tobytes() for image in images)
+
+
+def test_unlabelled_images_are_exactly_the_training_rows_samples_per_class_left_out() -> None:
+    full, few = digits_setup(None), digits_setup(3)
+    unlabelled = few.unlabelled_images()
+    assert len(few.splits["train"]) == 30
+    assert len(unlabelled) == len(full.splits["train"]) - 30
+    together = torch.cat([few.splits["train"].images, unlabelled])
+    assert image_bytes(together) == image_bytes(full.splits["train"].images)
+    assert few.left_out is None  # their labels are dropped once the images are taken
+    assert len(full.unlabelled_images()) == 0
+
+
+def test_unlabelled_without_samples_per_class_is_refused_before_training(
+    teacher_file: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    overrides = [*CPU, *STUDENT, f"method.teacher={teacher_file}", "method.unlabelled=true"]
+    message = user_error(lambda: train(compose_config(run, overrides)))
+    assert "method.unlabelled" in message and "data.samples_per_class" in message
+    assert "\n" not in message and not (run / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_distilling_on_unlabelled_images_resumes_exactly(
+    teacher_file: Path, tmp_path: Path
+) -> None:
+    """The transfer set's draws are saved with checkpoints: a resumed run draws what the
+    uninterrupted run drew (without it the metrics differ)."""
+    overrides = [*CPU, *STUDENT, f"method.teacher={teacher_file}", "method.unlabelled=true",
+                 "data.samples_per_class=5", "trainer.max_epochs=3"]  # fmt: skip
+    uninterrupted = run_to_metrics(tmp_path / "whole", overrides)
+    interrupt = [
+        "+callbacks.interrupt._target_=tests.test_resume.InterruptAtEpoch",
+        "+callbacks.interrupt.epoch=2",
+    ]
+    with pytest.raises(Interrupted):
+        run_to_metrics(tmp_path / "cut", [*overrides, *interrupt])
+    last = tmp_path / "cut" / "checkpoints" / "last.ckpt"
+    assert "posttrain_unlabelled_draws" in load_checkpoint(last, key="ckpt_path")
+    resumed = run_to_metrics(tmp_path / "resumed", [*overrides, f"ckpt_path={last}"])
+    assert resumed == uninterrupted
+
+
 # --- refusals, each one paragraph naming its key -----------------------------------------------
 
 
@@ -204,6 +293,7 @@ def test_frozen_teacher_of_another_architecture_and_size_and_a_checkpoint_withou
         ({"alpha": 0}, "method.alpha"),
         ({"alpha": 1.5}, "method.alpha"),
         ({"alpha": 1, "regularizers": RegularizerSet([LabelSmoothing(0.1)])}, "method.alpha=1"),
+        ({"unlabelled": "yes"}, "method.unlabelled"),
     ],
 )
 def test_settings_out_of_range_are_refused(settings: dict[str, Any], key: str) -> None:

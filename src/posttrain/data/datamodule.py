@@ -193,6 +193,8 @@ class ImageClassificationDataModule(SourceDataModule):
         self.num_workers, self.seed = num_workers, seed
         self.train_transforms: list[BatchTransform] = []
         self.splits: dict[str, LabelledImages] = {}
+        self.left_out: LabelledImages | None = None  # training rows `samples_per_class` left out
+        self._unlabelled: Tensor | None = None
         self.class_names: list[str] = []
         self._stats: tuple[Tensor, Tensor] | None = None
 
@@ -234,7 +236,11 @@ class ImageClassificationDataModule(SourceDataModule):
             pool, val = pool.subset(keep), pool.subset(held)
         train = pool
         if self.samples_per_class is not None:
-            train = train.subset(per_class_subset(train.labels, self.samples_per_class, generator))
+            kept = per_class_subset(pool.labels, self.samples_per_class, generator)
+            train = pool.subset(kept)
+            left_out = torch.ones(len(pool), dtype=torch.bool)
+            left_out[kept] = False
+            self.left_out = pool.subset(left_out.nonzero().flatten())
         self.splits = {"train": train, "val": val, "test": test}
         self.check_splits_not_empty()
         self.splits = decode_kept(self.splits)  # only now: the files the splits keep
@@ -252,6 +258,20 @@ class ImageClassificationDataModule(SourceDataModule):
             }
         self.class_names = class_names
         self._stats = channel_stats(train.images, self.image_size, generator)
+
+    def unlabelled_images(self) -> Tensor:
+        """The training images `data.samples_per_class` left out, uint8 (N, C, H, W), without
+        their labels (a method that uses them cannot read a label by mistake). Decoded on first
+        use: most runs never ask. Empty when every training image is labelled."""
+        if self._unlabelled is None:
+            left_out = self.left_out
+            if left_out is None or len(left_out) == 0:
+                train = self.splits["train"].images
+                self._unlabelled = train.new_empty((0, *train.shape[1:]))
+            else:
+                self._unlabelled = decode_kept({"left_out": left_out})["left_out"].images
+            self.left_out = None  # the labels go with it
+        return self._unlabelled
 
     def check_splits_not_empty(self) -> None:
         """At set-up, before any training: an empty test split used to fail only after the

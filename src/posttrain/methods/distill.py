@@ -5,6 +5,12 @@ Training loss: `alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T))
 the hard part's as `T` grows (the paper's advice). Validation and test are the student's own
 cross-entropy and metrics, exactly as `method=supervised` reports them.
 
+`method.unlabelled=true` adds a transfer set (the paper's term): every step also draws
+`data.batch_size` training images that `data.samples_per_class` left out, without their
+labels, and the soft part averages over both batches. Where labels are scarce and images
+are not, this is where a teacher's knowledge reaches the student. The draws have their own
+generator, saved with checkpoints (exact resume).
+
 Why a subclass of `SupervisedClassifier` rather than a `MethodCore` of its own: the student
 *is* a supervised classifier in everything but its training loss (forward, metrics,
 confusion matrix, evaluation of its checkpoint), and composing one would forward each of
@@ -36,6 +42,7 @@ from posttrain.regularizers import RegularizerSet
 log = logging.getLogger("posttrain")
 
 LOSS_PARTS = ("distill_loss", "label_loss")
+DRAWS_KEY = "posttrain_unlabelled_draws"
 
 
 def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
@@ -46,8 +53,9 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, temperatur
     return kl * temperature**2
 
 
-def check_settings(teacher: str | None, temperature: float, alpha: float) -> None:
-    """`method.teacher` is set, `method.temperature` > 0, `method.alpha` in (0, 1]."""
+def check_settings(teacher: str | None, temperature: float, alpha: float, unlabelled: bool) -> None:
+    """`method.teacher` is set, `method.temperature` > 0, `method.alpha` in (0, 1],
+    `method.unlabelled` a boolean."""
     require(
         bool(teacher),
         "`method=distill` needs a teacher: set `method.teacher` to the checkpoint of a "
@@ -66,6 +74,10 @@ def check_settings(teacher: str | None, temperature: float, alpha: float) -> Non
         f"Config key `method.alpha` (the teacher's share of the loss) must be in (0, 1], got "
         f"{alpha!r}: 1 learns from the teacher alone; 0 would ignore it (that is "
         "`method=supervised`).",
+    )
+    require(
+        isinstance(unlabelled, bool),
+        f"Config key `method.unlabelled` must be true or false, got {unlabelled!r}.",
     )
 
 
@@ -86,9 +98,10 @@ class Distillation(SupervisedClassifier):
         teacher: str | None = None,
         temperature: float = 4.0,
         alpha: float = 0.9,
+        unlabelled: bool = False,
     ) -> None:
         super().__init__(model, optimizer, scheduler, regularizers)
-        check_settings(teacher, temperature, alpha)
+        check_settings(teacher, temperature, alpha, unlabelled)
         require(
             not (alpha == 1 and self.regularizers.label_smoothing > 0),
             "`reg=label_smoothing` cannot be used with `method=distill method.alpha=1`: the "
@@ -99,6 +112,8 @@ class Distillation(SupervisedClassifier):
         # The supervised means plus this method's two training loss parts.
         self.means = EpochMeans([*self.means.names, *(f"train/{p}" for p in LOSS_PARTS)])
         self.teacher: Teacher | None = None  # a plain object: never in state_dict or optimizer
+        self.transfer_set: TransferSet | None = None  # method.unlabelled: images, no labels
+        self.unlabelled = unlabelled
 
     @property
     def method_name(self) -> str:
@@ -115,6 +130,9 @@ class Distillation(SupervisedClassifier):
         )
         self.teacher.adapt_to(*student_inputs(datamodule))
         log.info("%s", self.teacher.describe())
+        if self.unlabelled:
+            self.transfer_set = TransferSet(datamodule)
+            log.info("%s", self.transfer_set.describe())
 
     def on_fit_start(self) -> None:
         """The student is on its device now; the teacher follows it there."""
@@ -129,9 +147,63 @@ class Distillation(SupervisedClassifier):
         assert self.teacher is not None, "fitting loads the teacher"
         labelled, logits = self.cross_entropy_step(batch, split)
         soft_loss = distillation_loss(logits, self.teacher.logits(batch[0]), self.temperature)
+        if self.transfer_set is not None:
+            images = self.transfer_set.draw(len(batch[0]), self.trainer, logits.device)
+            extra = distillation_loss(self(images), self.teacher.logits(images), self.temperature)
+            soft_loss = (len(batch[0]) * soft_loss + len(images) * extra) / (
+                len(batch[0]) + len(images)
+            )
         loss = self.alpha * soft_loss + (1 - self.alpha) * labelled.loss
         parts = {"distill_loss": soft_loss, "label_loss": labelled.loss}
         return StepOutput(loss, labelled.size, parts)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if self.transfer_set is not None:
+            checkpoint[DRAWS_KEY] = self.transfer_set.draws.get_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Resume draws the transfer-set images the uninterrupted run would have drawn (set-up,
+        which builds the transfer set, runs before Lightning restores a checkpoint)."""
+        super().on_load_checkpoint(checkpoint)
+        if self.transfer_set is not None and DRAWS_KEY in checkpoint:
+            self.transfer_set.draws.set_state(checkpoint[DRAWS_KEY])
+
+
+class TransferSet:
+    """The unlabelled training images of `method.unlabelled`, drawn a batch at a time.
+
+    Inputs are made as the DataModule makes them (resize, then the run's normalization) but
+    without the training augmentations: those (mixup, cutmix) may need labels.
+    """
+
+    def __init__(self, datamodule: Any) -> None:
+        self.datamodule = datamodule
+        self.images = (
+            datamodule.unlabelled_images() if hasattr(datamodule, "unlabelled_images") else None
+        )
+        require(
+            self.images is not None and len(self.images) > 0,
+            "`method.unlabelled=true` distills on the training images `data.samples_per_class` "
+            "leaves out, and this run leaves none out: set `data.samples_per_class` (e.g. 10, "
+            "the labelled images per class) on image-classification data, or set "
+            "`method.unlabelled=false`.",
+        )
+        # Its own generator, seeded from the run's seeded global one (like the batch order).
+        self.draws = torch.Generator().manual_seed(int(torch.randint(2**62, (1,))))
+
+    def describe(self) -> str:
+        return f"transfer set: {len(self.images)} unlabelled training images"
+
+    def draw(self, count: int, trainer: Any, device: torch.device) -> Tensor:
+        """`count` images drawn with replacement, model-ready on `device`. Every process
+        draws the same indices and keeps its own share, so under DDP ranks see different
+        images and the generator stays the same on all of them (one state to checkpoint)."""
+        world, rank = trainer.world_size, trainer.global_rank
+        indices = torch.randint(len(self.images), (count * world,), generator=self.draws)
+        mine = indices[rank * count : (rank + 1) * count]
+        images = self.images[mine].to(device)
+        return self.datamodule.normalize(self.datamodule.to_model_input(images))
 
 
 def student_inputs(datamodule: Any) -> tuple[tuple[Tensor, Tensor], tuple[int, int]]:
