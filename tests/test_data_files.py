@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from posttrain.data.datamodule import ImageClassificationDataModule
 from posttrain.data.sources import CifarSource, ImageFolderSource, OmniglotSource
 from posttrain.errors import PosttrainError
 from tests.conftest import run_cli
@@ -133,3 +134,12 @@ def test_malformed_cifar_through_the_cli_exits_2_without_traceback(tmp_path: Pat
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr and str(bad) in result.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_test_split_of_classes_never_trained_on_is_refused(tmp_path: Path) -> None:
+    """Observed: `data.dataset=omniglot` in a classifier (the source's default `lake`
+    protocol) trained on background characters and tested on evaluation characters."""
+    write_omniglot(tmp_path, alphabets=1, characters=2, drawers=10)
+    data = ImageClassificationDataModule("omniglot", root=str(tmp_path), options={"split": "lake"})
+    with pytest.raises(PosttrainError, match=r"test split .* classes that the training split"):
+        data.setup("fit")

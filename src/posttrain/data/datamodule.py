@@ -94,6 +94,28 @@ def keep_classes(data: LabelledImages | None, classes: list[int]) -> LabelledIma
     return LabelledImages(data.images[kept], mapping[data.labels[kept]])
 
 
+def check_classes_are_trained(
+    held_out: dict[str, LabelledImages], pool: LabelledImages, source: Source
+) -> None:
+    """Every class of validation and test is one the classifier trains on. Observed:
+    Omniglot's `lake` protocol (the source's default) keeps its evaluation alphabets, other
+    characters than the background ones, as the test split; a classifier trained on the
+    background characters scored near 0 on characters it had never seen, without a word."""
+    trained = set(pool.labels.unique().tolist())
+    for split, data in held_out.items():
+        unseen = sorted(set(data.labels.unique().tolist()) - trained)
+        name = type(source).__name__
+        require(
+            not unseen,
+            f"The {split} split of {name} has {len(unseen)} classes that the training split "
+            f"does not have (e.g. label {unseen[0] if unseen else ''}): a classifier cannot be "
+            "tested on classes it never trains on. Few-shot protocols that keep classes apart "
+            "(Omniglot's `data.options.split=lake`) are for episodic methods "
+            "(`method=maml`/`protonet` with `data=omniglot`); for one classifier over all "
+            "Omniglot characters use `data.options.split=vinyals` (one pool, split by image).",
+        )
+
+
 class SourceDataModule(L.LightningDataModule):
     """What every DataModule reading one registered source (`self.source`) answers alike,
     including the random state of its training batches (saved with checkpoints)."""
@@ -234,6 +256,7 @@ class ImageClassificationDataModule(SourceDataModule):
         if val is None:  # the source's own val split (e.g. a val/ folder) is used as it is
             keep, held = stratified_split(pool.labels, self.val_fraction, generator)
             pool, val = pool.subset(keep), pool.subset(held)
+        check_classes_are_trained({"val": val, "test": test}, pool, self.source)
         train = pool
         if self.samples_per_class is not None:
             kept = per_class_subset(pool.labels, self.samples_per_class, generator)
