@@ -21,7 +21,11 @@ from posttrain.data import datamodule as datamodule_module
 from posttrain.data.cache import HEADER_BYTES, header_shape, jpeg_shape, png_shape
 from posttrain.data.sources import ImageFolderSource
 from posttrain.errors import PosttrainError
-from tests.fixtures import write_image_folder, write_omniglot, write_split_image_folder
+from tests.fixtures import (
+    write_image_folder,
+    write_omniglot_characters,
+    write_split_image_folder,
+)
 
 SPLITS = ("train", "val", "test")
 
@@ -93,16 +97,18 @@ def test_only_the_kept_files_are_decoded_and_the_splits_are_unchanged(
 
 
 def test_omniglot_decodes_only_the_kept_characters(tmp_path, monkeypatch, decoded) -> None:
-    """`lake`: background characters are the training pool, evaluation ones the test pool."""
-    write_omniglot(tmp_path, alphabets=1, characters=2, drawers=6)
-    options = {"dataset": "omniglot", "download": False, "classes": [0, 3], "val_fraction": 0.2}
+    """`vinyals`: one pool of every character, split by image (`lake` keeps other characters
+    for its test split and is refused for a classifier)."""
+    names = write_omniglot_characters(tmp_path, drawers=5)
+    options = {"dataset": "omniglot", "download": False, "classes": [0, 3], "val_fraction": 0.2,
+               "options": {"split": "vinyals"}}  # fmt: skip
     old = set_up_the_old_way(monkeypatch, tmp_path, **options)
-    assert len(decoded) == 24
+    assert len(decoded) == 5 * len(names)
     decoded.clear()
     new = set_up(tmp_path, **options)
     assert_same_splits(new, old)
-    assert len(decoded) == used(new) == 12  # the 6 drawings of each of the 2 kept characters
-    assert {Path(p).parent.name for p in decoded} == {"character01", "character02"}
+    assert len(decoded) == used(new) == 10  # the 5 drawings of each of the 2 kept characters
+    assert {Path(p).parent.name for p in decoded} == {Path(names[0]).name, Path(names[3]).name}
 
 
 def cached(root: Path, cache: Path, **kwargs) -> ImageClassificationDataModule:
