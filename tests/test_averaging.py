@@ -124,8 +124,14 @@ def test_swa_averages_epoch_ends_from_start_epoch_and_validates_the_average(
 
 
 @pytest.mark.slow
-def test_resume_with_ema_matches_the_uninterrupted_run(tmp_path: Path) -> None:
-    overrides = [*TINY, "reg=[augment,ema]"]
+@pytest.mark.parametrize(
+    "averaging", [["reg=[augment,ema]"], ["reg=[augment,swa]", "reg.swa.start_epoch=1"]]
+)
+def test_resume_with_averaging_matches_the_uninterrupted_run(
+    averaging: list[str], tmp_path: Path
+) -> None:
+    """Interrupted at epoch 2: SWA (from epoch 1) has averaged one epoch end by then."""
+    overrides = [*TINY, *averaging]
     uninterrupted = run(tmp_path / "whole", overrides)
     interrupt = [
         f"+callbacks.interrupt._target_={InterruptAtEpoch.__module__}.InterruptAtEpoch",
