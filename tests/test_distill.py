@@ -227,6 +227,41 @@ def test_the_soft_loss_averages_over_the_labelled_and_the_unlabelled_batch() -> 
     assert output.size == 4  # the unlabelled images are not counted as labelled examples
 
 
+class StubData:
+    """A DataModule's transfer-set side: 20 numbered 1-pixel images, identity preprocessing."""
+
+    def unlabelled_images(self) -> Tensor:
+        return torch.arange(20, dtype=torch.uint8).view(20, 1, 1, 1)
+
+    def to_model_input(self, images: Tensor) -> Tensor:
+        return images.float()
+
+    def normalize(self, x: Tensor) -> Tensor:
+        return x
+
+
+def test_each_process_draws_its_own_share_from_one_generator_state() -> None:
+    """Under DDP every rank holds the same generator (one state in the checkpoint) and keeps
+    its slice of a common draw, so ranks see different images."""
+    from types import SimpleNamespace
+
+    from posttrain.methods.distill import TransferSet
+
+    def built_in_a_seeded_process() -> TransferSet:
+        torch.manual_seed(0)  # every process seeds the run's global generator alike
+        return TransferSet(StubData())
+
+    ranks = [built_in_a_seeded_process() for _ in range(2)]
+    single = built_in_a_seeded_process()
+    drawn = [
+        t.draw(3, SimpleNamespace(world_size=2, global_rank=rank), torch.device("cpu"))
+        for rank, t in enumerate(ranks)
+    ]
+    alone = single.draw(6, SimpleNamespace(world_size=1, global_rank=0), torch.device("cpu"))
+    assert torch.equal(torch.cat(drawn), alone)  # the two shares are one draw, split
+    assert torch.equal(ranks[0].draws.get_state(), ranks[1].draws.get_state())
+
+
 def digits_setup(samples_per_class: int | None) -> Any:
     from posttrain.data.datamodule import ImageClassificationDataModule
 
