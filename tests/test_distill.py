@@ -230,6 +230,9 @@ def test_the_soft_loss_averages_over_the_labelled_and_the_unlabelled_batch() -> 
 class StubData:
     """A DataModule's transfer-set side: 20 numbered 1-pixel images, identity preprocessing."""
 
+    def __init__(self, *train_transforms: Any) -> None:
+        self.train_transforms = list(train_transforms)
+
     def unlabelled_images(self) -> Tensor:
         return torch.arange(20, dtype=torch.uint8).view(20, 1, 1, 1)
 
@@ -260,6 +263,24 @@ def test_each_process_draws_its_own_share_from_one_generator_state() -> None:
     alone = single.draw(6, SimpleNamespace(world_size=1, global_rank=0), torch.device("cpu"))
     assert torch.equal(torch.cat(drawn), alone)  # the two shares are one draw, split
     assert torch.equal(ranks[0].draws.get_state(), ranks[1].draws.get_state())
+
+
+def test_transfer_set_images_go_through_the_training_transforms() -> None:
+    """`reg=augment`/`mixup` act on the transfer set too (their label output is dropped)."""
+    from types import SimpleNamespace
+
+    from posttrain.methods.distill import TransferSet
+
+    def shifted(x: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        return x + 100, labels.float()
+
+    torch.manual_seed(0)
+    drawn = TransferSet(StubData(shifted)).draw(4, SimpleNamespace(world_size=1, global_rank=0),
+                                                torch.device("cpu"))  # fmt: skip
+    torch.manual_seed(0)
+    plain = TransferSet(StubData()).draw(4, SimpleNamespace(world_size=1, global_rank=0),
+                                         torch.device("cpu"))  # fmt: skip
+    assert torch.equal(drawn, plain + 100)
 
 
 def digits_setup(samples_per_class: int | None) -> Any:

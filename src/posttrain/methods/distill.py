@@ -7,9 +7,9 @@ cross-entropy and metrics, exactly as `method=supervised` reports them.
 
 `method.unlabelled=true` adds a transfer set (the paper's term): every step also draws
 `data.batch_size` training images that `data.samples_per_class` left out, without their
-labels, and the soft part averages over both batches. Where labels are scarce and images
-are not, this is where a teacher's knowledge reaches the student. The draws have their own
-generator, saved with checkpoints (exact resume).
+labels, augmented like the labelled batch, and the soft part averages over both batches.
+Where labels are scarce and images are not, this is where a teacher's knowledge reaches the
+student. The draws have their own generator, saved with checkpoints (exact resume).
 
 Why a subclass of `SupervisedClassifier` rather than a `MethodCore` of its own: the student
 *is* a supervised classifier in everything but its training loss (forward, metrics,
@@ -173,8 +173,9 @@ class Distillation(SupervisedClassifier):
 class TransferSet:
     """The unlabelled training images of `method.unlabelled`, drawn a batch at a time.
 
-    Inputs are made as the DataModule makes them (resize, then the run's normalization) but
-    without the training augmentations: those (mixup, cutmix) may need labels.
+    Inputs are made as the DataModule makes a training batch: resized, through the training
+    transforms of `reg=` (augment, mixup, cutmix: teacher and student see the same views, as
+    for the labelled batch; the transforms' label output is dropped), then normalized.
     """
 
     def __init__(self, datamodule: Any) -> None:
@@ -202,8 +203,11 @@ class TransferSet:
         world, rank = trainer.world_size, trainer.global_rank
         indices = torch.randint(len(self.images), (count * world,), generator=self.draws)
         mine = indices[rank * count : (rank + 1) * count]
-        images = self.images[mine].to(device)
-        return self.datamodule.normalize(self.datamodule.to_model_input(images))
+        x = self.datamodule.to_model_input(self.images[mine].to(device))
+        no_labels = torch.zeros(len(x), dtype=torch.long, device=device)
+        for transform in self.datamodule.train_transforms:
+            x, _ = transform(x, no_labels)
+        return self.datamodule.normalize(x)
 
 
 def student_inputs(datamodule: Any) -> tuple[tuple[Tensor, Tensor], tuple[int, int]]:
