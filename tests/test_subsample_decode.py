@@ -99,15 +99,15 @@ def test_only_the_kept_files_are_decoded_and_the_splits_are_unchanged(
 def test_omniglot_decodes_only_the_kept_characters(tmp_path, monkeypatch, decoded) -> None:
     """`vinyals`: one pool of every character, split by image (`lake` keeps other characters
     for its test split and is refused for a classifier)."""
-    names = write_omniglot_characters(tmp_path, drawers=5)
-    options = {"dataset": "omniglot", "download": False, "classes": [0, 3], "val_fraction": 0.2,
+    names = write_omniglot_characters(tmp_path, drawers=3)
+    options = {"dataset": "omniglot", "download": False, "classes": [0, 3], "val_fraction": 0.5,
                "options": {"split": "vinyals"}}  # fmt: skip
     old = set_up_the_old_way(monkeypatch, tmp_path, **options)
-    assert len(decoded) == 5 * len(names)
+    assert len(decoded) == 3 * len(names)
     decoded.clear()
     new = set_up(tmp_path, **options)
     assert_same_splits(new, old)
-    assert len(decoded) == used(new) == 10  # the 5 drawings of each of the 2 kept characters
+    assert len(decoded) == used(new) == 6  # the 3 drawings of each of the 2 kept characters
     assert {Path(p).parent.name for p in decoded} == {Path(names[0]).name, Path(names[3]).name}
 
 
