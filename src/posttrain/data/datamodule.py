@@ -112,7 +112,7 @@ def check_classes_are_trained(
             "tested on classes it never trains on. Few-shot protocols that keep classes apart "
             "(Omniglot's `data.options.split=lake`) are for episodic methods "
             "(`method=maml`/`protonet` with `data=omniglot`); for one classifier over all "
-            "Omniglot characters use `data.options.split=vinyals` (one pool, split by image).",
+            "Omniglot characters use `+data.options.split=vinyals` (one pool, split by image).",
         )
 
 
