@@ -215,3 +215,29 @@ def test_a_signal_after_training_stops_the_sweep_and_is_recorded(tmp_path: Path)
     (job,) = [path for path in sweep.iterdir() if path.is_dir()]  # the second never started
     record = json.loads((job / "metrics.json").read_text())
     assert record["status"] == "interrupted" and record["epochs_completed"] == 3, record
+
+
+@pytest.mark.parametrize("has_last", [False, True])
+def test_the_resume_advice_matches_what_the_run_left(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], has_last: bool
+) -> None:
+    """Stopped before its first checkpoint, a run must start again (`ckpt_path=last` would be
+    refused: there is no last.ckpt); with one, it continues exactly from it."""
+    from types import SimpleNamespace
+
+    from posttrain.runs import record_interruption
+
+    if has_last:
+        (tmp_path / "checkpoints").mkdir()
+        (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"")
+    stop = SimpleNamespace(signal_name="SIGTERM", epochs_completed=int(has_last), global_step=4)
+    record_interruption(tmp_path, stop, "train")
+    record = json.loads((tmp_path / "metrics.json").read_text())
+    said = capsys.readouterr().err
+    assert record["status"] == "interrupted" and record["reason"] == "stopped by SIGTERM"
+    if has_last:
+        assert record["resume"].endswith(f"ckpt_path=last hydra.run.dir={tmp_path}")
+        assert "holds the last completed epoch" in said
+    else:
+        assert record["resume"] == "python train.py <same overrides>"
+        assert "before the first checkpoint was written; start it again" in said
