@@ -265,6 +265,16 @@ def test_each_process_draws_its_own_share_from_one_generator_state() -> None:
     assert torch.equal(ranks[0].draws.get_state(), ranks[1].draws.get_state())
 
 
+def test_the_transfer_set_leaves_the_global_generator_alone() -> None:
+    """So the labelled batches are those of the same seed trained alone."""
+    from posttrain.methods.distill import TransferSet
+
+    torch.manual_seed(3)
+    before = torch.get_rng_state()
+    TransferSet(StubData())
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 def test_transfer_set_images_go_through_the_training_transforms() -> None:
     """`reg=augment`/`mixup` act on the transfer set too (their label output is dropped)."""
     from types import SimpleNamespace

@@ -190,8 +190,9 @@ class TransferSet:
             "the labelled images per class) on image-classification data, or set "
             "`method.unlabelled=false`.",
         )
-        # Its own generator, seeded from the run's seeded global one (like the batch order).
-        self.draws = torch.Generator().manual_seed(int(torch.randint(2**62, (1,))))
+        # Its own generator, seeded from the run's seed without drawing from the global
+        # generator: the labelled batches stay those of the same seed trained alone.
+        self.draws = torch.Generator().manual_seed((torch.initial_seed() * 1_000_003 + 1) % 2**63)
 
     def describe(self) -> str:
         return f"transfer set: {len(self.images)} unlabelled training images"
