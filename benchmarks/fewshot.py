@@ -2,8 +2,8 @@
 
 On real Omniglot (the papers' Vinyals et al. split, `experiment=omniglot_*`,
 `data.split=vinyals`) when `--root` names a folder holding it; on the embedded digits
-(`experiment=digits_*`, digit x rotation classes cut 20/10/10 into meta-train/val/test so that
-10-way episodes fit) otherwise:
+(`experiment=digits_*`, digits cut 4/3/3 into meta-train/val/test, each with its 4 rotations
+as classes, 16/12/12, so that 10-way episodes fit) otherwise:
 
     python -m benchmarks.fewshot --data omniglot --root DIR --budget-minutes 120
     python -m benchmarks.fewshot                       # embedded digits, 5- and 10-way
@@ -55,9 +55,10 @@ EXPERIMENTS = {
     "digits": {"protonet": "digits_protonet", "maml": "digits_maml"},
     "omniglot": {"protonet": "omniglot_protonet", "maml": "omniglot_maml"},
 }
-# Data set-up of each mode: digits' 40 classes cut 20/10/10, so 10-way val and test fit.
+# Data set-up of each mode: digits cut 4/3/3 by digit (a digit's 4 rotations in one split),
+# 16/12/12 classes, so 10-way val and test fit.
 DATA_OVERRIDES = {
-    "digits": ["data.val_fraction=0.25", "data.test_fraction=0.25"],
+    "digits": ["data.val_fraction=0.3", "data.test_fraction=0.3"],
     "omniglot": ["data.split=vinyals"],
 }
 DEFAULT_WAYS = {"digits": "5,10", "omniglot": "5,20"}

@@ -55,7 +55,7 @@ def test_digits_mode_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         # the budget reached the run: Lightning's max_time, as the result file says
         job = OmegaConf.load(Path(row["run"]) / ".hydra" / "config.yaml")
         assert job.trainer.max_time == "00:00:00:01"
-        assert job.data.val_fraction == 0.25 and job.data.test_fraction == 0.25
+        assert job.data.val_fraction == 0.3 and job.data.test_fraction == 0.3
         first_order = job.method.get("first_order")
         assert row["method"] == {None: "protonet", False: "maml", True: "fomaml"}[first_order]
     # ProtoNet: one model per shot count, scored at 5 and 10 ways; MAML: one per ways.

@@ -41,6 +41,20 @@ def test_class_splits_are_disjoint() -> None:
     assert sum(map(len, ids.values())) == 40  # 10 digits x 4 rotations
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_all_rotations_of_a_digit_are_in_one_split(seed: int) -> None:
+    """A digit's rotations are 4 classes but one shape: with a 90-degree "3" in meta-train and
+    a 0-degree "3" in meta-test, the test would score shapes the model trained on (observed
+    before this check: rotations of one digit in two splits, as Omniglot's protocols never
+    allow for a character)."""
+    pools = episodes(seed=seed).pools
+    digits = {split: {c // 4 for c in pool.classes.tolist()} for split, pool in pools.items()}
+    assert not digits["train"] & digits["val"] and not digits["train"] & digits["test"]
+    assert not digits["val"] & digits["test"]
+    for split, pool in pools.items():  # every digit comes with its four rotations
+        assert len(pool) == 4 * len(digits[split]), split
+
+
 def test_same_seed_same_episodes_and_fixed_evaluation() -> None:
     first, second = episodes(seed=3), episodes(seed=3)
     for loader in ("train_dataloader", "test_dataloader"):

@@ -51,6 +51,11 @@ def with_rotations(data: LabelledImages) -> LabelledImages:
     return LabelledImages(images, labels)
 
 
+def rotated_ids(classes: Tensor) -> Tensor:
+    """The ids `with_rotations` gives the four rotations of each of `classes`."""
+    return (classes[:, None] * 4 + torch.arange(4)).flatten()
+
+
 def split_classes(
     classes: Tensor, fractions: tuple[float, float], generator: torch.Generator
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -223,14 +228,15 @@ class EpisodicDataModule(SourceDataModule):
             )
         if self.rotations:
             pool = with_rotations(pool)
-            ids = {k: (v[:, None] * 4 + torch.arange(4)).flatten() for k, v in ids.items()}
+            ids = {k: rotated_ids(v) for k, v in ids.items()}
         return pool, ids
 
     def fraction_class_splits(
         self, loaded: SourceData, generator: torch.Generator
     ) -> LabelledImages:
         """Classes cut into meta-train/val/test by `data.val_fraction`/`data.test_fraction`
-        (a source's own test pool gives meta-test its classes)."""
+        (a source's own test pool gives meta-test its classes), rotated after the cut as the
+        named protocols are: a class's four rotations are one shape, in one split."""
         require(
             loaded.val is None
             and (
@@ -241,23 +247,25 @@ class EpisodicDataModule(SourceDataModule):
             "val/ or test/) hold the same classes. Point `data.root` at one folder of classes.",
         )
         pool, test = loaded.train, loaded.test
-        if self.rotations:
-            pool = with_rotations(pool)
-            test = with_rotations(test) if test is not None else None
         if test is None:
             train_ids, val_ids, test_ids = split_classes(
                 pool.labels.unique(), self.fractions, generator
             )
-            test = pool
         else:
             train_ids, val_ids, _ = split_classes(
                 pool.labels.unique(), (self.fractions[0], 0.0), generator
             )
             test_ids = test.labels.unique()
+        ids = {"train": train_ids, "val": val_ids, "test": test_ids}
+        if self.rotations:  # after splitting: a class's rotations stay in its split
+            pool = with_rotations(pool)
+            test = with_rotations(test) if test is not None else None
+            ids = {k: rotated_ids(v) for k, v in ids.items()}
+        test = pool if test is None else test
         self.pools = {
-            "train": ClassPool(pool, train_ids),
-            "val": ClassPool(pool, val_ids),
-            "test": ClassPool(test, test_ids),
+            "train": ClassPool(pool, ids["train"]),
+            "val": ClassPool(pool, ids["val"]),
+            "test": ClassPool(test, ids["test"]),
         }
         return pool
 
