@@ -107,10 +107,7 @@ def epochs_note(result: dict) -> str:
     teacher, student = result["teacher_epochs"], result["student_epochs"]
     if teacher == student == RECIPE_EPOCHS:
         return f"the recipe's {RECIPE_EPOCHS} epochs"
-    return (
-        f"shortened from the recipe's {RECIPE_EPOCHS} epochs to fit the time budget: teacher "
-        f"{teacher}, students {student}"
-    )
+    return f"teacher {teacher} epochs, students {student} (the recipe: {RECIPE_EPOCHS})"
 
 
 def markdown_table(result: dict) -> str:
