@@ -19,7 +19,7 @@ from posttrain.runs import find_user_error
 from posttrain.train import train
 from tests.conftest import add_callbacks, compose_config
 from tests.test_eval import evaluated
-from tests.test_resume import SMALL, InterruptAtEpoch, Interrupted, run
+from tests.test_resume import SMALL, whole_cut_and_resumed
 
 TINY = [*SMALL, "model.width=8", "trainer.max_epochs=3"]  # 3 epochs of 4 batches
 Weights = dict[str, Tensor]
@@ -131,17 +131,9 @@ def test_resume_with_averaging_matches_the_uninterrupted_run(
     averaging: list[str], tmp_path: Path
 ) -> None:
     """Interrupted at epoch 2: SWA (from epoch 1) has averaged one epoch end by then."""
-    overrides = [*TINY, *averaging]
-    uninterrupted = run(tmp_path / "whole", overrides)
-    interrupt = [
-        f"+callbacks.interrupt._target_={InterruptAtEpoch.__module__}.InterruptAtEpoch",
-        "+callbacks.interrupt.epoch=2",
-    ]
-    with pytest.raises(Interrupted):
-        run(tmp_path / "cut", [*overrides, *interrupt])
-    last = tmp_path / "cut" / "checkpoints" / "last.ckpt"
-    assert "current_model_state" in load_checkpoint(last, key="ckpt_path")
-    assert run(tmp_path / "resumed", [*overrides, f"ckpt_path={last}"]) == uninterrupted
+    uninterrupted, resumed, last = whole_cut_and_resumed(tmp_path, [*TINY, *averaging])
+    assert "current_model_state" in last
+    assert resumed == uninterrupted
 
 
 OTHER_METHODS = {

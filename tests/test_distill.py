@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 from torch.nn import functional as F
 
-from posttrain.checkpoints import CONFIG_KEY, load_checkpoint
+from posttrain.checkpoints import CONFIG_KEY
 from posttrain.errors import PosttrainError
 from posttrain.evaluate import evaluate, open_overrides
 from posttrain.methods.distill import Distillation, distillation_loss
@@ -27,8 +27,7 @@ from posttrain.regularizers.targets import LabelSmoothing
 from posttrain.runs import find_user_error
 from posttrain.train import train
 from tests.conftest import add_callbacks, compose_config, run_cli
-from tests.test_resume import Interrupted
-from tests.test_resume import run as run_to_metrics
+from tests.test_resume import whole_cut_and_resumed
 
 CPU = ["logger=none", "trainer.accelerator=cpu", "trainer.devices=1", "debug=limit"]
 # The teacher: another architecture (convnet4) and input size (16 px) than the student's.
@@ -334,16 +333,8 @@ def test_distilling_on_unlabelled_images_resumes_exactly(
     uninterrupted run drew (without it the metrics differ)."""
     overrides = [*CPU, *STUDENT, f"method.teacher={teacher_file}", "method.unlabelled=true",
                  "data.samples_per_class=5", "trainer.max_epochs=3"]  # fmt: skip
-    uninterrupted = run_to_metrics(tmp_path / "whole", overrides)
-    interrupt = [
-        "+callbacks.interrupt._target_=tests.test_resume.InterruptAtEpoch",
-        "+callbacks.interrupt.epoch=2",
-    ]
-    with pytest.raises(Interrupted):
-        run_to_metrics(tmp_path / "cut", [*overrides, *interrupt])
-    last = tmp_path / "cut" / "checkpoints" / "last.ckpt"
-    assert "posttrain_unlabelled_draws" in load_checkpoint(last, key="ckpt_path")
-    resumed = run_to_metrics(tmp_path / "resumed", [*overrides, f"ckpt_path={last}"])
+    uninterrupted, resumed, last = whole_cut_and_resumed(tmp_path, overrides)
+    assert "posttrain_unlabelled_draws" in last
     assert resumed == uninterrupted
 
 
