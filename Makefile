@@ -23,7 +23,7 @@ eval: install  ## make eval ARGS="ckpt_path=outputs/train/runs/<run>/checkpoints
 	$(PY) eval.py $(ARGS)
 
 test: install  ## the whole suite, slow CLI tests included
-	$(PY) -m pytest $(ARGS)
+	$(PY) -m pytest --durations=15 $(ARGS)
 
 test-fast: install
 	$(PY) -m pytest -m "not slow" $(ARGS)
