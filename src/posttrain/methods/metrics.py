@@ -25,8 +25,8 @@ METRICS: dict[str, str] = {
     "{split}/loss": "epoch mean of the method's loss (training: penalty excluded)",
     "train/penalty": "epoch mean of the regularizers' penalty (l1, l2, l2sp)",
     "train/distill_loss": "epoch mean of distillation's soft part: T^2 times the KL divergence "
-    "of the student's softened predictions from the teacher's (distill; weighed by "
-    "`method.alpha`)",
+    "of the student's softened predictions from the teacher's, over the labelled batch and, "
+    "with `method.unlabelled=true`, the transfer-set batch (distill; weighed by `method.alpha`)",
     "train/label_loss": "epoch mean of distillation's hard part, the student's cross-entropy on "
     "the labels (distill; weighed by 1 - `method.alpha`)",
     "{split}/acc": "top-1 accuracy (episodic methods: mean query accuracy per episode)",
