@@ -8,6 +8,7 @@ import json
 import math
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -19,7 +20,7 @@ from torch.nn import functional as F
 from posttrain.checkpoints import CONFIG_KEY
 from posttrain.errors import PosttrainError
 from posttrain.evaluate import evaluate, open_overrides
-from posttrain.methods.distill import Distillation, distillation_loss
+from posttrain.methods.distill import Distillation, TransferSet, distillation_loss
 from posttrain.models import build_classifier
 from posttrain.models.teacher import InputAdapter, load_teacher
 from posttrain.regularizers import RegularizerSet
@@ -245,9 +246,6 @@ class StubData:
 def test_each_process_draws_its_own_share_from_one_generator_state() -> None:
     """Under DDP every rank holds the same generator (one state in the checkpoint) and keeps
     its slice of a common draw, so ranks see different images."""
-    from types import SimpleNamespace
-
-    from posttrain.methods.distill import TransferSet
 
     def built_in_a_seeded_process() -> TransferSet:
         torch.manual_seed(0)  # every process seeds the run's global generator alike
@@ -266,8 +264,6 @@ def test_each_process_draws_its_own_share_from_one_generator_state() -> None:
 
 def test_the_transfer_set_leaves_the_global_generator_alone() -> None:
     """So the labelled batches are those of the same seed trained alone."""
-    from posttrain.methods.distill import TransferSet
-
     torch.manual_seed(3)
     before = torch.get_rng_state()
     TransferSet(StubData())
@@ -276,9 +272,6 @@ def test_the_transfer_set_leaves_the_global_generator_alone() -> None:
 
 def test_transfer_set_images_go_through_the_training_transforms() -> None:
     """`reg=augment`/`mixup` act on the transfer set too (their label output is dropped)."""
-    from types import SimpleNamespace
-
-    from posttrain.methods.distill import TransferSet
 
     def shifted(x: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         return x + 100, labels.float()
