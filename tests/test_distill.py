@@ -230,17 +230,11 @@ def test_the_soft_loss_averages_over_the_labelled_and_the_unlabelled_batch() -> 
 class StubData:
     """A DataModule's transfer-set side: 20 numbered 1-pixel images, identity preprocessing."""
 
-    def __init__(self, *train_transforms: Any) -> None:
-        self.train_transforms = list(train_transforms)
-
     def unlabelled_images(self) -> Tensor:
         return torch.arange(20, dtype=torch.uint8).view(20, 1, 1, 1)
 
-    def to_model_input(self, images: Tensor) -> Tensor:
-        return images.float()
-
-    def normalize(self, x: Tensor) -> Tensor:
-        return x
+    def training_input(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        return images.float(), labels
 
 
 def test_each_process_draws_its_own_share_from_one_generator_state() -> None:
@@ -271,18 +265,20 @@ def test_the_transfer_set_leaves_the_global_generator_alone() -> None:
 
 
 def test_transfer_set_images_go_through_the_training_transforms() -> None:
-    """`reg=augment`/`mixup` act on the transfer set too (their label output is dropped)."""
+    """`reg=augment`/`mixup` act on the transfer set too (their label output is dropped):
+    drawn from a real DataModule whose one transform blanks the images, every input is the
+    normalized blank."""
+    data = digits_setup(3)
 
-    def shifted(x: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        return x + 100, labels.float()
+    def blank(x: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        return torch.zeros_like(x), labels.float()
 
-    torch.manual_seed(0)
-    drawn = TransferSet(StubData(shifted)).draw(4, SimpleNamespace(world_size=1, global_rank=0),
-                                                torch.device("cpu"))  # fmt: skip
-    torch.manual_seed(0)
-    plain = TransferSet(StubData()).draw(4, SimpleNamespace(world_size=1, global_rank=0),
-                                         torch.device("cpu"))  # fmt: skip
-    assert torch.equal(drawn, plain + 100)
+    one_process = SimpleNamespace(world_size=1, global_rank=0)
+    plain = TransferSet(data).draw(4, one_process, torch.device("cpu"))
+    data.train_transforms.append(blank)
+    drawn = TransferSet(data).draw(4, one_process, torch.device("cpu"))
+    assert plain.unique().numel() > 1
+    assert torch.equal(drawn, data.normalize(torch.zeros_like(drawn)))
 
 
 def digits_setup(samples_per_class: int | None) -> Any:

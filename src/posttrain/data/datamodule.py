@@ -102,9 +102,9 @@ def check_classes_are_trained(
     characters than the background ones, as the test split; a classifier trained on the
     background characters scored near 0 on characters it had never seen, without a word."""
     trained = set(pool.labels.unique().tolist())
+    name = type(source).__name__
     for split, data in held_out.items():
         unseen = sorted(set(data.labels.unique().tolist()) - trained)
-        name = type(source).__name__
         require(
             not unseen,
             f"The {split} split of {name} has {len(unseen)} classes that the training split "
@@ -343,10 +343,17 @@ class ImageClassificationDataModule(SourceDataModule):
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> tuple[Tensor, Tensor]:
         images, labels = batch
-        x = self.to_model_input(images)
         if self._is_training():
-            for transform in self.train_transforms:
-                x, labels = transform(x, labels)
+            return self.training_input(images, labels)
+        return self.normalize(self.to_model_input(images)), labels
+
+    def training_input(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """uint8 images -> a training batch: resized, through the `reg=` transforms (which may
+        mix the labels), normalized. The one recipe for every training image, labelled or
+        not (distillation's transfer set)."""
+        x = self.to_model_input(images)
+        for transform in self.train_transforms:
+            x, labels = transform(x, labels)
         return self.normalize(x), labels
 
     def state_dict(self) -> dict[str, Any]:

@@ -173,9 +173,9 @@ class Distillation(SupervisedClassifier):
 class TransferSet:
     """The unlabelled training images of `method.unlabelled`, drawn a batch at a time.
 
-    Inputs are made as the DataModule makes a training batch: resized, through the training
-    transforms of `reg=` (augment, mixup, cutmix: teacher and student see the same views, as
-    for the labelled batch; the transforms' label output is dropped), then normalized.
+    Inputs are made by the DataModule's `training_input`, as a labelled training batch is:
+    resized, through the `reg=` transforms (augment, mixup, cutmix: teacher and student see the
+    same views; the transforms' label output is dropped), then normalized.
     """
 
     def __init__(self, datamodule: Any) -> None:
@@ -204,11 +204,9 @@ class TransferSet:
         world, rank = trainer.world_size, trainer.global_rank
         indices = torch.randint(len(self.images), (count * world,), generator=self.draws)
         mine = indices[rank * count : (rank + 1) * count]
-        x = self.datamodule.to_model_input(self.images[mine].to(device))
-        no_labels = torch.zeros(len(x), dtype=torch.long, device=device)
-        for transform in self.datamodule.train_transforms:
-            x, _ = transform(x, no_labels)
-        return self.datamodule.normalize(x)
+        images = self.images[mine].to(device)
+        no_labels = torch.zeros(len(images), dtype=torch.long, device=device)
+        return self.datamodule.training_input(images, no_labels)[0]
 
 
 def student_inputs(datamodule: Any) -> tuple[tuple[Tensor, Tensor], tuple[int, int]]:
