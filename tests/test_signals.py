@@ -241,3 +241,33 @@ def test_the_resume_advice_matches_what_the_run_left(
     else:
         assert record["resume"] == "python train.py <same overrides>"
         assert "before the first checkpoint was written; start it again" in said
+
+
+@pytest.mark.slow
+def test_a_sweep_whose_terminal_pipe_closed_still_stops_on_a_signal(tmp_path: Path) -> None:
+    """Observed: `train.py -m ... 2>&1 | tee log`, then Ctrl-C (tee dies with it), or a
+    driver killed beside its sweep: printing the interruption message raised BrokenPipeError,
+    which Hydra counted as a failed job, and the sweep went on to its next job unseen."""
+    marker, sweep = tmp_path / "stalled", tmp_path / "sweep"
+    command = [
+        sys.executable, str(ROOT / "train.py"), "-m", *TINY, "seed=0,1",
+        "+callbacks.stall._target_=tests.test_signals.StallAtEpoch",
+        f"+callbacks.stall.marker={marker}", f"hydra.sweep.dir={sweep}",
+        "hydra.sweep.subdir=${hydra.job.num}",  # the marker's path would nest job folders
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    wait_for(marker, process)
+    process.stdout.close()  # the reader is gone: every later write to the pipes fails
+    process.stderr.close()
+    process.send_signal(signal.SIGINT)
+    while process.poll() is None:  # a second job starting is the defect: stop there
+        if (sweep / "1").exists():
+            process.kill()
+        time.sleep(0.2)
+    assert not (sweep / "1").exists(), "the sweep went on to its next job"
+    assert process.returncode == 130
+    assert json.loads((sweep / "0" / "metrics.json").read_text())["status"] == "interrupted"
+    assert "1 interrupted" in (sweep / "report.md").read_text()

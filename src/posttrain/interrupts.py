@@ -55,9 +55,11 @@ def stop_on_signals() -> Iterator[None]:
     previous = {signum: signal.signal(signum, on_signal) for signum in HANDLED}
     try:
         yield
-    except (KeyboardInterrupt, SystemExit) as stop:
+    except BaseException as stop:  # after a signal, whatever ended the block: it was stopped
         if "signum" not in received:
             raise
+        # Usually Lightning's KeyboardInterrupt/SystemExit, but shutting down can raise
+        # anything, e.g. BrokenPipeError when the terminal's `| tee` died with the same Ctrl-C.
         raise RunInterrupted(received["signum"]) from stop
     finally:
         for signum, handler in previous.items():

@@ -7,6 +7,7 @@ summary, and turning user errors into one paragraph instead of a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -123,11 +124,12 @@ def record_interruption(output_dir: Path, stop: Any, task_name: str) -> None:
         f"{output_dir / 'checkpoints' / 'last.ckpt'} holds the last completed epoch; continue "
         "exactly"
     )
-    print(
-        f"\nposttrain: interrupted by {stop.signal_name}: {progress} with: {resume}\n",
-        file=sys.stderr,
-        flush=True,
-    )
+    with contextlib.suppress(OSError):  # the terminal may be gone (`| tee` died with Ctrl-C)
+        print(
+            f"\nposttrain: interrupted by {stop.signal_name}: {progress} with: {resume}\n",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def guarded(task: Callable[[DictConfig], dict[str, float]], cfg: DictConfig) -> float | None:
@@ -146,10 +148,12 @@ def guarded(task: Callable[[DictConfig], dict[str, float]], cfg: DictConfig) -> 
         with stop_on_signals():
             metrics = task(cfg)
     except RunInterrupted as stop:  # also in a sweep: the scheduler is stopping everything
-        record_interruption(output_dir, stop, str(cfg.get("task_name", "train")))
-        if is_multirun():
-            write_sweep_report_now()
-        raise SystemExit(stop.exit_status) from None
+        try:
+            record_interruption(output_dir, stop, str(cfg.get("task_name", "train")))
+            if is_multirun():
+                write_sweep_report_now()
+        finally:  # whatever the record met (a closed pipe, a full disk), the sweep stops here
+            raise SystemExit(stop.exit_status) from None
     except Exception as error:
         user_error = find_user_error(error)
         detail = str(user_error) if user_error else "".join(traceback.format_exception(error))
