@@ -48,6 +48,7 @@ from typing import Any
 from lightning.pytorch.callbacks import Callback
 
 from benchmarks.common import OUT, QUIET, bench_command, run_command, write_result
+from posttrain.run_names import override_value
 
 METHODS = ("protonet", "maml", "fomaml")
 LABELS = {"protonet": "ProtoNet", "maml": "MAML", "fomaml": "first-order MAML"}
@@ -195,11 +196,6 @@ def jobs_of(multirun: Path) -> list[Path]:
     return sorted(p for p in multirun.iterdir() if (p / ".hydra" / "config.yaml").is_file())
 
 
-def quoted(path: str) -> str:
-    """A path as one Hydra override value (survives commas, spaces, `=`)."""
-    return "'" + path.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
 def train(sweep: Path, data: str, plan: list, common: list[str]) -> None:
     for name, family, _, overrides in plan:
         command = [
@@ -230,7 +226,7 @@ def evaluate(sweep: Path, name: str, ckpts: list[str], ways: list[int] | None, e
     command = [
         "eval.py",
         "-m",
-        "ckpt_path=" + ",".join(quoted(c) for c in ckpts),
+        "ckpt_path=" + ",".join(override_value(c) for c in ckpts),
         *([f"data.ways={','.join(map(str, ways))}"] if ways else []),
         *extra,
         *QUIET,
@@ -383,7 +379,8 @@ def main(argv: list[str] | None = None) -> None:
     plan = training_plan(data, args.methods, maml_ways, shots)
     runs = sum(jobs for _, _, jobs, _ in plan)
     per_run = None if args.budget_minutes is None else args.budget_minutes * 60 / runs
-    common = [*DATA_OVERRIDES[data], *([f"data.root={quoted(args.root)}"] if args.root else [])]
+    root = [f"data.root={override_value(args.root)}"] if args.root else []
+    common = [*DATA_OVERRIDES[data], *root]
     if per_run is not None:
         common.append(f"+trainer.max_time={max_time(per_run)}")
     common += [*args.extra, *QUIET]

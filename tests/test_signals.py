@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -241,6 +242,43 @@ def test_the_resume_advice_matches_what_the_run_left(
     else:
         assert record["resume"] == "python train.py <same overrides>"
         assert "before the first checkpoint was written; start it again" in said
+
+
+def hydra_receives(shell_words: str) -> dict[str, str]:
+    """What Hydra parses from `shell_words` pasted into a shell (the shell strips quotes)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = OverridesParser.create().parse_overrides(shlex.split(shell_words))
+    return {override.key_or_group: override.value() for override in overrides}
+
+
+@pytest.mark.parametrize(
+    "folder", ["runs/2026-11-26_12-00-00_ab12cd", "0_seed=1,lr=0.1", "it's a b"]
+)
+def test_the_resume_advice_can_be_pasted_for_any_job_folder(tmp_path: Path, folder: str) -> None:
+    """Observed: a sweep job's folder (`0_seed=1,lr=0.1`) printed unquoted in the advice made
+    Hydra fail (`mismatched input '='`); and a sweep job continues by running its sweep
+    again in the same folder, which the advice must name."""
+    from types import SimpleNamespace
+
+    from posttrain.runs import record_interruption
+
+    run = tmp_path / folder
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"")
+    stop = SimpleNamespace(signal_name="SIGTERM", epochs_completed=1, global_step=4)
+    record_interruption(run, stop, "train")
+    single = json.loads((run / "metrics.json").read_text())["resume"]
+    assert hydra_receives(single.split("<same overrides>")[1]) == {
+        "ckpt_path": "last",
+        "hydra.run.dir": str(run),
+    }
+    record_interruption(run, stop, "train", sweep_dir=run.parent)
+    sweep = json.loads((run / "metrics.json").read_text())["resume"]
+    assert sweep.startswith("python train.py -m <same overrides> ")
+    assert hydra_receives(sweep.split("<same overrides>")[1]) == {
+        "hydra.sweep.dir": str(run.parent)
+    }
 
 
 @pytest.mark.slow

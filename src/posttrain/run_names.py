@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shlex
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -23,6 +24,29 @@ def register_resolvers() -> None:
     """`${run_id:}` in `conf/hydra/default.yaml`; safe to call more than once."""
     if not OmegaConf.has_resolver("run_id"):
         OmegaConf.register_new_resolver("run_id", lambda: RUN_ID)
+
+
+def override_value(path: Path | str) -> str:
+    """`path` as one Hydra override value that can be pasted on a command line.
+
+    Sweep job folders are named `<num>_<key>=<value>,...`: unquoted, Hydra's override parser
+    rejects such a path (`mismatched input '='`). Plain paths stay as they are.
+    """
+    text = str(path)
+    if all(char.isalnum() or char in "/._-+~" for char in text):
+        return text
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def shell_override(key: str, path: Path | str) -> str:
+    """`key=path` as one shell word for a printed command: what Hydra must receive quoted
+    (a sweep job's folder) is wrapped again for the shell, which strips one level."""
+    argument = f"{key}={override_value(path)}"
+    if argument == f"{key}={path}":
+        return argument
+    if not any(char in argument for char in '"$`\\!'):
+        return f'"{argument}"'
+    return shlex.quote(argument)
 
 
 FOLDER_KEYS = ("hydra.run.dir", "hydra.sweep.dir", "paths.log_dir", "paths.root_dir")

@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from posttrain.checkpoints import CONFIG_KEY
 from posttrain.errors import PosttrainError
+from posttrain.run_names import shell_override
 
 log = logging.getLogger("posttrain")
 
@@ -43,6 +44,13 @@ def is_multirun() -> bool:
     from hydra.types import RunMode
 
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def sweep_folder() -> Path | None:
+    """The running sweep's `hydra.sweep.dir`, or None outside a multirun."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(HydraConfig.get().sweep.dir) if is_multirun() else None
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
@@ -95,16 +103,29 @@ def write_sweep_report_now() -> None:
         log.warning("sweep report not written: %s", error)
 
 
-def record_interruption(output_dir: Path, stop: Any, task_name: str) -> None:
+def resume_command(output_dir: Path, task_name: str, sweep_dir: Path | None) -> str:
+    """How to continue a stopped run, as a command that can be pasted into a shell.
+
+    A sweep job continues by running its sweep again in the same folder (completed jobs are
+    kept, interrupted ones continue from their `last.ckpt`); an evaluation, or a run stopped
+    before its first checkpoint, has nothing to resume from (`ckpt_path=last` would be
+    refused): it starts again.
+    """
+    if sweep_dir is not None:
+        folder = shell_override("hydra.sweep.dir", sweep_dir)
+        return f"python {task_name}.py -m <same overrides> {folder}"
+    if task_name == "eval" or not (output_dir / "checkpoints" / "last.ckpt").is_file():
+        return f"python {task_name}.py <same overrides>"
+    folder = shell_override("hydra.run.dir", output_dir)
+    return f"python train.py <same overrides> ckpt_path=last {folder}"
+
+
+def record_interruption(
+    output_dir: Path, stop: Any, task_name: str, sweep_dir: Path | None = None
+) -> None:
     """metrics.json says `interrupted` (never `completed`), and how to continue."""
-    # An evaluation, or a run stopped before its first checkpoint, has nothing to resume from
-    # (`ckpt_path=last` would be refused): it starts again.
     last_exists = (output_dir / "checkpoints" / "last.ckpt").is_file()
-    resume = (
-        f"python {task_name}.py <same overrides>"
-        if task_name == "eval" or not last_exists
-        else f"python train.py <same overrides> ckpt_path=last hydra.run.dir={output_dir}"
-    )
+    resume = resume_command(output_dir, task_name, sweep_dir)
     write_json(
         output_dir / "metrics.json",
         {
@@ -149,8 +170,9 @@ def guarded(task: Callable[[DictConfig], dict[str, float]], cfg: DictConfig) -> 
             metrics = task(cfg)
     except RunInterrupted as stop:  # also in a sweep: the scheduler is stopping everything
         try:
-            record_interruption(output_dir, stop, str(cfg.get("task_name", "train")))
-            if is_multirun():
+            sweep_dir = sweep_folder()
+            record_interruption(output_dir, stop, str(cfg.get("task_name", "train")), sweep_dir)
+            if sweep_dir is not None:
                 write_sweep_report_now()
         finally:  # whatever the record met (a closed pipe, a full disk), the sweep stops here
             raise SystemExit(stop.exit_status) from None
