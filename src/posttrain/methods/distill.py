@@ -125,10 +125,14 @@ class Distillation(SupervisedClassifier):
         if stage != "fit" or self.teacher is not None:
             return
         datamodule = self.trainer.datamodule
+        inputs = student_inputs(datamodule)  # refuses data that is no image classification
         self.teacher = load_teacher(
-            self.teacher_path, self.model.head.out_features, datamodule.in_channels
+            self.teacher_path,
+            self.model.head.out_features,
+            datamodule.in_channels,
+            datamodule.settings,
         )
-        self.teacher.adapt_to(*student_inputs(datamodule))
+        self.teacher.adapt_to(*inputs)
         log.info("%s", self.teacher.describe())
         if self.unlabelled:
             self.transfer_set = TransferSet(datamodule)

@@ -135,6 +135,29 @@ def check_compatible(
     )
 
 
+def check_same_split(trained: dict[str, Any], student: dict[str, Any], path: Path) -> None:
+    """The teacher was trained on this run's dataset, classes and validation/test split: a
+    teacher of other classes teaches other meanings under the same indices, one of another
+    split has trained on the student's validation or test images. More of the training split
+    (`data.samples_per_class`), another `data.image_size` or model: allowed."""
+    from posttrain.data.splits import split_difference
+
+    differs = split_difference(trained, student)
+    if differs is None:
+        return
+    key, theirs, ours = differs
+    raise PosttrainError(
+        f"Config key `{KEY}`: {path} was trained with `{key}={theirs}`, this run has "
+        f"`{key}={ours}`. A teacher must come from this run's dataset, classes and "
+        "validation/test split (`data.dataset`, `data.options`, `data.classes`, `data.seed`, "
+        "`data.val_fraction`, `data.test_fraction`; `data.root` for image folders): otherwise "
+        "it predicts other classes or has trained on the student's validation or test images. "
+        "It may differ in `data.samples_per_class` (trained on more of the training split), "
+        f"`data.image_size` and `model`. Train the teacher with `{key}={ours}`, or set "
+        f"`{key}={theirs}` here."
+    )
+
+
 def build_network(config: dict[str, Any], weights: dict[str, Tensor], path: Path) -> nn.Module:
     """The teacher's `model` config, without its own start weights (the checkpoint has them).
 
@@ -172,8 +195,11 @@ def input_stats(checkpoint: dict[str, Any]) -> Stats | None:
     return torch.tensor(state["mean"]), torch.tensor(state["std"])
 
 
-def load_teacher(path: str | Path, num_classes: int, in_channels: int) -> Teacher:
-    """Read, check and rebuild the teacher of `method.teacher`; each refusal one paragraph."""
+def load_teacher(
+    path: str | Path, num_classes: int, in_channels: int, data: dict[str, Any]
+) -> Teacher:
+    """Read, check and rebuild the teacher of `method.teacher`; each refusal one paragraph.
+    `data`: the student's `data.*` settings (`ImageClassificationDataModule.settings`)."""
     from posttrain.checkpoints import load_checkpoint, stored_config
 
     file = Path(str(path))
@@ -188,6 +214,7 @@ def load_teacher(path: str | Path, num_classes: int, in_channels: int) -> Teache
         "classes). A teacher is the checkpoint of a `method=supervised`, `finetune` or "
         "`distill` run.",
     )
+    check_same_split(config.get("data") or {}, data, file)
     weights = network_weights(checkpoint, file)
     check_compatible(weights, file, num_classes, in_channels)
     network = build_network(config, weights, file)
