@@ -196,6 +196,35 @@ def test_frozen_teacher_of_another_architecture_and_size_and_a_checkpoint_withou
     assert torch.equal(reused.features[0][0].weight, stored["model.features.0.0.weight"])
 
 
+def test_the_teacher_is_measured_through_the_students_inputs_and_its_own(
+    teacher_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: Any
+) -> None:
+    """A teacher of another image size sees the student's batches resized (a native 8x8 teacher
+    lost 11 points through 16x16 batches, silently): both accuracies reach metrics.json, and
+    a gap beyond the tolerance is a warning."""
+    import posttrain.models.teacher
+
+    monkeypatch.setattr(posttrain.models.teacher, "ADAPTER_TOLERANCE", -1.0)  # always warn
+    run = tmp_path / "student"
+    train(compose_config(run, [*CPU, *STUDENT, f"method.teacher={teacher_file}"]))
+    record = json.loads((run / "metrics.json").read_text())
+    teacher_run = json.loads((teacher_file.parents[1] / "metrics.json").read_text())
+    # its own preparation of the same validation split is what its own run measured
+    assert record["teacher/val_acc_own_input"] == pytest.approx(teacher_run["val/acc_best"])
+    assert 0 <= record["teacher/val_acc"] <= 1
+    assert any("the teacher is" in r.message and "16x16" in r.message for r in caplog.records)
+
+
+def test_the_adapter_warning_names_both_accuracies() -> None:
+    from posttrain.models.teacher import Teacher, adapter_warning
+
+    teacher = Teacher(torch.nn.Linear(2, 2), None, None, "test")
+    lost = adapter_warning({"teacher/val_acc": 0.889, "teacher/val_acc_own_input": 1.0}, teacher)
+    assert lost is not None and "88.9%" in lost and "100.0%" in lost and "native size" in lost
+    close = {"teacher/val_acc": 0.99, "teacher/val_acc_own_input": 1.0}
+    assert adapter_warning(close, teacher) is None
+
+
 # --- method.unlabelled: a transfer set of the images samples_per_class leaves out ------------
 
 
