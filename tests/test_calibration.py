@@ -139,6 +139,46 @@ def test_no_validation_batches_is_refused(tmp_path: Path) -> None:
     assert "`trainer.limit_val_batches=0`" in message
 
 
+SHORT = ["trainer.max_epochs=1", "trainer.limit_train_batches=2", "model.width=8"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        # calibration reads the test split; a run that skips it used to crash after training
+        (["calibration=temperature", "trainer.limit_test_batches=0"], "limit_test_batches=0"),
+        # digits' validation split is one batch of 512: 0.5 of it is 0 batches
+        (["calibration=temperature", "trainer.limit_val_batches=0.5"], "limit_val_batches=0.5"),
+        (["trainer.limit_val_batches=0.5"], "limit_val_batches=0.5"),  # Lightning's traceback
+        (["trainer.limit_test_batches=0.5"], "limit_test_batches=0.5"),  # after training
+    ],
+)
+def test_a_limit_that_leaves_a_used_split_no_batches_is_refused_before_training(
+    tmp_path: Path, overrides: list[str], key: str
+) -> None:
+    message = refusal(tmp_path / "run", *SHORT, *overrides)
+    assert f"`trainer.{key}`" in message and "no batches" in message
+    assert "1 batch(es) of 512" in message
+
+
+def test_eval_refuses_calibration_on_a_limit_that_leaves_no_validation_batch(
+    tmp_path: Path,
+) -> None:
+    from posttrain.evaluate import evaluate, open_overrides
+
+    torch.set_num_threads(1)
+    train(compose_config(tmp_path / "run", [*TINY, "data.eval_batch_size=512"]))
+    best = tmp_path / "run" / "checkpoints" / "best.ckpt"
+    arguments = ["logger=none", "trainer.accelerator=cpu", f"ckpt_path={best}",
+                 "calibration=temperature", "trainer.limit_val_batches=0.5"]  # fmt: skip
+    with pytest.raises(PosttrainError) as refused:
+        evaluate(compose_config(tmp_path / "eval", open_overrides(arguments), "eval"))
+    assert "`trainer.limit_val_batches=0.5` leaves the val split no batches" in str(refused.value)
+    # switching the test off in train.py stays allowed: the run just has no test numbers
+    record = train(compose_config(tmp_path / "notest", [*TINY, "trainer.limit_test_batches=0"]))
+    assert "val/acc" in record and not any(k.startswith("test/") for k in record)
+
+
 def test_benchmark_table_shows_before_after_and_cost() -> None:
     from benchmarks.calibration import FIELDS, markdown_table, summarize
 

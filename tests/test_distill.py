@@ -34,6 +34,7 @@ CPU = ["logger=none", "trainer.accelerator=cpu", "trainer.devices=1", "debug=lim
 # The teacher: another architecture (convnet4) and input size (16 px) than the student's.
 TEACHER = ["model=convnet4", "model.hidden=8", "data.image_size=16", "trainer.max_epochs=1"]
 STUDENT = ["method=distill", "model.width=8", "data.image_size=12"]
+DIGITS = {"dataset": "digits"}  # the student's `data.*`: the DataModule's defaults
 OPTIMIZER = {"name": "sgd", "lr": 0.1}
 NO_SCHEDULE = {"name": "none"}
 
@@ -123,7 +124,7 @@ def test_teacher_input_is_the_batch_renormalized_with_the_teachers_statistics(
     assert InputAdapter(student_stats, student_stats, (16, 16))(batch) is batch
     assert adapter(batch[..., :8, :8]).shape[-2:] == (16, 16)  # resized to the teacher's size
     torch.manual_seed(0)
-    teacher = load_teacher(teacher_file, num_classes=10, in_channels=1)
+    teacher = load_teacher(teacher_file, num_classes=10, in_channels=1, data=DIGITS)
     assert torch.equal(torch.get_rng_state(), torch.manual_seed(0).get_state())  # draws kept
     stored = torch.load(teacher_file, weights_only=True)["ImageClassificationDataModule"]
     assert teacher.stats is not None and teacher.stats[0].tolist() == stored["mean"]
@@ -193,6 +194,35 @@ def test_frozen_teacher_of_another_architecture_and_size_and_a_checkpoint_withou
     reused = build_classifier("small_cnn", 10, 1, pretrained=str(best), width=8)
     stored = torch.load(best, weights_only=True)["state_dict"]
     assert torch.equal(reused.features[0][0].weight, stored["model.features.0.0.weight"])
+
+
+def test_the_teacher_is_measured_through_the_students_inputs_and_its_own(
+    teacher_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: Any
+) -> None:
+    """A teacher of another image size sees the student's batches resized (a native 8x8 teacher
+    lost 11 points through 16x16 batches, silently): both accuracies reach metrics.json, and
+    a gap beyond the tolerance is a warning."""
+    import posttrain.models.teacher
+
+    monkeypatch.setattr(posttrain.models.teacher, "ADAPTER_TOLERANCE", -1.0)  # always warn
+    run = tmp_path / "student"
+    train(compose_config(run, [*CPU, *STUDENT, f"method.teacher={teacher_file}"]))
+    record = json.loads((run / "metrics.json").read_text())
+    teacher_run = json.loads((teacher_file.parents[1] / "metrics.json").read_text())
+    # its own preparation of the same validation split is what its own run measured
+    assert record["teacher/val_acc_own_input"] == pytest.approx(teacher_run["val/acc_best"])
+    assert 0 <= record["teacher/val_acc"] <= 1
+    assert any("the teacher is" in r.message and "16x16" in r.message for r in caplog.records)
+
+
+def test_the_adapter_warning_names_both_accuracies() -> None:
+    from posttrain.models.teacher import Teacher, adapter_warning
+
+    teacher = Teacher(torch.nn.Linear(2, 2), None, None, "test")
+    lost = adapter_warning({"teacher/val_acc": 0.889, "teacher/val_acc_own_input": 1.0}, teacher)
+    assert lost is not None and "88.9%" in lost and "100.0%" in lost and "native size" in lost
+    close = {"teacher/val_acc": 0.99, "teacher/val_acc_own_input": 1.0}
+    assert adapter_warning(close, teacher) is None
 
 
 # --- method.unlabelled: a transfer set of the images samples_per_class leaves out ------------
@@ -370,19 +400,73 @@ def test_unusable_teacher_files_are_refused(teacher_file: Path, tmp_path: Path) 
         multitask: "MultiTaskClassifier",
     }
     for path, reason in cases.items():
-        message = user_error(lambda p=path: load_teacher(p, num_classes=10, in_channels=1))
+        message = user_error(lambda p=path: load_teacher(p, 10, 1, DIGITS))
         assert "method.teacher" in message and reason in message, message
-    classes = user_error(lambda: load_teacher(teacher_file, num_classes=5, in_channels=1))
-    channels = user_error(lambda: load_teacher(teacher_file, num_classes=10, in_channels=3))
+    classes = user_error(lambda: load_teacher(teacher_file, 5, 1, DIGITS))
+    channels = user_error(lambda: load_teacher(teacher_file, 10, 3, DIGITS))
     assert "10 classes of 1-channel" in classes and "5 classes" in classes
     assert "3-channel" in channels and "method.teacher" in channels
+
+
+def teacher_with_data(teacher_file: Path, folder: Path, **data: Any) -> Path:
+    """The teacher's checkpoint, its stored config saying it was trained with `data`."""
+    checkpoint = torch.load(teacher_file, weights_only=True)
+    checkpoint[CONFIG_KEY]["data"].update(data)
+    torch.save(checkpoint, folder / "teacher.ckpt")
+    return folder / "teacher.ckpt"
+
+
+@pytest.mark.parametrize(
+    ("teacher_data", "student_data", "named"),
+    [
+        # only the class count used to be compared: five other digits passed silently
+        (
+            {"classes": [0, 1, 2, 3, 4]},
+            {"classes": [5, 6, 7, 8, 9]},
+            "`data.classes=[0,1,2,3,4]`, this run has `data.classes=[5,6,7,8,9]`",
+        ),
+        # another split: 244 of the student's 359 test images were in the teacher's training
+        ({"seed": 1}, {"seed": 0}, "`data.seed=1`, this run has `data.seed=0`"),
+        ({"val_fraction": 0.2}, {}, "`data.val_fraction=0.2`"),
+        ({"dataset": "fake"}, {}, "`data.dataset=fake`"),
+    ],
+)
+def test_a_teacher_of_other_classes_or_another_split_is_refused(
+    teacher_file: Path, tmp_path: Path, teacher_data: dict, student_data: dict, named: str
+) -> None:
+    from posttrain.data import ImageClassificationDataModule
+
+    teacher = teacher_with_data(teacher_file, tmp_path, **teacher_data)
+    student_settings = ImageClassificationDataModule(**student_data).settings
+    message = user_error(lambda: load_teacher(teacher, 5, 1, student_settings))
+    assert "method.teacher" in message and named in message and "\n" not in message
+
+
+def test_a_teacher_trained_on_more_of_the_same_split_is_allowed(teacher_file: Path) -> None:
+    """The strong-teacher recipe: all training labels for the teacher, few for the student;
+    a cache folder or another image size is no other data either."""
+    from posttrain.data import ImageClassificationDataModule
+
+    student = ImageClassificationDataModule(samples_per_class=10, image_size=12).settings
+    assert load_teacher(teacher_file, 10, 1, student).size == 16
+
+
+def test_a_teacher_of_another_split_stops_the_run_before_training(
+    teacher_file: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    overrides = [*CPU, *STUDENT, f"method.teacher={teacher_file}", "data.seed=1"]
+    message = user_error(lambda: train(compose_config(run, overrides)))
+    assert "`data.seed=0`, this run has `data.seed=1`" in message
+    assert not (run / "checkpoints").exists()
 
 
 def test_the_teacher_is_checked_before_any_training(teacher_file: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     overrides = [*CPU, *STUDENT, f"method.teacher={teacher_file}", "data.classes=[0,1,2]"]
     message = user_error(lambda: train(compose_config(run, overrides)))
-    assert "method.teacher" in message and "3 classes" in message
+    assert "method.teacher" in message
+    assert "`data.classes=null`, this run has `data.classes=[0,1,2]`" in message
     assert not (run / "checkpoints").exists()  # not one epoch ran
 
 

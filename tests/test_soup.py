@@ -31,11 +31,14 @@ def test_uniform_soup_is_the_mean_of_two_state_dicts() -> None:
     assert soup["bn.num_batches_tracked"].dtype == torch.int64
 
 
-def job_config(width: int = 8, pretrained: str = "a.ckpt", method: str = SUPERVISED) -> dict:
+def job_config(
+    width: int = 8, pretrained: str = "a.ckpt", method: str = SUPERVISED, **data: object
+) -> dict:
     return {
         "seed": 0,
         "model": {"arch": "small_cnn", "width": width, "pretrained": pretrained},
         "method": {"_target_": method, "finetune": {"weights": pretrained}},
+        "data": {"dataset": "digits", "image_size": 16, "seed": 0, **data},
     }
 
 
@@ -76,6 +79,25 @@ def test_incompatible_jobs_are_refused_with_the_reason(tmp_path: Path) -> None:
     assert refused["5_nockpt"].startswith("no checkpoints/best.ckpt")
     assert "weights differ in names or shapes, e.g. model.w: (3, 2)" in refused["6_shape"]
     assert len(refused) == 5
+
+
+def test_jobs_on_another_split_classes_or_input_size_are_refused(tmp_path: Path) -> None:
+    """Averaging used to ignore `data.*`: a `data.seed=1` job has trained on the images the
+    soup is validated (greedy's choice) and tested on."""
+    checkpointed_job(tmp_path, "0_a", completed(0.5), job_config())
+    checkpointed_job(tmp_path, "1_b", completed(0.9), job_config(samples_per_class=10))
+    checkpointed_job(tmp_path, "2_seed", completed(0.95), job_config(seed=1))
+    checkpointed_job(tmp_path, "3_classes", completed(0.8), job_config(classes=[5, 6, 7, 8, 9]))
+    checkpointed_job(tmp_path, "4_size", completed(0.8), job_config(image_size=32))
+    cache = job_config(options={"cache_dir": "/elsewhere"})  # where decodes are cached: same data
+    checkpointed_job(tmp_path, "5_cache", completed(0.7), cache)
+    selection = select(tmp_path)
+    # more (or fewer) training labels on the same split: still one soup
+    assert [c.folder for c in selection.candidates] == ["1_b", "5_cache", "0_a"]
+    refused = dict(line.split(": ", 1) for line in selection.refused)
+    assert refused["2_seed"].startswith("another data split or classes (data.seed=1, not 0 as")
+    assert refused["3_classes"].startswith("another data split or classes (data.classes=[5,6,7")
+    assert refused["4_size"].startswith("another input size (data.image_size=32, not 16 as in")
 
 
 def run_main(args: list[str], capsys: pytest.CaptureFixture) -> str:
@@ -168,6 +190,41 @@ def soups(trained_job: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[
     copy_job(trained_job, sweep, "1_garbage", val=0.8, scale=-1.0)
     copy_job(trained_job, sweep, "2_same", val=0.7)
     return sweep, make_soup(sweep, "greedy"), make_soup(sweep, "uniform")
+
+
+def test_the_soup_is_scored_with_the_jobs_batch_limits_and_precision(
+    trained_job: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Jobs that validated and tested on one batch of 32 images at bf16: the soup's numbers
+    count the same images (a bare Trainer scored all 359 test images), at the same precision."""
+    from posttrain.soup import SoupJudge
+
+    for name, val in (("0_best", 0.9), ("1_same", 0.8)):
+        copy_job(trained_job, tmp_path, name, val=val)
+        file = tmp_path / name / "checkpoints" / "best.ckpt"
+        checkpoint = torch.load(file, weights_only=True)
+        config = checkpoint[CONFIG_KEY]
+        config["data"]["eval_batch_size"] = 32
+        config["trainer"].update(limit_val_batches=1, limit_test_batches=1, precision="bf16-mixed")
+        torch.save(checkpoint, file)
+    scored: list[tuple[str, list[int], str]] = []
+    score = SoupJudge.score
+
+    def spy(judge: SoupJudge, split: str) -> dict[str, float]:
+        metrics = score(judge, split)
+        batches = (
+            judge.trainer.num_val_batches if split == "val" else judge.trainer.num_test_batches
+        )
+        scored.append((split, list(batches), str(judge.trainer.precision)))
+        return metrics
+
+    monkeypatch.setattr(SoupJudge, "score", spy)
+    record = make_soup(tmp_path, "greedy")
+    assert scored and all(b == [1] and p == "bf16-mixed" for _, b, p in scored), scored
+    assert {split for split, _, _ in scored} == {"val", "test"}
+    assert record["scored_with_trainer"] == {
+        "limit_val_batches": 1, "limit_test_batches": 1, "precision": "bf16-mixed"
+    }  # fmt: skip
 
 
 def test_greedy_skips_a_job_that_lowers_validation_accuracy(

@@ -28,6 +28,7 @@ from torch import Tensor
 from torch.nn import functional as F
 from torchmetrics.classification import MulticlassCalibrationError
 
+from posttrain.checks import batch_limit
 from posttrain.errors import require, require_positive
 
 log = logging.getLogger("posttrain")
@@ -117,13 +118,18 @@ def calibration_for(cfg: Any, method: L.LightningModule) -> TemperatureScaling |
     if not config or "_target_" not in config:
         return None
     check_calibrated_method(method)
-    require(
-        cfg.trainer.get("limit_val_batches") != 0,
-        "`calibration=temperature` fits its temperature on the validation split, and "
-        "`trainer.limit_val_batches=0` runs none of it. Allow validation batches (e.g. "
-        "`trainer.limit_val_batches=null`) or use `calibration=none`.",
-    )
     return instantiate(config)
+
+
+def splits_needed(calibration: TemperatureScaling | None) -> dict[str, str]:
+    """The splits calibration reads, each with why (for `checks.RefuseEmptySplits`, which
+    refuses at set-up, before training, a `trainer.limit_*_batches` that leaves one empty)."""
+    if calibration is None:
+        return {}
+    return {
+        "val": "`calibration=temperature` fits its temperature on it (or use `calibration=none`)",
+        "test": "`calibration=temperature` reports on it (or use `calibration=none`)",
+    }
 
 
 def check_calibrated_method(method: L.LightningModule) -> None:
@@ -142,15 +148,6 @@ def check_calibrated_method(method: L.LightningModule) -> None:
         "runs predict one vector per task head, and MAML/ProtoNet predict classes that mean "
         "something else in every episode. Use `calibration=none` with this method.",
     )
-
-
-def batch_limit(limit: int | float | None, batches: int) -> int:
-    """How many batches Lightning's `limit_<split>_batches` lets a split run."""
-    if limit is None:
-        return batches
-    if isinstance(limit, int):
-        return min(batches, limit)
-    return int(batches * limit)
 
 
 def predictions(

@@ -7,9 +7,13 @@ Lightning and failed deep inside it (or mid-run); precision 64 failed at the fir
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
 from typing import Any
 
-from posttrain.errors import require
+from lightning.pytorch.callbacks import Callback
+
+from posttrain.errors import PosttrainError, require
 
 # Precisions posttrain runs (Lightning's names); the data pipeline makes float32 batches,
 # which the mixed and float32 modes take as they are.
@@ -50,6 +54,72 @@ def check_batch_limits(trainer: dict[str, Any]) -> None:
             f"Config key `trainer.{key}` must be a number of batches (0, 1, 2, ...) or a "
             f"fraction in [0.0, 1.0], got {value!r}.",
         )
+
+
+def batch_limit(limit: int | float | None, batches: int) -> int:
+    """How many batches Lightning's `limit_<split>_batches` lets a split of `batches` run
+    (a whole number caps it; a fraction is rounded down, as Lightning does)."""
+    if limit is None:
+        return batches
+    if isinstance(limit, int):
+        return min(batches, limit)
+    return int(batches * limit)
+
+
+def process_batches(loader: Any, world_size: int) -> int:
+    """Batches one process gets from `loader`: under DDP Lightning's distributed sampler gives
+    each process ceil(N / world) images (padded), and the limit applies to that share."""
+    size = getattr(loader, "batch_size", None)
+    if world_size <= 1 or not size:
+        return len(loader)
+    return math.ceil(math.ceil(len(loader.dataset) / world_size) / size)
+
+
+class RefuseEmptySplits(Callback):
+    """At set-up (data ready, no step taken) refuses a `trainer.limit_<split>_batches` that
+    leaves a split the run uses no batches.
+
+    `check_batch_limits` can only see the value: 0.5 is a valid fraction until the split turns
+    out to be one batch, where Lightning rounds it to 0 and stopped with a traceback (fitting),
+    or a finished training died in calibration (`torch.cat` of nothing) or in its test. A
+    split in `runs` may be switched off with an explicit 0 (`limit_test_batches=0`: train
+    without a test); a split in `needs` may not, and each says why it is needed.
+    """
+
+    def __init__(self, runs: Iterable[str], needs: dict[str, str] | None = None) -> None:
+        self.needs = dict(needs or {})
+        self.splits = [*dict.fromkeys([*runs, *self.needs])]
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        datamodule = trainer.datamodule
+        for split in self.splits:
+            limit = getattr(trainer, f"limit_{split}_batches")
+            if limit == 0 and split not in self.needs:
+                continue  # switched off on purpose; nothing reads its numbers
+            loader = getattr(datamodule, f"{split}_dataloader")()
+            batches = process_batches(loader, trainer.world_size)
+            if batches == 0 or batch_limit(limit, batches) > 0:
+                continue  # an empty split is the DataModule's to refuse, naming its own key
+            raise PosttrainError(empty_split_message(split, limit, batches, loader, self.needs))
+
+
+def empty_split_message(
+    split: str, limit: int | float, batches: int, loader: Any, needs: dict[str, str]
+) -> str:
+    """One paragraph: the key and value, the split's size, why it is needed, what is valid."""
+    key = f"trainer.limit_{split}_batches"
+    images = len(getattr(loader, "dataset", ())) or "?"
+    size = getattr(loader, "batch_size", None)
+    shape = f"{batches} batch(es) of {size}" if size else f"{batches} batch(es)"
+    how = "runs none of them" if limit == 0 else f"rounds {limit} x {batches} down to 0"
+    why = f" and {needs[split]}" if split in needs else ""
+    return (
+        f"Config key `{key}={limit}` leaves the {split} split no batches: it has {images} "
+        f"images in {shape} per process, and the limit {how}{why}. Refused before any "
+        f"training. Valid: a whole number of batches (e.g. `{key}=1`), a fraction of at "
+        f"least {1 / batches:.3g}, or `{key}=null` (all {batches})"
+        + ("." if split in needs else f", or `{key}=0` to skip the {split} split.")
+    )
 
 
 def uses_cpu(trainer: dict[str, Any]) -> bool:

@@ -62,9 +62,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     import lightning as L
     from omegaconf import OmegaConf
 
-    from posttrain.calibration import calibrate_after_test, calibration_for
+    from posttrain.calibration import calibrate_after_test, calibration_for, splits_needed
     from posttrain.checkpoints import check_resumable, load_checkpoint, stored_config
-    from posttrain.checks import check_run_config
+    from posttrain.checks import RefuseEmptySplits, check_run_config
     from posttrain.runs import (
         build_components,
         build_trainer,
@@ -83,7 +83,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     check_resumable(checkpoint, method, cfg.ckpt_path)  # e.g. a 10-class head on 100 classes
     calibration = calibration_for(cfg, method)
     check_tta(cfg.tta, method)
-    trainer = build_trainer(cfg, extra_callbacks=[])
+    needs = {"test": "the evaluation is its test", **splits_needed(calibration)}
+    trainer = build_trainer(cfg, extra_callbacks=[RefuseEmptySplits(("test",), needs)])
     metrics: dict[str, float] = {"test/tta_views": float(len(VIEWS[cfg.tta]))}
     with augmented_predictions(cfg.tta, method), warnings.catch_warnings():
         # Lightning asks for the training callbacks (checkpointing, LR monitor) to restore

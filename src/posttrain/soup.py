@@ -3,8 +3,9 @@
 Wortsman et al. 2022: models fine-tuned from one pretrained starting point usually lie in
 one basin of the loss, so the average of their weights is itself a good model, often better
 than the best of them, at no training cost. The sweep's completed jobs that share an
-architecture, a starting point and a method with the largest such group are the candidate
-ingredients; every other job is refused with one line saying why.
+architecture, a starting point, a method, a data split (`posttrain.data.splits`) and an input
+size with the largest such group are the candidate ingredients; every other job is refused
+with one line saying why.
 
 - `uniform`: the mean of every candidate's weights.
 - `greedy` (default): candidates in order of `val/acc_best`, best first; each is kept only
@@ -15,8 +16,9 @@ are counts, taken from the first ingredient. The averaged BatchNorm statistics d
 model (the mean of variances is not the variance of the averaged network), so they are
 re-estimated on the training images (torch's `update_bn`, without augmentation) before
 every validation and the test, unless the recipe kept them frozen. The soup is scored with
-the data and method of the best job's stored config, on CPU: validation accuracy to choose
-ingredients, the test split once at the end.
+the data, method, batch limits (`trainer.limit_val_batches`, `limit_test_batches`) and
+precision of the best job's stored config, so its numbers count the images the jobs' did:
+validation accuracy to choose ingredients, the test split once at the end.
 
 Writes `<multirun>/soup_<recipe>/checkpoints/soup.ckpt` (loadable by `eval.py ckpt_path=...`
 and `model.pretrained=...`) and `metrics.json`, and rewrites the sweep report with the soup
@@ -88,6 +90,19 @@ class Candidate:
 
     def method(self) -> str:
         return str(self.config["method"].get("_target_"))
+
+    def data(self) -> dict[str, Any]:
+        return self.config.get("data") or {}
+
+    def inputs(self) -> tuple[str, str]:
+        """What the weights were trained and judged on: the validation/test split (greedy
+        chooses on validation, which no ingredient may have trained on; the test must be
+        new to all of them) and the input size, as a comparable key."""
+        from posttrain.data.splits import as_typed, split_settings
+
+        return repr(sorted(split_settings(self.data()).items())), as_typed(
+            self.data().get("image_size")
+        )
 
 
 @dataclass
@@ -192,16 +207,38 @@ def read_candidate(sweep: Path, row: JobRow) -> Candidate | str:
     return Candidate(row.folder, file, config, shapes, val)
 
 
-def compatibility(candidate: Candidate) -> tuple[str, str, str]:
-    """What must be equal for weights to be averaged: method, layout and starting point."""
+def compatibility(candidate: Candidate) -> tuple[str, tuple[str, str], str, str]:
+    """What must be equal for weights to be averaged: method, data split and input size,
+    layout and starting point."""
     layout = repr((sorted(candidate.architecture().items()), sorted(candidate.shapes.items())))
-    return candidate.method(), layout, candidate.starting_point()
+    return candidate.method(), candidate.inputs(), layout, candidate.starting_point()
+
+
+def data_difference(candidate: Candidate, reference: Candidate) -> str | None:
+    """Another validation/test split, other classes or another input size, by config key."""
+    from posttrain.data.splits import as_typed, split_difference
+
+    differs = split_difference(candidate.data(), reference.data())
+    if differs is not None:
+        key, ours, theirs = differs
+        return (
+            f"another data split or classes ({key}={ours}, not {theirs} as in "
+            f"{reference.folder}: it trained on images the soup validates or tests on, or "
+            "predicts other classes)"
+        )
+    ours, theirs = (as_typed(c.data().get("image_size")) for c in (candidate, reference))
+    if ours != theirs:
+        return f"another input size (data.image_size={ours}, not {theirs} as in {reference.folder})"
+    return None
 
 
 def difference(candidate: Candidate, reference: Candidate) -> str:
     """Why `candidate` cannot join `reference`'s soup, named by config key."""
     if candidate.method() != reference.method():
         return f"another method ({candidate.method()}, not {reference.method()})"
+    data = data_difference(candidate, reference)
+    if data is not None:
+        return data
     ours, theirs = candidate.architecture(), reference.architecture()
     for key in sorted(set(ours) | set(theirs)):
         if ours.get(key) != theirs.get(key):
@@ -233,7 +270,7 @@ def select(sweep: Path) -> Selection:
     candidates = sorted(
         (item for item in read if isinstance(item, Candidate)), key=lambda c: -c.val_acc_best
     )
-    groups: dict[tuple[str, str, str], list[Candidate]] = {}
+    groups: dict[tuple[str, tuple[str, str], str, str], list[Candidate]] = {}
     for candidate in candidates:
         groups.setdefault(compatibility(candidate), []).append(candidate)
     chosen = max(groups.values(), key=len) if groups else []
@@ -267,7 +304,8 @@ def require_soupable(selection: Selection, sweep: Path) -> None:
         f"posttrain.soup: a soup needs at least 2 compatible completed jobs, but {sweep} has "
         f"{len(candidates)} ({selection.completed} completed in all; refused: {reasons}). "
         "Ingredients must share the architecture (`model.*`), the starting point "
-        "(`model.pretrained`, or `seed` when trained from scratch) and the method.",
+        "(`model.pretrained`, or `seed` when trained from scratch), the method, the data "
+        "split and classes (`data.seed`, `data.classes`, ...) and `data.image_size`.",
     )
 
 
@@ -281,8 +319,34 @@ def statistics_are_trained(config: dict[str, Any]) -> bool:
     return finetune.get("policy", "full") != "linear_probe" and not finetune.get("freeze_bn_stats")
 
 
+# What the jobs' own validation and test were run with, so the soup is scored on the same
+# images at the same precision (a bare Trainer scored all 359 test images of jobs that had
+# reported `trainer.limit_test_batches=1`: 32).
+SCORING_KEYS = ("limit_val_batches", "limit_test_batches", "precision")
+
+
+def scoring_settings(reference: Candidate) -> dict[str, Any]:
+    """The reference job's batch limits and precision, and a device that runs it (the CPU,
+    unless that precision needs a GPU), for the soup's Trainer."""
+    from posttrain.checks import CPU_PRECISIONS
+
+    trainer = reference.config.get("trainer") or {}
+    settings = {key: trainer.get(key) for key in SCORING_KEYS}
+    settings["precision"] = str(settings["precision"] or "32-true")
+    on_cpu = settings["precision"] in CPU_PRECISIONS
+    require(
+        on_cpu or torch.cuda.is_available(),
+        f"posttrain.soup: {reference.folder} ran with `trainer.precision="
+        f"{settings['precision']}`, which needs a GPU, and none is available here; the soup is "
+        "scored at its jobs' precision, so that its numbers compare with theirs. Run the soup "
+        "on a machine with a CUDA GPU.",
+    )
+    return {**settings, "accelerator": "cpu" if on_cpu else "gpu"}
+
+
 class SoupJudge:
-    """The best job's data and method, built once from its stored config, on CPU."""
+    """The best job's data, method, batch limits and precision, built once from its stored
+    config (on the CPU unless that precision needs a GPU)."""
 
     def __init__(self, reference: Candidate, folder: Path) -> None:
         import lightning as L
@@ -302,14 +366,15 @@ class SoupJudge:
         self.datamodule.setup("fit")
         self.reestimate = statistics_are_trained(reference.config)
         quiet_console()
+        self.settings = scoring_settings(reference)
         self.trainer = L.Trainer(
-            accelerator="cpu",
             devices=1,
             logger=False,
             enable_checkpointing=False,
             enable_progress_bar=False,
             enable_model_summary=False,
             default_root_dir=folder,
+            **self.settings,
         )
 
     def training_inputs(self) -> Iterator[Tensor]:
@@ -416,6 +481,7 @@ def summary(record: dict[str, Any], folder: Path, best: Candidate) -> str:
     """The one paragraph the console shows."""
     chosen = ", ".join(job_name(job) for job in record["ingredients"])
     reference = job_name(best.folder)
+    limits = ", ".join(f"{k}={v}" for k, v in record["scored_with_trainer"].items())
     statistics = (
         "BatchNorm statistics re-estimated on the training images"
         if record["bn_reestimated"]
@@ -426,7 +492,8 @@ def summary(record: dict[str, Any], folder: Path, best: Candidate) -> str:
         f"{record['candidates']} compatible jobs ({chosen}): val/acc {record['val/acc']:.4f}, "
         f"test/acc {record['test/acc']:.4f}; the best single job ({reference}) had val/acc_best "
         f"{best.val_acc_best:.4f}. {len(record['refused'])} job(s) refused. {statistics}; "
-        f"scored with {reference}'s data and method in {record['seconds']:.1f} s. Wrote "
+        f"scored with {reference}'s data, method, batch limits and precision ({limits}) in "
+        f"{record['seconds']:.1f} s. Wrote "
         f"{folder / 'checkpoints' / 'soup.ckpt'} and metrics.json; the sweep report lists it."
     )
 
@@ -461,6 +528,7 @@ def make_soup(sweep_dir: str | Path, recipe: str = "greedy") -> dict[str, Any]:
         "steps": [vars(step) for step in steps],
         "refused": selection.refused,
         "scored_with": reference.folder,
+        "scored_with_trainer": {k: judge.settings[k] for k in SCORING_KEYS},
         "bn_reestimated": judge.reestimate,
         "seconds": round(time.time() - started, 2),
     }

@@ -23,14 +23,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Train, test the best checkpoint, write metrics.json; returns the flat metrics."""
     import lightning as L
 
-    from posttrain.calibration import calibrate_after_test, calibration_for
+    from posttrain.calibration import calibrate_after_test, calibration_for, splits_needed
     from posttrain.checkpoints import (
         RandomStateInCheckpoint,
         check_resumable,
         load_checkpoint,
         resume_path,
     )
-    from posttrain.checks import check_run_config
+    from posttrain.checks import RefuseEmptySplits, check_run_config
     from posttrain.ddp_jobs import remember_job_for_ddp_children
     from posttrain.interrupts import (
         CompletedEpochs,
@@ -63,7 +63,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if resumed is not None:
         check_resumable(resumed, method, ckpt_path)  # before any work is done
     epochs = CompletedEpochs()
-    always = [ConfigInCheckpoint(config), RandomStateInCheckpoint(), epochs]
+    needs = {"train": "training needs it", **splits_needed(calibration)}
+    splits = RefuseEmptySplits(("train", "val", "test"), needs)
+    always = [splits, ConfigInCheckpoint(config), RandomStateInCheckpoint(), epochs]
     trainer = build_trainer(cfg, extra_callbacks=[*always, ValidateWhenStoppingMidEpoch()])
 
     try:  # a signal here says how far training got; `runs.guarded` covers the rest of the run

@@ -193,6 +193,13 @@ class ImageClassificationDataModule(SourceDataModule):
         targets: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        # The config values it was built from (`data.*`), for comparing runs' data
+        # (`posttrain.data.splits`): e.g. a distillation teacher's stored config with this run's.
+        self.settings: dict[str, Any] = {
+            "dataset": dataset, "root": root, "options": options, "image_size": image_size,
+            "classes": classes, "seed": seed, "val_fraction": val_fraction,
+            "test_fraction": test_fraction, "samples_per_class": samples_per_class,
+        }  # fmt: skip
         require_positive("data.batch_size", batch_size)
         require_positive("data.eval_batch_size", eval_batch_size, allow_none=True)
         require_positive("data.image_size", image_size, allow_none=True)

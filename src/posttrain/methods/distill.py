@@ -36,7 +36,12 @@ from posttrain.errors import require
 from posttrain.methods.core import StepOutput
 from posttrain.methods.metrics import EpochMeans
 from posttrain.methods.supervised import SupervisedClassifier
-from posttrain.models.teacher import Teacher, load_teacher
+from posttrain.models.teacher import (
+    Teacher,
+    accuracy_on_student_inputs,
+    adapter_warning,
+    load_teacher,
+)
 from posttrain.regularizers import RegularizerSet
 
 log = logging.getLogger("posttrain")
@@ -112,6 +117,7 @@ class Distillation(SupervisedClassifier):
         # The supervised means plus this method's two training loss parts.
         self.means = EpochMeans([*self.means.names, *(f"train/{p}" for p in LOSS_PARTS)])
         self.teacher: Teacher | None = None  # a plain object: never in state_dict or optimizer
+        self.teacher_accuracy: dict[str, float] = {}  # measured when fitting starts
         self.transfer_set: TransferSet | None = None  # method.unlabelled: images, no labels
         self.unlabelled = unlabelled
 
@@ -125,20 +131,59 @@ class Distillation(SupervisedClassifier):
         if stage != "fit" or self.teacher is not None:
             return
         datamodule = self.trainer.datamodule
+        inputs = student_inputs(datamodule)  # refuses data that is no image classification
         self.teacher = load_teacher(
-            self.teacher_path, self.model.head.out_features, datamodule.in_channels
+            self.teacher_path,
+            self.model.head.out_features,
+            datamodule.in_channels,
+            datamodule.settings,
         )
-        self.teacher.adapt_to(*student_inputs(datamodule))
+        self.teacher.adapt_to(*inputs)
         log.info("%s", self.teacher.describe())
         if self.unlabelled:
             self.transfer_set = TransferSet(datamodule)
             log.info("%s", self.transfer_set.describe())
 
     def on_fit_start(self) -> None:
-        """The student is on its device now; the teacher follows it there."""
+        """The student is on its device now; the teacher follows it there and is measured on
+        the student's validation images (`measure_teacher`)."""
         super().on_fit_start()
         assert self.teacher is not None, "setup('fit') loads the teacher"
         self.teacher.follow(self.model.head.weight)
+        self.teacher_accuracy = self.measure_teacher()
+
+    def measure_teacher(self) -> dict[str, float]:
+        """`teacher/val_acc` (through the student's inputs) and `teacher/val_acc_own_input`,
+        logged with each training epoch so they reach metrics.json; a loud warning when the
+        student's inputs cost the teacher accuracy. Skipped without validation batches."""
+        from posttrain.checks import batch_limit
+
+        assert self.teacher is not None
+        datamodule = self.trainer.datamodule
+        batches = batch_limit(self.trainer.limit_val_batches, len(datamodule.val_dataloader()))
+        if batches == 0:
+            log.info("teacher not measured: `trainer.limit_val_batches=0` runs no validation")
+            return {}
+        device = self.model.head.weight.device
+        with self.trainer.precision_plugin.val_step_context():  # as in training: autocast
+            accuracy = accuracy_on_student_inputs(self.teacher, datamodule, batches, device)
+        log.info(
+            "teacher accuracy on the student's validation images: %.4f through the student's "
+            "inputs, %.4f prepared its own way",
+            accuracy["teacher/val_acc"],
+            accuracy["teacher/val_acc_own_input"],
+        )
+        warning = adapter_warning(accuracy, self.teacher)
+        if warning is not None:
+            log.warning("%s", warning)
+        return accuracy
+
+    def extra_epoch_values(self, split: str) -> dict[str, Tensor]:
+        """The teacher's measured accuracy (`measure_teacher`), with every training epoch."""
+        values = super().extra_epoch_values(split)
+        if split == "train":
+            values.update({k: torch.tensor(v) for k, v in self.teacher_accuracy.items()})
+        return values
 
     def step(self, batch: tuple[Tensor, Tensor], split: str) -> StepOutput:
         """Training: the distillation loss; validation/test: the supervised step."""

@@ -29,6 +29,11 @@ METRICS: dict[str, str] = {
     "with `method.unlabelled=true`, the transfer-set batch (distill; weighed by `method.alpha`)",
     "train/label_loss": "epoch mean of distillation's hard part, the student's cross-entropy on "
     "the labels (distill; weighed by 1 - `method.alpha`)",
+    "teacher/val_acc": "the distillation teacher's accuracy on the student's validation images "
+    "as the student's batches reach it (resized to the teacher's size, renormalized), measured "
+    "once when fitting starts (distill)",
+    "teacher/val_acc_own_input": "the same teacher on the same images prepared its own way (its "
+    "`data.image_size`, its statistics); a gap of more than 2 points is a warning (distill)",
     "{split}/acc": "top-1 accuracy (episodic methods: mean query accuracy per episode)",
     "{split}/f1_macro": "macro-averaged F1 (supervised, finetune)",
     "{split}/ece": "expected calibration error, 15 bins (supervised, finetune)",

@@ -1,0 +1,80 @@
+"""Do two runs hold out the same validation and test images? One answer for every part that
+compares runs (a distillation teacher with its student, the jobs of a model soup).
+
+A teacher or soup ingredient trained on another split has trained on images the other run
+validates or tests on (a `data.seed=1` teacher had seen 244 of a `data.seed=0` student's 359
+test images), and one trained on other classes predicts other things under the same indices.
+What decides the split, read from `ImageClassificationDataModule.setup`: the source
+(`dataset`, its `options`, and `root` where the folder is the data), the kept `classes`, and
+the seeded stratified draws (`seed`, `test_fraction`, then `val_fraction`). The per-class
+training subset (`samples_per_class`) is drawn afterwards from the training pool only, so it
+never moves a validation or test image: runs may differ there, and in `image_size`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+SPLIT_KEYS = ("dataset", "root", "options", "classes", "seed", "val_fraction", "test_fraction")
+# Options that say where decoded images are cached, not which images there are.
+NOT_DATA_OPTIONS = frozenset({"cache_dir"})
+# Sources whose `root` is the data itself; elsewhere it is where a download lives, which may
+# move (another checkout, another machine) without changing one image.
+ROOT_IS_THE_DATA = frozenset({"imagefolder"})
+
+
+def plain(value: Any) -> Any:
+    """Config values as plain Python (OmegaConf containers to dicts and lists)."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(value, DictConfig | ListConfig):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+def datamodule_defaults() -> dict[str, Any]:
+    """What an older config that lacks a key meant: the DataModule's default for it."""
+    from posttrain.data.datamodule import ImageClassificationDataModule
+
+    parameters = inspect.signature(ImageClassificationDataModule.__init__).parameters
+    return {name: p.default for name, p in parameters.items() if p.default is not p.empty}
+
+
+def split_settings(data: Mapping[str, Any]) -> dict[str, Any]:
+    """The values of a `data` config that decide which images are validation and test."""
+    settings = {key: plain(data.get(key, datamodule_defaults().get(key))) for key in SPLIT_KEYS}
+    options = settings["options"] or {}
+    settings["options"] = {k: v for k, v in options.items() if k not in NOT_DATA_OPTIONS}
+    if settings["dataset"] not in ROOT_IS_THE_DATA:
+        settings["root"] = None
+    return settings
+
+
+def as_typed(value: Any) -> str:
+    """A value as it is typed on the command line: `null`, `[0,1,2]`, `{size:64}`."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(as_typed(item) for item in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{as_typed(v)}" for k, v in value.items()) + "}"
+    return str(value)
+
+
+def split_difference(
+    ours: Mapping[str, Any], theirs: Mapping[str, Any]
+) -> tuple[str, str, str] | None:
+    """The first `data.*` key whose value makes the two splits differ, with both values as
+    typed (`as_typed`); None when the two configs hold out the same validation and test images."""
+    mine, other = split_settings(ours), split_settings(theirs)
+    for key in SPLIT_KEYS:
+        if mine[key] != other[key]:
+            return f"data.{key}", as_typed(mine[key]), as_typed(other[key])
+    return None
+
+
+__all__ = ["SPLIT_KEYS", "as_typed", "split_difference", "split_settings"]
