@@ -18,6 +18,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from posttrain.checks import TRAIN_KEYS
 from tests.conftest import CONF, compose_config
 from tests.fixtures import write_image_folder
 
@@ -62,6 +63,7 @@ def test_option_composes_and_its_values_are_applied(make_config, group: str, opt
     """Every value the option file sets is in the composed config, at its place."""
     cfg = make_config(f"{group}={option}")
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+    assert set(cfg) <= TRAIN_KEYS, "train.py would refuse its own option's top-level key"
     composed = OmegaConf.to_container(cfg, resolve=False)
     path = CONF / group / f"{option}.yaml"
     own = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
@@ -443,3 +445,16 @@ def test_hparams_search_tunes_keys_that_exist(tmp_path: Path) -> None:
     assert set(sweeper.params) == {"reg.dropout.p", "reg.l2.weight"}
     for key in sweeper.params:
         assert OmegaConf.select(cfg, key) is not None, f"the search tunes a missing key {key}"
+
+
+def test_a_top_level_key_nothing_reads_is_refused(make_config) -> None:
+    """Observed: `python train.py +tta=flip` trained and tested without test-time
+    augmentation (only eval.py applies it), and `+anything=1` was kept in the config."""
+    from posttrain.checks import check_train_keys
+    from posttrain.errors import PosttrainError
+
+    check_train_keys(make_config())
+    with pytest.raises(PosttrainError, match=r"`tta` is an option of eval\.py"):
+        check_train_keys(make_config("+tta=flip"))
+    with pytest.raises(PosttrainError, match="no config key `anything`"):
+        check_train_keys(make_config("+anything=1"))

@@ -111,3 +111,24 @@ def test_epoch_count_is_the_run_not_the_best_checkpoint(tmp_path: Path) -> None:
     record = json.loads((run / "metrics.json").read_text())
     assert torch.load(run / "checkpoints" / "best.ckpt", weights_only=True)["epoch"] == 0
     assert record["epoch"] == 4
+
+
+def test_a_split_override_is_refused_and_other_data_is_not(tmp_path: Path) -> None:
+    """Observed: `eval.py ... data.seed=1` re-drew the split and reported 0.9972 "test"
+    accuracy on 359 digits of which 244 had trained the `data.seed=0` checkpoint."""
+    from posttrain.evaluate import evaluation_config
+
+    trained = compose_config(tmp_path / "trained", [])
+
+    def asked(*overrides: str) -> object:
+        arguments = open_overrides(["ckpt_path=x.ckpt", *overrides])
+        return compose_config(tmp_path / "eval", arguments, "eval")
+
+    for override in ("data.seed=1", "data.test_fraction=0.5", "data.val_fraction=0.3"):
+        key = override.split("=")[0]
+        with pytest.raises(PosttrainError, match=f"`{key}` cannot change at evaluation"):
+            evaluation_config(trained, asked(override))
+    evaluation_config(trained, asked("data.eval_batch_size=7"))  # the same test images
+    evaluation_config(trained, asked("data.dataset=cifar10"))  # other data: no leak
+    with pytest.raises(PosttrainError, match="does not take `model`"):  # not Hydra's struct
+        evaluation_config(trained, asked("model.width=64"))

@@ -162,6 +162,31 @@ def check_precision(trainer: dict[str, Any]) -> None:
     )
 
 
+# The top-level keys of `python train.py`'s config (conf/train.yaml and its groups).
+TRAIN_KEYS = frozenset({"task_name", "seed", "ckpt_path", "optimized_metric", "data", "model",
+                        "method", "optimizer", "scheduler", "reg", "trainer", "logger",
+                        "callbacks", "calibration", "paths"})  # fmt: skip
+# Keys of eval.py only, and where they belong instead.
+EVAL_ONLY = {"tta": "python eval.py ckpt_path=<run>/checkpoints/best.ckpt tta=flip"}
+
+
+def check_train_keys(cfg: Any) -> None:
+    """A key added with `+key=...` that nothing reads would be accepted and ignored (e.g.
+    `+tta=flip`, which only `eval.py` applies)."""
+    unknown = sorted(set(cfg) - TRAIN_KEYS)
+    if not unknown:
+        return
+    hints = " ".join(
+        f"`{key}` is an option of eval.py: `{EVAL_ONLY[key]}`."
+        for key in unknown
+        if key in EVAL_ONLY
+    )
+    raise PosttrainError(
+        f"`train.py` has no config key {', '.join(f'`{key}`' for key in unknown)}: nothing "
+        f"would read it. {hints} Its top-level keys: {', '.join(sorted(TRAIN_KEYS))}."
+    )
+
+
 def check_run_config(cfg: Any) -> None:
     """`seed` and the `trainer.*` keys Lightning would take without checking."""
     from omegaconf import OmegaConf

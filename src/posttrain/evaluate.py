@@ -47,6 +47,7 @@ def evaluation_config(trained: DictConfig, cfg: DictConfig) -> DictConfig:
             f"Test-time keys of this checkpoint's method: {', '.join(applicable) or 'none'}.",
         )
     evaluated = OmegaConf.merge(trained, {"data": cfg.data, "method": cfg.method})
+    check_same_test_split(trained.data, evaluated.data)
     with open_dict(evaluated):
         evaluated.model.pretrained = None
         if evaluated.method.get("finetune") is not None:  # what is evaluated: the checkpoint
@@ -54,6 +55,27 @@ def evaluation_config(trained: DictConfig, cfg: DictConfig) -> DictConfig:
         if "ways" in cfg.data and trained.data.get("train_ways", "absent") is None:
             evaluated.data.train_ways = trained.data.ways  # the head keeps its training size
     return evaluated
+
+
+def check_same_test_split(trained: DictConfig, evaluated: DictConfig) -> None:
+    """On the same data, the checkpoint is tested on its own test split: another `data.seed`
+    (or fraction, classes, options) re-draws the split, and 244 of the 359 digits a
+    `data.seed=1` evaluation tested had trained a `data.seed=0` checkpoint. Other data
+    (another `data.dataset`, or an image folder's `data.root`) holds no training image."""
+    from posttrain.data.splits import split_difference
+    from posttrain.errors import PosttrainError
+
+    moved = split_difference(evaluated, trained)
+    if moved is None or moved[0] in ("data.dataset", "data.root"):
+        return
+    key, asked, trained_with = moved
+    raise PosttrainError(
+        f"Config key `{key}` cannot change at evaluation: `{key}={asked}` (the checkpoint "
+        f"trained with `{key}={trained_with}`) re-draws which images are validation and test, "
+        "so the new test split would hold images this checkpoint trained on. eval.py tests on "
+        "the checkpoint's own split; to test on other data, point `data.dataset` (or an image "
+        "folder's `data.root`) at it."
+    )
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
@@ -114,8 +136,9 @@ def hydra_main(cfg: DictConfig) -> float | None:
 
 def open_overrides(argv: list[str]) -> list[str]:
     """`data.shots=5` as `+data.shots=5`: eval's `data`/`method` start empty (the trained
-    run's config fills them), so in Hydra every key there is an addition."""
-    return [f"+{arg}" if arg.startswith(("data.", "method.")) else arg for arg in argv]
+    run's config fills them), so in Hydra every key there is an addition; `model.*` too, so
+    that eval's own paragraph refuses it rather than Hydra's bare "not in struct"."""
+    return [f"+{arg}" if arg.startswith(("data.", "method.", "model.")) else arg for arg in argv]
 
 
 def main() -> float | None:

@@ -30,7 +30,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         load_checkpoint,
         resume_path,
     )
-    from posttrain.checks import RefuseEmptySplits, check_run_config
+    from posttrain.checks import RefuseEmptySplits, check_run_config, check_train_keys
     from posttrain.ddp_jobs import remember_job_for_ddp_children
     from posttrain.interrupts import (
         CompletedEpochs,
@@ -48,6 +48,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         resolved_config,
     )
 
+    check_train_keys(cfg)
     check_run_config(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # the start statement says it
     done = completed_sweep_job(cfg)  # a re-run sweep keeps what already finished
