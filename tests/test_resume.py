@@ -6,6 +6,8 @@ they are."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ from lightning.pytorch.callbacks import Callback
 
 from posttrain.checkpoints import load_checkpoint, remove_partial_files, write_atomically
 from posttrain.errors import PosttrainError
+from posttrain.runs import guarded
 from posttrain.train import train
 from tests.conftest import compose_config
 
@@ -39,6 +42,17 @@ class InterruptAtEpoch(Callback):
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         if trainer.current_epoch == self.epoch:
             raise Interrupted
+
+
+class SignalAtEpoch(Callback):
+    """Sends SIGTERM to its own process when epoch `epoch` starts, as a scheduler would."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == self.epoch:
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 def run(folder: Path, overrides: list[str]) -> dict[str, float]:
@@ -80,6 +94,31 @@ def test_last_checkpoint_is_the_last_epoch_even_when_best_did_not_improve(tmp_pa
     checkpoints = tmp_path / "run" / "checkpoints"
     assert load_checkpoint(checkpoints / "last.ckpt", key="ckpt_path")["epoch"] == 3
     assert load_checkpoint(checkpoints / "best.ckpt", key="ckpt_path")["epoch"] == 0
+
+
+@pytest.mark.parametrize(
+    "sparse_validation", ["trainer.check_val_every_n_epoch=2", "+trainer.val_check_interval=0.5"]
+)
+def test_last_checkpoint_is_every_epoch_end_when_validation_is_not(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], sparse_validation: str
+) -> None:
+    """Observed: with validation every 2nd epoch, `last.ckpt` was saved at validation end,
+    before the epoch-end hooks, so a run stopped in epoch 3 had a `last.ckpt` of epoch 1 whose
+    epoch counter said 1 (the message said 2 completed) and resuming it raised `ValueError: No
+    samples to concatenate`; with `val_check_interval<1` it held a half epoch."""
+    overrides = [*SMALL, "model.width=4", "trainer.max_epochs=4", sparse_validation]
+    stop = ["+callbacks.stop._target_=tests.test_resume.SignalAtEpoch", "+callbacks.stop.epoch=2"]
+    cut = tmp_path / "cut"
+    with pytest.raises(SystemExit):
+        guarded(train, compose_config(cut, [*overrides, *stop]))
+    record = json.loads((cut / "metrics.json").read_text())
+    last = load_checkpoint(cut / "checkpoints" / "last.ckpt", key="ckpt_path")
+    assert (
+        record["epochs_completed"] == 2 and last["callbacks"]["CompletedEpochs"]["completed"] == 2
+    )
+    assert last["epoch"] == 1 and "after 2 completed epoch(s)" in capsys.readouterr().err
+    resumed = run(cut, [*overrides, "ckpt_path=last"])  # in place, as the message advises
+    assert resumed == run(tmp_path / "whole", overrides)
 
 
 def test_atomic_write_replaces_whole_files_and_leaves_nothing_behind(tmp_path: Path) -> None:
