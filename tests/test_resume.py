@@ -121,6 +121,49 @@ def test_last_checkpoint_is_every_epoch_end_when_validation_is_not(
     assert resumed == run(tmp_path / "whole", overrides)
 
 
+@pytest.fixture(scope="module")
+def two_epoch_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    """A finished two-epoch run to resume from, and its overrides."""
+    overrides = [*SMALL, "model.width=4"]
+    folder = tmp_path_factory.mktemp("trained")
+    run(folder, overrides)
+    return folder / "checkpoints" / "last.ckpt", overrides
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ("optimizer.lr=0.9", "`optimizer.lr` 0.003 → 0.9"),
+        ("optimizer=sgd", "`optimizer.name` 'adamw' → 'sgd'"),
+        ("optimizer.decay_1d=true", "`optimizer.decay_1d` False → True"),
+        ("seed=1", "`seed` 0 → 1"),
+    ],
+)
+def test_resume_refuses_a_change_it_cannot_apply(
+    tmp_path: Path, two_epoch_run: tuple[Path, list[str]], change: str, named: str
+) -> None:
+    """Observed: `optimizer.lr=0.9` trained on with the checkpoint's lr while the run's config
+    said 0.9; `optimizer=sgd` ended in `KeyError: 'momentum'` at the first step and
+    `optimizer.decay_1d=true` in a "different number of parameter groups" traceback."""
+    last, overrides = two_epoch_run
+    cfg = compose_config(tmp_path, [*overrides, f"ckpt_path={last}", change])
+    with pytest.raises(PosttrainError, match="resuming") as refused:
+        train(cfg)
+    assert named in str(refused.value) and "`model.pretrained=" in str(refused.value)
+    assert not (tmp_path / "checkpoints").exists()  # refused before any training
+
+
+def test_resume_applies_the_changes_it_can(
+    tmp_path: Path, two_epoch_run: tuple[Path, list[str]]
+) -> None:
+    """Longer training, another logger, other data workers: the resumed run does them."""
+    last, overrides = two_epoch_run
+    changes = ["trainer.max_epochs=3", "logger=csv", "data.num_workers=1", "callbacks=console"]
+    resumed = run(tmp_path, [*overrides, f"ckpt_path={last}", *changes])
+    assert resumed["status"] == "completed" and resumed["epoch"] == 3
+    assert (tmp_path / "csv" / "metrics.csv").is_file()
+
+
 def test_atomic_write_replaces_whole_files_and_leaves_nothing_behind(tmp_path: Path) -> None:
     target = tmp_path / "last.ckpt"
     write_atomically(b"old", target)
