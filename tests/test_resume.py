@@ -44,6 +44,17 @@ class InterruptAtEpoch(Callback):
             raise Interrupted
 
 
+class InterruptMidEpoch(Callback):
+    """Dies after the second step of epoch `epoch`, when that epoch has logged some steps."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.current_epoch == self.epoch and batch_idx == 1:
+            raise Interrupted
+
+
 class SignalAtEpoch(Callback):
     """Sends SIGTERM to its own process when epoch `epoch` starts, as a scheduler would."""
 
@@ -162,6 +173,36 @@ def test_resume_applies_the_changes_it_can(
     resumed = run(tmp_path, [*overrides, f"ckpt_path={last}", *changes])
     assert resumed["status"] == "completed" and resumed["epoch"] == 3
     assert (tmp_path / "csv" / "metrics.csv").is_file()
+
+
+def scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every TensorBoard curve of a run, as TensorBoard shows it."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder / "tensorboard"))
+    events.Reload()
+    return {
+        tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]
+    }
+
+
+def test_logs_resumed_in_place_keep_the_earlier_epochs_once(tmp_path: Path) -> None:
+    """Observed: `logger=csv` deleted `csv/metrics.csv` when a run resumed in its own folder,
+    so the file started at the resumed step; TensorBoard showed the steps of the abandoned
+    half epoch twice. Both now read as the uninterrupted run's logs."""
+    overrides = [*SMALL, "model.width=4", "trainer.max_epochs=3", "logger=[csv,tensorboard]"]
+    overrides += ["trainer.log_every_n_steps=1"]
+    stop = [
+        "+callbacks.stop._target_=tests.test_resume.InterruptMidEpoch",
+        "+callbacks.stop.epoch=2",
+    ]
+    with pytest.raises(Interrupted):
+        run(tmp_path / "cut", [*overrides, *stop])
+    run(tmp_path / "cut", [*overrides, "ckpt_path=last"])
+    run(tmp_path / "whole", overrides)
+    resumed, whole = ((tmp_path / f / "csv" / "metrics.csv").read_text() for f in ("cut", "whole"))
+    assert resumed == whole
+    assert scalars(tmp_path / "cut") == scalars(tmp_path / "whole")
 
 
 def test_atomic_write_replaces_whole_files_and_leaves_nothing_behind(tmp_path: Path) -> None:

@@ -39,6 +39,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         ValidateWhenStoppingMidEpoch,
         stop_on_signals,
     )
+    from posttrain.loggers import TrimLogsToRestoredStep
     from posttrain.resume import refuse_unresumable_changes
     from posttrain.runs import (
         ConfigInCheckpoint,
@@ -67,7 +68,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if resumed is not None:
         check_resumable(resumed, method, ckpt_path)  # before any work is done
     epochs = CompletedEpochs()
-    always = [ConfigInCheckpoint(config), RandomStateInCheckpoint(), epochs]
+    always = [
+        ConfigInCheckpoint(config),
+        RandomStateInCheckpoint(),
+        epochs,
+        TrimLogsToRestoredStep(),
+    ]
     trainer = build_trainer(cfg, extra_callbacks=[*always, ValidateWhenStoppingMidEpoch()])
 
     try:  # a signal here says how far training got; `runs.guarded` covers the rest of the run
