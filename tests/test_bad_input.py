@@ -57,7 +57,7 @@ def test_resuming_with_another_architecture_is_one_paragraph(tmp_path: Path) -> 
         train(cfg)
     error = find_user_error(refused.value)
     assert isinstance(error, PosttrainError), refused.value
-    assert "ckpt_path" in str(error) and "[4, 1, 3, 3] there, [8, 1, 3, 3] here" in str(error)
+    assert "ckpt_path" in str(error) and "`model.width` 4 → 8" in str(error)
 
 
 @pytest.mark.slow

@@ -323,7 +323,7 @@ def test_logger_option_writes_into_the_run_folder(tmp_path: Path, option: str) -
     from posttrain.runs import instantiate_named
 
     loggers = instantiate_named(compose_config(tmp_path, [f"logger={option}"]).logger)
-    names = {"csv": ["CSVLogger"], "tensorboard": ["TensorBoardLogger"], "none": []}
+    names = {"csv": ["ResumableCSVLogger"], "tensorboard": ["TensorBoardLogger"], "none": []}
     assert [type(logger).__name__ for logger in loggers] == names[option]
     for logger in loggers:
         assert Path(logger.save_dir) == tmp_path and logger.name == option

@@ -6,6 +6,8 @@ they are."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ from lightning.pytorch.callbacks import Callback
 
 from posttrain.checkpoints import load_checkpoint, remove_partial_files, write_atomically
 from posttrain.errors import PosttrainError
+from posttrain.runs import guarded
 from posttrain.train import train
 from tests.conftest import compose_config
 
@@ -39,6 +42,28 @@ class InterruptAtEpoch(Callback):
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         if trainer.current_epoch == self.epoch:
             raise Interrupted
+
+
+class InterruptMidEpoch(Callback):
+    """Dies after the second step of epoch `epoch`, when that epoch has logged some steps."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.current_epoch == self.epoch and batch_idx == 1:
+            raise Interrupted
+
+
+class SignalAtEpoch(Callback):
+    """Sends SIGTERM to its own process when epoch `epoch` starts, as a scheduler would."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == self.epoch:
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 def run(folder: Path, overrides: list[str]) -> dict[str, float]:
@@ -80,6 +105,104 @@ def test_last_checkpoint_is_the_last_epoch_even_when_best_did_not_improve(tmp_pa
     checkpoints = tmp_path / "run" / "checkpoints"
     assert load_checkpoint(checkpoints / "last.ckpt", key="ckpt_path")["epoch"] == 3
     assert load_checkpoint(checkpoints / "best.ckpt", key="ckpt_path")["epoch"] == 0
+
+
+@pytest.mark.parametrize(
+    "sparse_validation", ["trainer.check_val_every_n_epoch=2", "+trainer.val_check_interval=0.5"]
+)
+def test_last_checkpoint_is_every_epoch_end_when_validation_is_not(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], sparse_validation: str
+) -> None:
+    """Observed: with validation every 2nd epoch, `last.ckpt` was saved at validation end,
+    before the epoch-end hooks, so a run stopped in epoch 3 had a `last.ckpt` of epoch 1 whose
+    epoch counter said 1 (the message said 2 completed) and resuming it raised `ValueError: No
+    samples to concatenate`; with `val_check_interval<1` it held a half epoch."""
+    overrides = [*SMALL, "model.width=4", "trainer.max_epochs=4", sparse_validation]
+    stop = ["+callbacks.stop._target_=tests.test_resume.SignalAtEpoch", "+callbacks.stop.epoch=2"]
+    cut = tmp_path / "cut"
+    with pytest.raises(SystemExit):
+        guarded(train, compose_config(cut, [*overrides, *stop]))
+    record = json.loads((cut / "metrics.json").read_text())
+    last = load_checkpoint(cut / "checkpoints" / "last.ckpt", key="ckpt_path")
+    assert (
+        record["epochs_completed"] == 2 and last["callbacks"]["CompletedEpochs"]["completed"] == 2
+    )
+    assert last["epoch"] == 1 and "after 2 completed epoch(s)" in capsys.readouterr().err
+    resumed = run(cut, [*overrides, "ckpt_path=last"])  # in place, as the message advises
+    assert resumed == run(tmp_path / "whole", overrides)
+
+
+@pytest.fixture(scope="module")
+def two_epoch_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    """A finished two-epoch run to resume from, and its overrides."""
+    overrides = [*SMALL, "model.width=4"]
+    folder = tmp_path_factory.mktemp("trained")
+    run(folder, overrides)
+    return folder / "checkpoints" / "last.ckpt", overrides
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ("optimizer.lr=0.9", "`optimizer.lr` 0.003 → 0.9"),
+        ("optimizer=sgd", "`optimizer.name` 'adamw' → 'sgd'"),
+        ("optimizer.decay_1d=true", "`optimizer.decay_1d` False → True"),
+        ("seed=1", "`seed` 0 → 1"),
+    ],
+)
+def test_resume_refuses_a_change_it_cannot_apply(
+    tmp_path: Path, two_epoch_run: tuple[Path, list[str]], change: str, named: str
+) -> None:
+    """Observed: `optimizer.lr=0.9` trained on with the checkpoint's lr while the run's config
+    said 0.9; `optimizer=sgd` ended in `KeyError: 'momentum'` at the first step and
+    `optimizer.decay_1d=true` in a "different number of parameter groups" traceback."""
+    last, overrides = two_epoch_run
+    cfg = compose_config(tmp_path, [*overrides, f"ckpt_path={last}", change])
+    with pytest.raises(PosttrainError, match="resuming") as refused:
+        train(cfg)
+    assert named in str(refused.value) and "`model.pretrained=" in str(refused.value)
+    assert not (tmp_path / "checkpoints").exists()  # refused before any training
+
+
+def test_resume_applies_the_changes_it_can(
+    tmp_path: Path, two_epoch_run: tuple[Path, list[str]]
+) -> None:
+    """Longer training, another logger, other data workers: the resumed run does them."""
+    last, overrides = two_epoch_run
+    changes = ["trainer.max_epochs=3", "logger=csv", "data.num_workers=1", "callbacks=console"]
+    resumed = run(tmp_path, [*overrides, f"ckpt_path={last}", *changes])
+    assert resumed["status"] == "completed" and resumed["epoch"] == 3
+    assert (tmp_path / "csv" / "metrics.csv").is_file()
+
+
+def scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every TensorBoard curve of a run, as TensorBoard shows it."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder / "tensorboard"))
+    events.Reload()
+    return {
+        tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]
+    }
+
+
+def test_logs_resumed_in_place_keep_the_earlier_epochs_once(tmp_path: Path) -> None:
+    """Observed: `logger=csv` deleted `csv/metrics.csv` when a run resumed in its own folder,
+    so the file started at the resumed step; TensorBoard showed the steps of the abandoned
+    half epoch twice. Both now read as the uninterrupted run's logs."""
+    overrides = [*SMALL, "model.width=4", "trainer.max_epochs=3", "logger=[csv,tensorboard]"]
+    overrides += ["trainer.log_every_n_steps=1"]
+    stop = [
+        "+callbacks.stop._target_=tests.test_resume.InterruptMidEpoch",
+        "+callbacks.stop.epoch=2",
+    ]
+    with pytest.raises(Interrupted):
+        run(tmp_path / "cut", [*overrides, *stop])
+    run(tmp_path / "cut", [*overrides, "ckpt_path=last"])
+    run(tmp_path / "whole", overrides)
+    resumed, whole = ((tmp_path / f / "csv" / "metrics.csv").read_text() for f in ("cut", "whole"))
+    assert resumed == whole
+    assert scalars(tmp_path / "cut") == scalars(tmp_path / "whole")
 
 
 def test_atomic_write_replaces_whole_files_and_leaves_nothing_behind(tmp_path: Path) -> None:

@@ -25,6 +25,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     from posttrain.calibration import calibrate_after_test, calibration_for, splits_needed
     from posttrain.checkpoints import (
+        CONFIG_KEY,
         RandomStateInCheckpoint,
         check_resumable,
         load_checkpoint,
@@ -38,6 +39,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         ValidateWhenStoppingMidEpoch,
         stop_on_signals,
     )
+    from posttrain.loggers import TrimLogsToRestoredStep
+    from posttrain.resume import refuse_unresumable_changes
     from posttrain.runs import (
         ConfigInCheckpoint,
         build_components,
@@ -58,6 +61,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     ckpt_path = resume_path(ckpt_path, cfg.paths.output_dir)
     resumed = load_checkpoint(ckpt_path, key="ckpt_path") if ckpt_path else None
     config = resolved_config(cfg)
+    if resumed is not None and isinstance(resumed.get(CONFIG_KEY), dict):
+        refuse_unresumable_changes(resumed[CONFIG_KEY], config, ckpt_path)  # before any work
     remember_job_for_ddp_children(cfg.paths.output_dir)
     datamodule, method = build_components(cfg)
     calibration = calibration_for(cfg, method)  # refused here, before any training
@@ -66,7 +71,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
     epochs = CompletedEpochs()
     needs = {"train": "training needs it", **splits_needed(calibration)}
     splits = RefuseEmptySplits(("train", "val", "test"), needs)
-    always = [splits, ConfigInCheckpoint(config), RandomStateInCheckpoint(), epochs]
+    always = [
+        splits,
+        ConfigInCheckpoint(config),
+        RandomStateInCheckpoint(),
+        epochs,
+        TrimLogsToRestoredStep(),
+    ]
     trainer = build_trainer(cfg, extra_callbacks=[*always, ValidateWhenStoppingMidEpoch()])
 
     try:  # a signal here says how far training got; `runs.guarded` covers the rest of the run
