@@ -23,7 +23,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from posttrain.checkpoints import CONFIG_KEY
-from posttrain.errors import PosttrainError
+from posttrain.errors import PosttrainError, SweepJobChanged
 
 log = logging.getLogger("posttrain")
 
@@ -52,35 +52,48 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
     write_atomically((json.dumps(payload, indent=2, sort_keys=True) + "\n").encode(), path)
 
 
-def previous_record(cfg: DictConfig) -> dict[str, Any]:
-    """What an earlier run of this sweep job recorded (a sweep re-run with the same command
-    and `hydra.sweep.dir` finds its jobs in the same folders); empty outside sweeps."""
-    record = Path(cfg.paths.output_dir) / "metrics.json"
-    if not is_multirun() or not record.is_file():
-        return {}
-    try:
-        return json.loads(record.read_text())
-    except json.JSONDecodeError:
-        return {}
+def is_rank_zero() -> bool:
+    """True except in the extra processes of a DDP group (they share the run folder)."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
 
 
-def completed_sweep_job(cfg: DictConfig) -> dict[str, float] | None:
-    """The recorded metrics of a sweep job that already completed: re-running a sweep
-    finishes it instead of redoing it."""
-    previous = previous_record(cfg)
-    if previous.get("status") != "completed":
-        return None
-    log.info("job already completed in %s: kept, not re-run", cfg.paths.output_dir)
-    return {k: float(v) for k, v in previous.items() if isinstance(v, int | float)}
+def continue_command(output_dir: Path, task_name: str) -> str:
+    """How to continue a run that stopped in `output_dir` (a sweep job: its sweep's command)."""
+    if is_multirun():
+        return "run the sweep's command again with the same hydra.sweep.dir"
+    if task_name == "eval":
+        return "python eval.py <same overrides>"
+    return f"python train.py <same overrides> ckpt_path=last hydra.run.dir={output_dir}"
 
 
-def interrupted_sweep_job(cfg: DictConfig) -> str | None:
-    """`last` for a sweep job that was interrupted: it continues from its last epoch."""
-    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
-    if previous_record(cfg).get("status") == "interrupted" and last.is_file():
-        log.info("job was interrupted: resuming it from %s", last)
-        return "last"
-    return None
+def record_start(cfg: DictConfig) -> None:
+    """metrics.json says `running` from the run's start, replacing what the folder held.
+
+    A run ended by kill -9, the out-of-memory killer or a lost node records nothing at its
+    end, so a run continued in a completed run's folder read `completed` with the earlier
+    run's numbers while its checkpoints and config had moved on.
+    """
+    import os
+    import socket
+    from datetime import datetime
+
+    if not is_rank_zero():
+        return
+    output_dir = Path(cfg.paths.output_dir)
+    started = datetime.now().astimezone().isoformat(timespec="seconds")
+    process = f"process {os.getpid()} on {socket.gethostname()}"
+    write_json(
+        output_dir / "metrics.json",
+        {
+            "status": "running",
+            "started": started,
+            "reason": f"started {started} by {process}; if that process is gone, it was "
+            "killed before it could record its end (kill -9, out of memory, a lost node)",
+            "resume": continue_command(output_dir, str(cfg.get("task_name", "train"))),
+        },
+    )
 
 
 def write_sweep_report_now() -> None:
@@ -137,7 +150,9 @@ def guarded(task: Callable[[DictConfig], dict[str, float]], cfg: DictConfig) -> 
 
     In a multirun every failure is recorded in the job's `metrics.json` and the sweep goes
     on (the sweeper gets NaN); in a single run a user error exits with status 2 and no
-    traceback, while a bug keeps its traceback.
+    traceback, while a bug keeps its traceback. A sweep job refused because its folder holds
+    another finished job (`SweepJobChanged`) records nothing, so the folder's record stays
+    that job's, and stops the sweep: every later job of the command would meet the same.
     """
     from posttrain.interrupts import RunInterrupted, stop_on_signals
 
@@ -156,6 +171,9 @@ def guarded(task: Callable[[DictConfig], dict[str, float]], cfg: DictConfig) -> 
             raise SystemExit(stop.exit_status) from None
     except Exception as error:
         user_error = find_user_error(error)
+        if isinstance(user_error, SweepJobChanged):  # the folder holds another job's record
+            print(f"\nposttrain: error: {user_error}\n", file=sys.stderr)
+            raise SystemExit(2) from None
         detail = str(user_error) if user_error else "".join(traceback.format_exception(error))
         status = user_error.status if user_error else "failed"
         write_json(output_dir / "metrics.json", {"status": status, "error": detail})
