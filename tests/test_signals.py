@@ -255,7 +255,9 @@ def hydra_receives(shell_words: str) -> dict[str, str]:
 @pytest.mark.parametrize(
     "folder", ["runs/2026-11-26_12-00-00_ab12cd", "0_seed=1,lr=0.1", "it's a b"]
 )
-def test_the_resume_advice_can_be_pasted_for_any_job_folder(tmp_path: Path, folder: str) -> None:
+def test_the_resume_advice_can_be_pasted_for_any_job_folder(
+    tmp_path: Path, folder: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Observed: a sweep job's folder (`0_seed=1,lr=0.1`) printed unquoted in the advice made
     Hydra fail (`mismatched input '='`); and a sweep job continues by running its sweep
     again in the same folder, which the advice must name."""
@@ -273,7 +275,8 @@ def test_the_resume_advice_can_be_pasted_for_any_job_folder(tmp_path: Path, fold
         "ckpt_path": "last",
         "hydra.run.dir": str(run),
     }
-    record_interruption(run, stop, "train", sweep_dir=run.parent)
+    monkeypatch.setattr("posttrain.runs.sweep_folder", lambda: run.parent)  # a sweep job
+    record_interruption(run, stop, "train")
     sweep = json.loads((run / "metrics.json").read_text())["resume"]
     assert sweep.startswith("python train.py -m <same overrides> ")
     assert hydra_receives(sweep.split("<same overrides>")[1]) == {

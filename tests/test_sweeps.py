@@ -43,6 +43,32 @@ def test_report_tables_and_plot(tmp_path: Path) -> None:
     assert (tmp_path / "report.png").stat().st_size > 1000
 
 
+def test_report_shows_why_each_job_did_not_complete(tmp_path: Path) -> None:
+    """Observed: an interrupted job was listed under "Failed jobs" as "no metrics.json",
+    though its metrics.json said `interrupted` and `stopped by SIGTERM`."""
+    interrupted = {"status": "interrupted", "reason": "stopped by SIGTERM", "global_step": 8}
+    running = {"status": "running", "reason": "started 2025-01-01T10:00:00+00:00 by process 7"}
+    fake_job(tmp_path, "0_seed=0", ["seed=0"], {"status": "completed", "test/acc": 0.5})
+    fake_job(tmp_path, "1_seed=1", ["seed=1"], interrupted)
+    fake_job(tmp_path, "2_seed=2", ["seed=2"], running)
+    fake_job(tmp_path, "3_seed=3", ["seed=3"], None)
+    write_report(tmp_path)
+    report = (tmp_path / "report.md").read_text()
+    assert "4 jobs: 1 completed, 1 interrupted, 1 missing, 1 running" in report
+    assert "- 1_seed=1: interrupted: stopped by SIGTERM" in report
+    assert "- 2_seed=2: running: started 2025-01-01T10:00:00+00:00 by process 7" in report
+    assert "- 3_seed=3: missing: no metrics.json" in report
+    assert "0_seed=0:" not in report and "Failed jobs" not in report
+    with (tmp_path / "report.csv").open() as handle:
+        table = list(csv.DictReader(handle))
+    assert [row["error"] for row in table] == [
+        "",
+        "stopped by SIGTERM",
+        running["reason"],
+        "no metrics.json",
+    ]
+
+
 def test_report_command_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from posttrain.report import main
 

@@ -73,3 +73,11 @@ def require_known_options(function: object, options: dict[str, object], key: str
         f"Config key `{key}` has unknown option(s) {', '.join(unknown)}; "
         f"valid: {', '.join(accepted)}.",
     )
+
+
+class SweepJobChanged(PosttrainError):
+    """A re-run sweep asked a job folder that holds a finished job to hold another job (a key
+    left out of folder names changed): the folder's results must stay those of its job, so
+    nothing is recorded and the sweep stops."""
+
+    status = "refused"

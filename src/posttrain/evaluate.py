@@ -92,11 +92,13 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         build_trainer,
         epoch_metrics,
         record_run,
+        record_start,
         resolved_config,
     )
     from posttrain.tta import VIEWS, augmented_predictions, check_tta
 
     check_run_config(cfg)
+    record_start(cfg)  # a killed evaluation never reads as the folder's earlier record
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     checkpoint = load_checkpoint(cfg.ckpt_path, key="ckpt_path")
     trained = OmegaConf.create(stored_config(checkpoint, cfg.ckpt_path, key="ckpt_path"))

@@ -37,7 +37,7 @@ class JobRow:
     overrides: dict[str, str]
     status: str
     metrics: dict[str, float] = field(default_factory=dict)
-    error: str = ""
+    error: str = ""  # why it did not complete: the error's last line or the record's reason
     ingredients: list[str] = field(default_factory=list)  # a soup's jobs
 
 
@@ -56,19 +56,24 @@ def numbers_of(record: dict[str, Any]) -> dict[str, float]:
     }
 
 
+def why_not_completed(record: dict[str, Any]) -> str:
+    """The last line of a failure's error (the message under its traceback), else the
+    record's reason (`interrupted`: "stopped by SIGTERM"; `running`: when and which process)."""
+    lines = str(record.get("error") or record.get("reason") or "").strip().splitlines()
+    return lines[-1] if lines else ""
+
+
 def read_job(job_dir: Path, sweep_dir: Path) -> JobRow:
-    """A job folder -> row; a job with no metrics.json was interrupted or never started."""
+    """A job folder -> row; a job with no metrics.json stopped before it recorded anything."""
     overrides = read_overrides(job_dir)
     folder = str(job_dir.relative_to(sweep_dir))
     metrics_file = job_dir / "metrics.json"
     if not metrics_file.is_file():
-        return JobRow(folder, overrides, "missing")
+        return JobRow(folder, overrides, "missing", error="no metrics.json")
     data = json.loads(metrics_file.read_text())
-    numbers = numbers_of(data)
-    error = str(data.get("error", "")).strip().splitlines()
-    return JobRow(
-        folder, overrides, str(data.get("status", "unknown")), numbers, error[-1] if error else ""
-    )
+    status = str(data.get("status", "unknown"))
+    why = why_not_completed(data) if status != "completed" else ""
+    return JobRow(folder, overrides, status, numbers_of(data), why)
 
 
 def normalized(overrides: list[str]) -> dict[str, str]:
@@ -206,12 +211,15 @@ def write_tables(
         *("| " + " | ".join(record[:shown]) + " |" for record in records),
         *soup_lines(soups),
     ]
-    failures = [(r.folder, r.error) for r in rows if r.status != "completed"]
-    if failures:
+    unfinished = [row for row in rows if row.status != "completed"]
+    if unfinished:
         lines += [
             "",
-            "Failed jobs:",
-            *(f"- {folder}: {error or 'no metrics.json'}" for folder, error in failures),
+            "Jobs not completed:",
+            *(
+                f"- {row.folder}: {row.status}" + (f": {row.error}" if row.error else "")
+                for row in unfinished
+            ),
         ]
     (sweep_dir / "report.md").write_text("\n".join(lines) + "\n")
 

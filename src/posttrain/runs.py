@@ -23,7 +23,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from posttrain.checkpoints import CONFIG_KEY
-from posttrain.errors import PosttrainError
+from posttrain.errors import PosttrainError, SweepJobChanged
 from posttrain.run_names import shell_override
 
 log = logging.getLogger("posttrain")
@@ -60,35 +60,40 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
     write_atomically((json.dumps(payload, indent=2, sort_keys=True) + "\n").encode(), path)
 
 
-def previous_record(cfg: DictConfig) -> dict[str, Any]:
-    """What an earlier run of this sweep job recorded (a sweep re-run with the same command
-    and `hydra.sweep.dir` finds its jobs in the same folders); empty outside sweeps."""
-    record = Path(cfg.paths.output_dir) / "metrics.json"
-    if not is_multirun() or not record.is_file():
-        return {}
-    try:
-        return json.loads(record.read_text())
-    except json.JSONDecodeError:
-        return {}
+def is_rank_zero() -> bool:
+    """True except in the extra processes of a DDP group (they share the run folder)."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
 
 
-def completed_sweep_job(cfg: DictConfig) -> dict[str, float] | None:
-    """The recorded metrics of a sweep job that already completed: re-running a sweep
-    finishes it instead of redoing it."""
-    previous = previous_record(cfg)
-    if previous.get("status") != "completed":
-        return None
-    log.info("job already completed in %s: kept, not re-run", cfg.paths.output_dir)
-    return {k: float(v) for k, v in previous.items() if isinstance(v, int | float)}
+def record_start(cfg: DictConfig) -> None:
+    """metrics.json says `running` from the run's start, replacing what the folder held.
 
+    A run ended by kill -9, the out-of-memory killer or a lost node records nothing at its
+    end, so a run continued in a completed run's folder read `completed` with the earlier
+    run's numbers while its checkpoints and config had moved on.
+    """
+    import os
+    import socket
+    from datetime import datetime
 
-def interrupted_sweep_job(cfg: DictConfig) -> str | None:
-    """`last` for a sweep job that was interrupted: it continues from its last epoch."""
-    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
-    if previous_record(cfg).get("status") == "interrupted" and last.is_file():
-        log.info("job was interrupted: resuming it from %s", last)
-        return "last"
-    return None
+    if not is_rank_zero():
+        return
+    output_dir = Path(cfg.paths.output_dir)
+    started = datetime.now().astimezone().isoformat(timespec="seconds")
+    process = f"process {os.getpid()} on {socket.gethostname()}"
+    write_json(
+        output_dir / "metrics.json",
+        {
+            "status": "running",
+            "started": started,
+            "reason": f"started {started} by {process}; if that process is gone, it was "
+            "killed before it could record its end (kill -9, out of memory, a lost node)",
+            # What a kill leaves to continue from: last.ckpt, once the first epoch is done.
+            "resume": resume_command(output_dir, str(cfg.get("task_name", "train")), True),
+        },
+    )
 
 
 def write_sweep_report_now() -> None:
@@ -103,7 +108,7 @@ def write_sweep_report_now() -> None:
         log.warning("sweep report not written: %s", error)
 
 
-def resume_command(output_dir: Path, task_name: str, sweep_dir: Path | None) -> str:
+def resume_command(output_dir: Path, task_name: str, has_last: bool) -> str:
     """How to continue a stopped run, as a command that can be pasted into a shell.
 
     A sweep job continues by running its sweep again in the same folder (completed jobs are
@@ -111,21 +116,20 @@ def resume_command(output_dir: Path, task_name: str, sweep_dir: Path | None) -> 
     before its first checkpoint, has nothing to resume from (`ckpt_path=last` would be
     refused): it starts again.
     """
+    sweep_dir = sweep_folder()
     if sweep_dir is not None:
         folder = shell_override("hydra.sweep.dir", sweep_dir)
         return f"python {task_name}.py -m <same overrides> {folder}"
-    if task_name == "eval" or not (output_dir / "checkpoints" / "last.ckpt").is_file():
+    if task_name == "eval" or not has_last:
         return f"python {task_name}.py <same overrides>"
     folder = shell_override("hydra.run.dir", output_dir)
     return f"python train.py <same overrides> ckpt_path=last {folder}"
 
 
-def record_interruption(
-    output_dir: Path, stop: Any, task_name: str, sweep_dir: Path | None = None
-) -> None:
+def record_interruption(output_dir: Path, stop: Any, task_name: str) -> None:
     """metrics.json says `interrupted` (never `completed`), and how to continue."""
     last_exists = (output_dir / "checkpoints" / "last.ckpt").is_file()
-    resume = resume_command(output_dir, task_name, sweep_dir)
+    resume = resume_command(output_dir, task_name, last_exists)
     write_json(
         output_dir / "metrics.json",
         {
@@ -158,7 +162,9 @@ def guarded(task: Callable[[DictConfig], dict[str, float]], cfg: DictConfig) -> 
 
     In a multirun every failure is recorded in the job's `metrics.json` and the sweep goes
     on (the sweeper gets NaN); in a single run a user error exits with status 2 and no
-    traceback, while a bug keeps its traceback.
+    traceback, while a bug keeps its traceback. A sweep job refused because its folder holds
+    another finished job (`SweepJobChanged`) records nothing, so the folder's record stays
+    that job's, and stops the sweep: every later job of the command would meet the same.
     """
     from posttrain.interrupts import RunInterrupted, stop_on_signals
 
@@ -170,14 +176,16 @@ def guarded(task: Callable[[DictConfig], dict[str, float]], cfg: DictConfig) -> 
             metrics = task(cfg)
     except RunInterrupted as stop:  # also in a sweep: the scheduler is stopping everything
         try:
-            sweep_dir = sweep_folder()
-            record_interruption(output_dir, stop, str(cfg.get("task_name", "train")), sweep_dir)
-            if sweep_dir is not None:
+            record_interruption(output_dir, stop, str(cfg.get("task_name", "train")))
+            if is_multirun():
                 write_sweep_report_now()
         finally:  # whatever the record met (a closed pipe, a full disk), the sweep stops here
             raise SystemExit(stop.exit_status) from None
     except Exception as error:
         user_error = find_user_error(error)
+        if isinstance(user_error, SweepJobChanged):  # the folder holds another job's record
+            print(f"\nposttrain: error: {user_error}\n", file=sys.stderr)
+            raise SystemExit(2) from None
         detail = str(user_error) if user_error else "".join(traceback.format_exception(error))
         status = user_error.status if user_error else "failed"
         write_json(output_dir / "metrics.json", {"status": status, "error": detail})

@@ -45,22 +45,26 @@ def train(cfg: DictConfig) -> dict[str, float]:
         ConfigInCheckpoint,
         build_components,
         build_trainer,
-        completed_sweep_job,
-        interrupted_sweep_job,
         record_run,
+        record_start,
         resolved_config,
     )
+    from posttrain.sweep_jobs import completed_sweep_job, keep_job_record, unfinished_sweep_job
 
+    # Before any check that could record a failure: a re-run sweep keeps what finished, and
+    # refuses (recording nothing) a folder whose finished job had another config.
+    done = completed_sweep_job(cfg)
+    if done is not None:
+        return done
     check_train_keys(cfg)
     check_run_config(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # the start statement says it
-    done = completed_sweep_job(cfg)  # a re-run sweep keeps what already finished
-    if done is not None:
-        return done
-    ckpt_path = cfg.get("ckpt_path") or interrupted_sweep_job(cfg)
+    ckpt_path = cfg.get("ckpt_path") or unfinished_sweep_job(cfg)
+    config = resolved_config(cfg)
+    record_start(cfg)  # from here a kill leaves `running`, never the folder's earlier record
+    keep_job_record(cfg, config)
     ckpt_path = resume_path(ckpt_path, cfg.paths.output_dir)
     resumed = load_checkpoint(ckpt_path, key="ckpt_path") if ckpt_path else None
-    config = resolved_config(cfg)
     if resumed is not None and isinstance(resumed.get(CONFIG_KEY), dict):
         refuse_unresumable_changes(resumed[CONFIG_KEY], config, ckpt_path)  # before any work
     remember_job_for_ddp_children(cfg.paths.output_dir)

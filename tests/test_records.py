@@ -1,0 +1,126 @@
+"""A run folder's record tells the truth about the run in it: `running` from the first moment
+(a run killed without a chance to record never reads as the folder's earlier result), and a
+re-run sweep keeps a finished job only when it is the same job."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from omegaconf import DictConfig, OmegaConf
+
+from posttrain.errors import SweepJobChanged
+from posttrain.sweep_jobs import completed_sweep_job, unfinished_sweep_job
+from posttrain.train import train
+from tests.conftest import compose_config, run_cli
+from tests.fixtures import write_image_folder
+from tests.test_resume import Interrupted
+
+TINY = ["debug=limit", "model.width=4", "logger=none", "trainer.accelerator=cpu"]
+
+
+def read_record(folder: Path) -> dict:
+    return json.loads((folder / "metrics.json").read_text())
+
+
+def test_a_run_killed_after_continuing_a_completed_run_reads_running(tmp_path: Path) -> None:
+    """Observed: `ckpt_path=last hydra.run.dir=<completed run> trainer.max_epochs=...`, then
+    kill -9: metrics.json still said `completed` (the earlier run's), while last.ckpt and the
+    folder's config had moved on."""
+    run_dir = tmp_path / "run"
+    train(compose_config(run_dir, [*TINY, "trainer.max_epochs=1"]))
+    assert read_record(run_dir)["status"] == "completed"
+    kill = [
+        "+callbacks.kill._target_=tests.test_resume.InterruptAtEpoch",
+        "+callbacks.kill.epoch=1",  # the first epoch of the continuation
+    ]
+    with pytest.raises(Interrupted):  # a kill: nothing after this point runs
+        train(compose_config(run_dir, [*TINY, "trainer.max_epochs=3", "ckpt_path=last", *kill]))
+    record = read_record(run_dir)
+    assert record["status"] == "running", record
+    assert "started" in record and "ckpt_path=last" in record["resume"]
+    assert not any(key.startswith(("test/", "val/")) for key in record)  # no stale numbers
+
+
+def sweep_job(sweep: Path, *overrides: str) -> DictConfig:
+    """The config of job 0 of a sweep into `sweep`, as the job itself sees it."""
+    multirun = ["hydra.mode=MULTIRUN", f"hydra.sweep.dir={sweep}"]
+    return compose_config(sweep / "0_seed=0", [*multirun, *overrides])
+
+
+@pytest.mark.parametrize("status", ["running", "interrupted"])
+def test_a_killed_sweep_job_is_continued_not_kept(tmp_path: Path, status: str) -> None:
+    cfg = sweep_job(tmp_path, *TINY)
+    job = Path(cfg.paths.output_dir)
+    (job / "checkpoints").mkdir(parents=True)
+    (job / "checkpoints" / "last.ckpt").write_bytes(b"")
+    (job / "metrics.json").write_text(json.dumps({"status": status}))
+    assert completed_sweep_job(cfg) is None
+    assert unfinished_sweep_job(cfg) == "last"
+
+
+def write_hydra_files(job: Path, cfg: DictConfig, overrides: list[str]) -> None:
+    """What Hydra writes into a job folder before the job's code runs."""
+    (job / ".hydra").mkdir(parents=True, exist_ok=True)
+    (job / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+
+
+def test_a_completed_sweep_job_with_another_data_root_is_refused(tmp_path: Path) -> None:
+    """Observed: a sweep re-run with `data.root=B` into the folder of one run with
+    `data.root=A` kept the A job ("already completed, kept") while its config now said B."""
+    roots = {name: write_image_folder(tmp_path / name, per_class=10) for name in "AB"}
+    sweep = tmp_path / "sweep"
+    common = ["data=imagefolder", "seed=0", *TINY, "trainer.max_epochs=1"]
+    first = sweep_job(sweep, *common, f"data.root={roots['A']}")
+    job = Path(first.paths.output_dir)
+    write_hydra_files(job, first, [*common, f"data.root={roots['A']}"])
+    (sweep / "multirun.yaml").write_text(f"data_root: {roots['A']}\n")
+    train(first)
+    kept = {path: path.read_text() for path in [job / "metrics.json", *job.glob(".hydra/*")]}
+    assert read_record(job)["status"] == "completed"
+
+    again = sweep_job(sweep, *common, f"data.root={roots['B']}")
+    write_hydra_files(job, again, [*common, f"data.root={roots['B']}"])  # Hydra rewrites them
+    (sweep / "multirun.yaml").write_text(f"data_root: {roots['B']}\n")
+    with pytest.raises(SweepJobChanged) as refused:
+        train(again)
+    message = str(refused.value)
+    assert "data.root" in message and str(roots["A"]) in message and str(roots["B"]) in message
+    assert "hydra.sweep.dir" in message
+    assert {path: path.read_text() for path in kept} == kept  # the A job's files, as they were
+    assert str(roots["A"]) in (sweep / "multirun.yaml").read_text()
+
+
+def test_a_completed_sweep_job_with_the_same_config_is_kept(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    common = ["seed=0", *TINY, "trainer.max_epochs=1"]
+    first = sweep_job(sweep, *common)
+    train(first)
+    recorded = read_record(Path(first.paths.output_dir))
+    kept = completed_sweep_job(sweep_job(sweep, *common, "paths.cache_dir=/elsewhere"))
+    assert kept == {k: v for k, v in recorded.items() if k != "status"}
+
+
+@pytest.mark.slow
+def test_a_sweep_rerun_with_another_data_root_leaves_the_completed_job_true(
+    tmp_path: Path,
+) -> None:
+    """Through Hydra itself: it rewrites the job's `.hydra/` files and the sweep's
+    `multirun.yaml` before any posttrain code runs; the refusal puts them back."""
+    roots = {name: write_image_folder(tmp_path / name, per_class=10) for name in "AB"}
+    sweep = tmp_path / "sweep"
+    command = ["-m", "data=imagefolder", "seed=0", *TINY, "trainer.max_epochs=1"]
+    first = run_cli("train.py", *command, f"hydra.sweep.dir={sweep}", f"data.root={roots['A']}")
+    assert first.returncode == 0, first.stderr[-3000:]
+    (job,) = [path for path in sweep.iterdir() if (path / ".hydra").is_dir()]
+    kept = {p: p.read_text() for p in [job / "metrics.json", *job.glob(".hydra/*.yaml")]}
+    kept[sweep / "multirun.yaml"] = (sweep / "multirun.yaml").read_text()
+
+    again = run_cli("train.py", *command, f"hydra.sweep.dir={sweep}", f"data.root={roots['B']}")
+    assert again.returncode == 2, again.stderr[-3000:]
+    assert "data.root" in again.stderr and "hydra.sweep.dir" in again.stderr
+    assert "Traceback" not in again.stderr
+    assert {path: path.read_text() for path in kept} == kept
