@@ -9,12 +9,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from posttrain.data.datamodule import ImageClassificationDataModule
 from posttrain.data.sources import CifarSource, ImageFolderSource, OmniglotSource
 from posttrain.errors import PosttrainError
 from tests.conftest import run_cli
-from tests.fixtures import write_cifar, write_image_folder, write_omniglot
+from tests.fixtures import (
+    write_16bit_image_folder,
+    write_cifar,
+    write_image_folder,
+    write_omniglot,
+)
 
 
 def rewrite_batch(folder: Path, name: str, change) -> Path:
@@ -143,3 +149,71 @@ def test_a_test_split_of_classes_never_trained_on_is_refused(tmp_path: Path) -> 
     data = ImageClassificationDataModule("omniglot", root=str(tmp_path), options={"split": "lake"})
     with pytest.raises(PosttrainError, match=r"test split .* classes that the training split"):
         data.setup("fit")
+
+
+def sixteen_bit_pixels(root: Path) -> dict[str, np.ndarray]:
+    """Each PNG's own 16-bit values, keyed by path as the source lists them."""
+    from PIL import Image
+
+    pixels = {}
+    for path in sorted(root.glob("class_*/*.png")):
+        with Image.open(path) as image:
+            assert image.mode == "I;16", image.mode  # really a 16-bit file
+            pixels[str(path)] = np.asarray(image).astype(np.int64)
+    return pixels
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_16_bit_pngs_are_scaled_to_8_bits_not_saturated(tmp_path: Path, channels: int) -> None:
+    """Observed: uint16 PNGs of 10,000-50,000 decoded to all-255 pixels (PIL's convert clips
+    mode I;16), so both classes were one white image and training ran at chance. The full
+    16-bit range maps to 0..255 as torchvision's `to_dtype(torch.uint8, scale=True)` does."""
+    write_16bit_image_folder(tmp_path)
+    data = ImageFolderSource(root=str(tmp_path), channels=channels).load()
+    expected = sixteen_bit_pixels(tmp_path)
+    images = data.train.images
+    assert images.dtype == torch.uint8 and images.shape[1] == channels
+    wanted = torch.tensor(np.stack(list(expected.values())) // 256, dtype=torch.uint8)
+    for channel in range(channels):
+        assert torch.equal(images[:, channel], wanted)
+    class_means = [float(images[data.train.labels == k].float().mean()) for k in (0, 1)]
+    assert 39 < class_means[0] < 78 and 156 < class_means[1] < 196, class_means
+
+
+def test_a_cache_entry_of_the_saturating_decoder_is_not_read_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The decode recipe is part of the cache key: a folder first read by the clipping decoder
+    of earlier releases (cache format v1, cached all-255) must be decoded again, not served
+    from that entry."""
+    from PIL import Image
+    from torchvision.transforms.v2 import functional as F
+
+    from posttrain.data import cache as decode_cache
+
+    def clipping(path, channels: int, size):
+        with Image.open(path) as image:
+            return F.pil_to_tensor(image.convert("L" if channels == 1 else "RGB"))
+
+    images, cache = write_16bit_image_folder(tmp_path / "images"), tmp_path / "cache"
+    with monkeypatch.context() as patch:
+        patch.setattr(ImageFolderSource, "decode_file", staticmethod(clipping))
+        patch.setattr(
+            decode_cache, "FORMAT", "pil-convert/pil_to_tensor/resize-bilinear-antialias/v1"
+        )
+        saturated = ImageFolderSource(root=str(images), channels=1, cache_dir=str(cache)).load()
+    assert bool((saturated.train.images == 255).all())  # what the old decoder cached
+    data = ImageFolderSource(root=str(images), channels=1, cache_dir=str(cache)).load()
+    assert int(data.train.images.max()) < 200
+
+
+def test_float_images_are_refused_naming_the_file(tmp_path: Path) -> None:
+    """32-bit float pixels (PIL mode F, e.g. a float TIFF) have no defined range to scale from."""
+    from PIL import Image
+
+    path = tmp_path / "depth.tiff"
+    Image.fromarray(np.linspace(0, 3.5, 16, dtype=np.float32).reshape(4, 4)).save(path)
+    with pytest.raises(PosttrainError) as refused:
+        ImageFolderSource.decode_file(path, 1, None)
+    message = str(refused.value)
+    assert str(path) in message and "float" in message and "\n" not in message, message

@@ -485,6 +485,39 @@ def check_same_classes(splits: dict[str, Path], classes: list[str]) -> None:
         )
 
 
+# PIL modes of one channel wider than 8 bits: 16-bit PNGs open as I;16 (older Pillow: I).
+SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
+
+
+def to_eight_bits(image: Any, path: str | Path) -> Any:
+    """`image` (a PIL image) with 16-bit grayscale pixels scaled to 8 bits over the full
+    16-bit range (value // 256: 0 -> 0, 65535 -> 255), as torchvision's
+    `to_dtype(torch.uint8, scale=True)` does on a decoded 16-bit PNG and as PIL already does for
+    16-bit RGB PNGs; other modes unchanged. Why: PIL's `convert("L")` clips such pixels at 255.
+    Pixels outside 0..65535 (32-bit integers) and float pixels (mode F) have no range to scale
+    from: refused, naming the file, rather than guessed."""
+    import numpy as np
+    from PIL import Image
+
+    require(
+        image.mode != "F",
+        f"Image file {path} holds 32-bit float pixels (PIL mode F), whose range the file does "
+        "not define, so they cannot be scaled to the 0..255 the models read. Re-save it as an "
+        "8-bit or 16-bit image (PNG), e.g. `(array / array.max() * 65535).astype(numpy.uint16)`.",
+    )
+    if image.mode not in SIXTEEN_BIT_MODES:
+        return image
+    pixels = np.asarray(image).astype(np.int64)
+    low, high = (int(pixels.min()), int(pixels.max())) if pixels.size else (0, 0)
+    require(
+        low >= 0 and high <= 65535,
+        f"Image file {path} holds integer pixels from {low} to {high} (PIL mode {image.mode}); "
+        "8-bit (0..255) and 16-bit (0..65535) images are read, 16-bit ones scaled to 0..255. "
+        "Re-save it as an 8-bit or 16-bit image.",
+    )
+    return Image.fromarray((pixels // 256).astype(np.uint8))
+
+
 class ImageFolderSource:
     """The user's own images, decoded once into memory, in one of two layouts:
 
@@ -541,13 +574,16 @@ class ImageFolderSource:
 
     @staticmethod
     def decode_file(path: str | Path, channels: int, size: int | None) -> Tensor:
-        """One image file -> uint8 (channels, size, size); size None: its own size."""
+        """One image file -> uint8 (channels, size, size); size None: its own size.
+
+        High-bit-depth pixels are scaled to 8 bits first (`to_eight_bits`): PIL's `convert`
+        clips them, and 16-bit PNGs of 10,000-50,000 decoded to all-255 images."""
         from PIL import Image, UnidentifiedImageError
         from torchvision.transforms.v2 import functional as F
 
         try:
             with Image.open(path) as image:
-                image = image.convert("L" if channels == 1 else "RGB")
+                image = to_eight_bits(image, path).convert("L" if channels == 1 else "RGB")
                 tensor = F.pil_to_tensor(image)
         except (OSError, UnidentifiedImageError) as error:
             raise PosttrainError(f"Cannot read image file {path}: {error}.") from error
