@@ -596,9 +596,9 @@ def check_one_place_each(files: list[ListedFile]) -> None:
         other = first.setdefault(file.real, file.path)
         require(
             other == file.path,
-            f"Image file {file.path} is the same file as {other} (a link to {file.real}), "
-            "listed under another class or split folder: an image belongs to one class, and "
-            "one split (else the test scores images it trained on). Remove one of the two "
+            f"Image files {other} and {file.path} are one file ({file.real}, reached through "
+            "a link) under two class or split folders: an image belongs to one class and one "
+            "split (else the test scores images it trained on). Remove one of the two "
             "(folders are read with links followed).",
         )
 
