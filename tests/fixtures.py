@@ -138,3 +138,16 @@ def write_omniglot_characters(root: Path, drawers: int = 2, size: int = 8) -> li
             pixels[1, 0] = 40 * drawer
             Image.fromarray(pixels, mode="L").save(folder / f"{index:04d}_{drawer:02d}.png")
     return names
+
+
+def write_16bit_image_folder(root: Path, per_class: int = 4, size: int = 6) -> Path:
+    """root/class_<k>/<n>.png as 16-bit grayscale PNGs (PIL mode I;16), the way microscopy and
+    medical exports store them: class 0 around 10,000-20,000, class 1 around 40,000-50,000."""
+    rng = np.random.default_rng(0)
+    for label, (low, high) in enumerate([(10_000, 20_000), (40_000, 50_000)]):
+        folder = root / f"class_{label}"
+        folder.mkdir(parents=True)
+        for index in range(per_class):
+            pixels = rng.integers(low, high, size=(size, size), dtype=np.uint16)
+            Image.fromarray(pixels).save(folder / f"{index}.png")
+    return root

@@ -45,6 +45,23 @@ def test_samples_per_class_keeps_k_of_each_class() -> None:
     assert len(datamodule.splits["test"]) > 300  # evaluation data is untouched
 
 
+def test_samples_per_class_above_a_class_count_is_refused_naming_the_classes(
+    tmp_path: Path,
+) -> None:
+    """Observed: with a class of few images, `data.samples_per_class=5` trained on 5/5/1
+    images per class without a word, though the README promises K of every class."""
+    write_image_folder(tmp_path, classes=3, per_class=8, size=8)
+    for extra in sorted((tmp_path / "class_2").glob("*.png"))[1:]:
+        extra.unlink()  # class_2: 1 image, kept for training (1 * 0.2 and 1 * 0.1 round to 0)
+    with pytest.raises(PosttrainError) as refused:
+        setup_module_for(dataset="imagefolder", root=str(tmp_path), samples_per_class=5)
+    message = str(refused.value)
+    assert "`data.samples_per_class`" in message and "class_2 (1)" in message, message
+    assert "at most 1" in message and "class_0" not in message and "\n" not in message
+    kept = setup_module_for(dataset="imagefolder", root=str(tmp_path), samples_per_class=1)
+    assert torch.bincount(kept.splits["train"].labels).tolist() == [1, 1, 1]
+
+
 def test_batches_are_resized_normalized_and_typed() -> None:
     datamodule = setup_module_for(dataset="digits", image_size=16, batch_size=32)
     images, labels = datamodule.on_after_batch_transfer(

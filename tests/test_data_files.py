@@ -4,17 +4,26 @@ silently corrupted data. Each case was observed as a traceback or as a completed
 
 from __future__ import annotations
 
+import os
 import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from posttrain.data.datamodule import ImageClassificationDataModule
 from posttrain.data.sources import CifarSource, ImageFolderSource, OmniglotSource
 from posttrain.errors import PosttrainError
 from tests.conftest import run_cli
-from tests.fixtures import write_cifar, write_image_folder, write_omniglot
+from tests.fixtures import (
+    write_16bit_image_folder,
+    write_cifar,
+    write_image_folder,
+    write_omniglot,
+    write_split_image_folder,
+)
 
 
 def rewrite_batch(folder: Path, name: str, change) -> Path:
@@ -143,3 +152,150 @@ def test_a_test_split_of_classes_never_trained_on_is_refused(tmp_path: Path) -> 
     data = ImageClassificationDataModule("omniglot", root=str(tmp_path), options={"split": "lake"})
     with pytest.raises(PosttrainError, match=r"test split .* classes that the training split"):
         data.setup("fit")
+
+
+def sixteen_bit_pixels(root: Path) -> dict[str, np.ndarray]:
+    """Each PNG's own 16-bit values, keyed by path as the source lists them."""
+    from PIL import Image
+
+    pixels = {}
+    for path in sorted(root.glob("class_*/*.png")):
+        with Image.open(path) as image:
+            assert image.mode == "I;16", image.mode  # really a 16-bit file
+            pixels[str(path)] = np.asarray(image).astype(np.int64)
+    return pixels
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_16_bit_pngs_are_scaled_to_8_bits_not_saturated(tmp_path: Path, channels: int) -> None:
+    """Observed: uint16 PNGs of 10,000-50,000 decoded to all-255 pixels (PIL's convert clips
+    mode I;16), so both classes were one white image and training ran at chance. The full
+    16-bit range maps to 0..255 as torchvision's `to_dtype(torch.uint8, scale=True)` does."""
+    write_16bit_image_folder(tmp_path)
+    data = ImageFolderSource(root=str(tmp_path), channels=channels).load()
+    expected = sixteen_bit_pixels(tmp_path)
+    images = data.train.images
+    assert images.dtype == torch.uint8 and images.shape[1] == channels
+    wanted = torch.tensor(np.stack(list(expected.values())) // 256, dtype=torch.uint8)
+    for channel in range(channels):
+        assert torch.equal(images[:, channel], wanted)
+    class_means = [float(images[data.train.labels == k].float().mean()) for k in (0, 1)]
+    assert 39 < class_means[0] < 78 and 156 < class_means[1] < 196, class_means
+
+
+def test_a_cache_entry_of_the_saturating_decoder_is_not_read_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The decode recipe is part of the cache key: a folder first read by the clipping decoder
+    of earlier releases (cache format v1, cached all-255) must be decoded again, not served
+    from that entry."""
+    from PIL import Image
+    from torchvision.transforms.v2 import functional as F
+
+    from posttrain.data import cache as decode_cache
+
+    def clipping(path, channels: int, size):
+        with Image.open(path) as image:
+            return F.pil_to_tensor(image.convert("L" if channels == 1 else "RGB"))
+
+    images, cache = write_16bit_image_folder(tmp_path / "images"), tmp_path / "cache"
+    with monkeypatch.context() as patch:
+        patch.setattr(ImageFolderSource, "decode_file", staticmethod(clipping))
+        patch.setattr(
+            decode_cache, "FORMAT", "pil-convert/pil_to_tensor/resize-bilinear-antialias/v1"
+        )
+        saturated = ImageFolderSource(root=str(images), channels=1, cache_dir=str(cache)).load()
+    assert bool((saturated.train.images == 255).all())  # what the old decoder cached
+    data = ImageFolderSource(root=str(images), channels=1, cache_dir=str(cache)).load()
+    assert int(data.train.images.max()) < 200
+
+
+def test_float_images_are_refused_naming_the_file(tmp_path: Path) -> None:
+    """32-bit float pixels (PIL mode F, e.g. a float TIFF) have no defined range to scale from."""
+    from PIL import Image
+
+    path = tmp_path / "depth.tiff"
+    Image.fromarray(np.linspace(0, 3.5, 16, dtype=np.float32).reshape(4, 4)).save(path)
+    with pytest.raises(PosttrainError) as refused:
+        ImageFolderSource.decode_file(path, 1, None)
+    message = str(refused.value)
+    assert str(path) in message and "float" in message and "\n" not in message, message
+
+
+def listed_files(root: Path) -> list[str]:
+    """The image files an ImageFolder source lists under `root` (before any decode)."""
+    return ImageFolderSource(root=str(root)).load_listed().train.images.files.files
+
+
+def test_a_symlink_loop_in_a_class_folder_lists_each_image_once(tmp_path: Path) -> None:
+    """Observed: `ln -s . class_0/again` turned 24 files into 344 "images" (os.walk followed
+    the loop until the path was too long), copies landing in train and test alike."""
+    write_image_folder(tmp_path, classes=3, per_class=8, size=8)
+    (tmp_path / "class_0" / "again").symlink_to(".")
+    files = listed_files(tmp_path)
+    assert len(files) == 24 and len({os.path.realpath(f) for f in files}) == 24
+
+
+def test_a_linked_sub_folder_outside_the_root_is_still_read(tmp_path: Path) -> None:
+    """Following links stays: a class folder may gather its images from elsewhere."""
+    write_image_folder(tmp_path / "data", classes=2, per_class=3, size=8)
+    write_image_folder(tmp_path / "more", classes=1, per_class=2, size=8, seed=1)
+    (tmp_path / "data" / "class_0" / "extra").symlink_to(tmp_path / "more" / "class_0")
+    assert len(listed_files(tmp_path / "data")) == 8
+
+
+def test_hidden_folders_and_files_in_class_folders_are_not_images(tmp_path: Path) -> None:
+    """Observed: `class_1/.ipynb_checkpoints/` holding copies of its images was listed as
+    more class-1 images; macOS `._name.png` resource forks are not images either."""
+    write_image_folder(tmp_path, classes=3, per_class=8, size=8)
+    shutil.copytree(tmp_path / "class_1", tmp_path / "checkpoints")
+    (tmp_path / "checkpoints").rename(tmp_path / "class_1" / ".ipynb_checkpoints")
+    (tmp_path / "class_2" / "._0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    files = listed_files(tmp_path)
+    assert len(files) == 24 and not [f for f in files if "/." in f], files
+
+
+def test_a_file_linked_twice_in_one_class_counts_once(tmp_path: Path) -> None:
+    write_image_folder(tmp_path, classes=2, per_class=3, size=8)
+    (tmp_path / "class_0" / "same.png").symlink_to(tmp_path / "class_0" / "1.png")
+    files = listed_files(tmp_path)
+    assert len(files) == 6 and str(tmp_path / "class_0" / "same.png") not in files
+
+
+@pytest.mark.parametrize("layout", ["classes", "splits"])
+def test_one_file_under_two_class_or_split_folders_is_refused(tmp_path: Path, layout) -> None:
+    """The same file (through a link) as two classes is a contradiction; in train/ and test/
+    it tests on a training image. Neither is guessed away: refused, naming both paths."""
+    if layout == "classes":
+        write_image_folder(tmp_path, classes=2, per_class=3, size=8)
+        original, link = tmp_path / "class_0" / "1.png", tmp_path / "class_1" / "x.png"
+    else:
+        write_split_image_folder(tmp_path, {"train": 3, "test": 2}, classes=2, size=8)
+        original, link = (
+            tmp_path / "train" / "class_0" / "1.png",
+            tmp_path / "test" / "class_0" / "x.png",
+        )
+    link.symlink_to(original)
+    with pytest.raises(PosttrainError) as refused:
+        listed_files(tmp_path)
+    message = str(refused.value)
+    assert str(original) in message and str(link) in message and "\n" not in message, message
+
+
+def test_hidden_omniglot_folders_are_not_alphabets_or_characters(tmp_path: Path) -> None:
+    """Observed: `Alphabet_0/.ipynb_checkpoints/` became a character of its own."""
+    write_omniglot(tmp_path, alphabets=1, characters=2, drawers=2)
+    background = tmp_path / "omniglot-py" / "images_background"
+    shutil.copytree(background / "Alphabet_0" / "character01", tmp_path / "copy")
+    (tmp_path / "copy").rename(background / "Alphabet_0" / ".ipynb_checkpoints")
+    shutil.copytree(background / "Alphabet_0", background / ".ipynb_checkpoints")
+    data = OmniglotSource(root=str(tmp_path), download=False).load_listed()
+    assert data.class_names == [f"Alphabet_0/character0{c}" for c in (1, 2, 1, 2)]
+
+
+def test_a_link_to_a_missing_file_is_refused_naming_it(tmp_path: Path) -> None:
+    write_image_folder(tmp_path, classes=2, per_class=3, size=8)
+    link = tmp_path / "class_1" / "gone.png"
+    link.symlink_to(tmp_path / "elsewhere" / "gone.png")
+    with pytest.raises(PosttrainError, match=r"gone\.png is a link to .* not a file"):
+        listed_files(tmp_path)

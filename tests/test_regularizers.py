@@ -107,6 +107,48 @@ def test_augmentation_changes_training_batches_only(policy: str) -> None:
     assert per_image.float().mean() > 0.5  # each image draws its own transformation
 
 
+@pytest.mark.parametrize("policy", ["basic", "trivialaugment"])
+@pytest.mark.parametrize(("key", "value"), [("magnitude", 0), ("magnitude", 30), ("num_ops", 5)])
+def test_randaugment_knobs_are_refused_with_a_policy_that_ignores_them(
+    policy: str, key: str, value: int
+) -> None:
+    """Observed: `reg.augment.policy=trivialaugment` with magnitude=0 and with magnitude=30
+    num_ops=5 gave identical metrics: TrivialAugment draws its own magnitude and applies one
+    op, `basic` none; the knobs were accepted and ignored."""
+    with pytest.raises(PosttrainError) as refused:
+        Augment(policy=policy, **{key: value})
+    message = str(refused.value)
+    assert f"`reg.augment.{key}`" in message and "randaugment" in message, message
+    assert policy in message and "\n" not in message
+    Augment(policy="randaugment", **{key: value})  # where they apply, they are accepted
+
+
+@pytest.mark.parametrize(
+    ("options", "said"),
+    [
+        ({"magnitude": 4.5}, "reg.augment.magnitude"),
+        ({"magnitude": 31}, "reg.augment.magnitude"),
+        ({"num_ops": 0}, "reg.augment.num_ops"),
+        ({"num_ops": 1.5}, "reg.augment.num_ops"),
+    ],
+)
+def test_randaugment_knob_values_are_checked(options: dict, said: str) -> None:
+    """A float magnitude used to fail inside torchvision at the first training batch."""
+    with pytest.raises(PosttrainError, match=said.replace(".", r"\.")):
+        Augment(policy="randaugment", **options)
+
+
+def test_randaugment_knobs_change_the_batches() -> None:
+    """The knobs it accepts take effect: another magnitude, other training images."""
+    images = torch.rand(8, 1, 16, 16)
+    outputs = []
+    for magnitude, num_ops in ((0, 2), (30, 2), (30, 5)):
+        torch.manual_seed(0)
+        transform = Augment("randaugment", translate=0, magnitude=magnitude, num_ops=num_ops)
+        outputs.append(transform.batch_transform(10)(images, torch.zeros(8))[0])
+    assert not torch.equal(outputs[0], outputs[1]) and not torch.equal(outputs[1], outputs[2])
+
+
 def test_translation_is_per_image_and_whole_pixel() -> None:
     from posttrain.regularizers.augment import random_translate_flip
 

@@ -49,7 +49,8 @@ from torch import Tensor
 
 log = logging.getLogger("posttrain")
 
-FORMAT = "pil-convert/pil_to_tensor/resize-bilinear-antialias/v1"
+# v2: 16-bit pixels scaled to 8 bits before `convert` (v1 clipped them at 255).
+FORMAT = "16bit-scaled/pil-convert/pil_to_tensor/resize-bilinear-antialias/v2"
 # When images differ in size and `data.options.size` is not set, they are resized to this.
 DEFAULT_SIZE = 64
 

@@ -75,12 +75,31 @@ def stratified_split(
 
 
 def per_class_subset(labels: Tensor, per_class: int, generator: torch.Generator) -> Tensor:
-    """Indices of at most `per_class` seeded examples of every class (the low-label regime)."""
+    """Indices of `per_class` seeded examples of every class (the low-label regime); a class
+    with fewer gives all it has (`check_samples_per_class` refuses that case first)."""
     chosen = []
     for cls in labels.unique():
         members = (labels == cls).nonzero().flatten()
         chosen.append(members[torch.randperm(len(members), generator=generator)[:per_class]])
     return torch.cat(chosen).sort().values
+
+
+def check_samples_per_class(labels: Tensor, per_class: int, class_names: list[str]) -> None:
+    """Every class has `per_class` training images to keep. Observed: a class of 1 image gave
+    5/5/1 training images with `data.samples_per_class=5` and no word, though the setting
+    promises K of every class (the low-label comparisons assume it)."""
+    classes, counts = labels.unique(return_counts=True)
+    short = [(class_names[c], n) for c, n in zip(classes.tolist(), counts.tolist(), strict=True)]
+    short = [(name, count) for name, count in short if count < per_class]
+    listed = ", ".join(f"{name} ({count})" for name, count in short[:10])
+    more = f" and {len(short) - 10} more" if len(short) > 10 else ""
+    require(
+        not short,
+        f"`data.samples_per_class`={per_class} keeps {per_class} training images of every "
+        f"class, but {len(short)} class(es) have fewer in the training split (what is left "
+        f"once validation and test images are held out): {listed}{more}. Set it "
+        f"to at most {int(counts.min())}, or give those classes more images.",
+    )
 
 
 def keep_classes(data: LabelledImages | None, classes: list[int]) -> LabelledImages | None:
@@ -266,6 +285,7 @@ class ImageClassificationDataModule(SourceDataModule):
         check_classes_are_trained({"val": val, "test": test}, pool, self.source)
         train = pool
         if self.samples_per_class is not None:
+            check_samples_per_class(pool.labels, self.samples_per_class, class_names)
             kept = per_class_subset(pool.labels, self.samples_per_class, generator)
             train = pool.subset(kept)
             left_out = torch.ones(len(pool), dtype=torch.bool)

@@ -485,6 +485,124 @@ def check_same_classes(splits: dict[str, Path], classes: list[str]) -> None:
         )
 
 
+# PIL modes of one channel wider than 8 bits: 16-bit PNGs open as I;16 (older Pillow: I).
+SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
+
+
+def to_eight_bits(image: Any, path: str | Path) -> Any:
+    """`image` (a PIL image) with 16-bit grayscale pixels scaled to 8 bits over the full
+    16-bit range (value // 256: 0 -> 0, 65535 -> 255), as torchvision's
+    `to_dtype(torch.uint8, scale=True)` does on a decoded 16-bit PNG and as PIL already does for
+    16-bit RGB PNGs; other modes unchanged. Why: PIL's `convert("L")` clips such pixels at 255.
+    Pixels outside 0..65535 (32-bit integers) and float pixels (mode F) have no range to scale
+    from: refused, naming the file, rather than guessed."""
+    import numpy as np
+    from PIL import Image
+
+    require(
+        image.mode != "F",
+        f"Image file {path} holds 32-bit float pixels (PIL mode F), whose range the file does "
+        "not define, so they cannot be scaled to the 0..255 the models read. Re-save it as an "
+        "8-bit or 16-bit image (PNG), e.g. `(array / array.max() * 65535).astype(numpy.uint16)`.",
+    )
+    if image.mode not in SIXTEEN_BIT_MODES:
+        return image
+    pixels = np.asarray(image).astype(np.int64)
+    low, high = (int(pixels.min()), int(pixels.max())) if pixels.size else (0, 0)
+    require(
+        low >= 0 and high <= 65535,
+        f"Image file {path} holds integer pixels from {low} to {high} (PIL mode {image.mode}); "
+        "8-bit (0..255) and 16-bit (0..65535) images are read, 16-bit ones scaled to 0..255. "
+        "Re-save it as an 8-bit or 16-bit image.",
+    )
+    return Image.fromarray((pixels // 256).astype(np.uint8))
+
+
+@dataclass(frozen=True)
+class ListedFile:
+    """An image file as listed (`path`, under `data.root`) and the file it is (`real`, links
+    resolved), so one file reached twice through links is recognised."""
+
+    path: str
+    real: str
+
+
+def walk_images(folder: Path, extensions: tuple[str, ...]) -> list[ListedFile]:
+    """Image files anywhere under `folder`, in path order, links followed but each real
+    directory entered once (`ln -s . again` inside a class folder made 24 files 344), hidden
+    files and folders skipped (`.ipynb_checkpoints/` copies, macOS `._name.png` forks).
+
+    An explicit depth-first walk with `os.scandir` in sorted order, so which path a linked
+    directory is listed under does not depend on the file system's order; paths are built as
+    strings (pathlib's rglob and Path sorting took ~1 s for 50,000 files, more than reading
+    them back from the decoded-image cache) and only directories and links are resolved."""
+    found: list[tuple[tuple[str, ...], ListedFile]] = []
+    entered: set[str] = set()
+    pending: list[tuple[str, tuple[str, ...]]] = [(str(folder), ())]
+    while pending:
+        directory, inner = pending.pop()
+        real = os.path.realpath(directory)
+        if real in entered:
+            continue
+        entered.add(real)
+        with os.scandir(directory) as scan:
+            entries = sorted((e for e in scan if not e.name.startswith(".")), key=lambda e: e.name)
+        folders = []
+        for entry in entries:
+            if entry.is_dir():
+                folders.append((entry.path, (*inner, entry.name)))
+            elif entry.name.lower().endswith(extensions):
+                found.append(((*inner, entry.name), listed_file(entry, real)))
+        pending += reversed(folders)
+    return [file for _, file in sorted(found, key=lambda pair: pair[0])]
+
+
+def listed_file(entry: os.DirEntry, directory: str) -> ListedFile:
+    """`entry` (in the real `directory`) as a `ListedFile`; a link to nothing is refused here,
+    where it is found, rather than failing later without a name."""
+    if not entry.is_symlink():
+        return ListedFile(entry.path, f"{directory}/{entry.name}")
+    real = os.path.realpath(entry.path)
+    require(
+        entry.is_file(),
+        f"Image file {entry.path} is a link to {real}, which is not a file (moved or "
+        "deleted?): restore it or remove the link.",
+    )
+    return ListedFile(entry.path, real)
+
+
+def once_each(files: list[ListedFile], folder: Path) -> list[ListedFile]:
+    """`files` with a real file reached again through a link (inside one class folder)
+    counted once, at its first path; logged, as the folder holds fewer images than names."""
+    first: dict[str, ListedFile] = {}
+    for file in files:
+        first.setdefault(file.real, file)
+    if len(first) < len(files):
+        log.warning(
+            "Class folder %s: %d of its %d image names are links to files already listed "
+            "there; each file counts once",
+            folder,
+            len(files) - len(first),
+            len(files),
+        )
+    return list(first.values())
+
+
+def check_one_place_each(files: list[ListedFile]) -> None:
+    """No real file is listed under two class (or split) folders: through a link, one image
+    would be two classes at once, or a test image that is also trained on."""
+    first: dict[str, str] = {}
+    for file in files:
+        other = first.setdefault(file.real, file.path)
+        require(
+            other == file.path,
+            f"Image files {other} and {file.path} are one file ({file.real}, reached through "
+            "a link) under two class or split folders: an image belongs to one class and one "
+            "split (else the test scores images it trained on). Remove one of the two "
+            "(folders are read with links followed).",
+        )
+
+
 class ImageFolderSource:
     """The user's own images, decoded once into memory, in one of two layouts:
 
@@ -541,13 +659,16 @@ class ImageFolderSource:
 
     @staticmethod
     def decode_file(path: str | Path, channels: int, size: int | None) -> Tensor:
-        """One image file -> uint8 (channels, size, size); size None: its own size."""
+        """One image file -> uint8 (channels, size, size); size None: its own size.
+
+        High-bit-depth pixels are scaled to 8 bits first (`to_eight_bits`): PIL's `convert`
+        clips them, and 16-bit PNGs of 10,000-50,000 decoded to all-255 images."""
         from PIL import Image, UnidentifiedImageError
         from torchvision.transforms.v2 import functional as F
 
         try:
             with Image.open(path) as image:
-                image = image.convert("L" if channels == 1 else "RGB")
+                image = to_eight_bits(image, path).convert("L" if channels == 1 else "RGB")
                 tensor = F.pil_to_tensor(image)
         except (OSError, UnidentifiedImageError) as error:
             raise PosttrainError(f"Cannot read image file {path}: {error}.") from error
@@ -555,29 +676,19 @@ class ImageFolderSource:
             return tensor
         return F.resize(tensor, [size, size], antialias=True)
 
-    def image_files(self, folder: Path) -> list[str]:
-        """Image files anywhere under `folder`, in path order (walked with `os.walk` and
-        sorted as strings: pathlib's rglob and Path sorting took ~1 s for 50,000 files,
-        more than reading them back from the decoded-image cache)."""
-        bare = {e[1:] for e in self.EXTENSIONS}  # `.png` alone is a hidden file, not a PNG
-        found: list[tuple[tuple[str, ...], str]] = []
-        for directory, _, names in os.walk(folder, followlinks=True):
-            inner = Path(directory).relative_to(folder).parts
-            for name in names:
-                low = name.lower()
-                if low.endswith(self.EXTENSIONS) and low.lstrip(".") not in bare:
-                    found.append(((*inner, name), f"{directory}/{name}"))
-        files = [path for _, path in sorted(found)]
+    def image_files(self, folder: Path) -> list[ListedFile]:
+        """Image files anywhere under `folder` (`walk_images`), each real file once."""
+        files = walk_images(folder, self.EXTENSIONS)
         require(
             bool(files),
             f"Class folder {folder} (under `data.root`) holds no images "
             f"({', '.join(self.EXTENSIONS)}); remove it or add its images.",
         )
-        return files
+        return once_each(files, folder)
 
-    def list_classes(self, folder: Path) -> tuple[list[str], list[int]]:
+    def list_classes(self, folder: Path) -> tuple[list[ListedFile], list[int]]:
         """`folder/<class>/<images>` for this source's classes: files and labels (by name)."""
-        files: list[str] = []
+        files: list[ListedFile] = []
         labels: list[int] = []
         for label, name in enumerate(self.class_names):
             found = self.image_files(folder / name)
@@ -587,8 +698,10 @@ class ImageFolderSource:
 
     def list_folders(self, folders: dict[str, Path]) -> dict[str, LabelledImages]:
         """Every folder's images, listed as one `ImageFiles` (decoded in one pass: one size
-        for all, one cache entry)."""
-        listed = {split: self.list_classes(folder) for split, folder in folders.items()}
+        for all, one cache entry); one real file under two class or split folders is refused."""
+        found = {split: self.list_classes(folder) for split, folder in folders.items()}
+        check_one_place_each([f for files, _ in found.values() for f in files])
+        listed = {s: ([f.path for f in files], labels) for s, (files, labels) in found.items()}
         files = ImageFiles(
             [path for paths, _ in listed.values() for path in paths],
             self.decode_file,
@@ -685,13 +798,7 @@ class OmniglotSource:
 
     def character_folders(self, part: str) -> list[Path]:
         folder = self.root / self.FOLDER / part
-        characters = sorted(
-            c
-            for a in sorted(folder.iterdir())
-            if a.is_dir()
-            for c in sorted(a.iterdir())
-            if c.is_dir()
-        )
+        characters = [folder / a / c for a in sub_folders(folder) for c in sub_folders(folder / a)]
         require(bool(characters), f"Omniglot folder {folder} holds no character folders.")
         return characters
 

@@ -38,10 +38,29 @@ def random_translate_flip(images: Tensor, translate: float, flip: bool) -> Tenso
     return F.grid_sample(images, grid, mode="nearest", padding_mode="zeros", align_corners=False)
 
 
+def is_count(value: object, low: int, high: int | None = None) -> bool:
+    """`value` is an int (not a bool) in [low, high] (high None: no upper bound)."""
+    return (
+        isinstance(value, int)
+        and not isinstance(value, bool)
+        and low <= value
+        and (high is None or value <= high)
+    )
+
+
 class Augment:
-    """`policy`: basic (translate + optional flip), randaugment or trivialaugment on top."""
+    """`policy`: basic (translate + optional flip), randaugment or trivialaugment on top.
+
+    `magnitude` and `num_ops` are RandAugment's: TrivialAugment draws its own magnitude and
+    applies one op per image, `basic` has no ops. Changed for a policy that ignores them, they
+    are refused (runs with magnitude 0 and 30 under trivialaugment were identical)."""
 
     POLICIES: ClassVar[tuple[str, ...]] = ("basic", "randaugment", "trivialaugment")
+    # Policy-specific keys: their defaults and the policies that read them.
+    POLICY_KEYS: ClassVar[dict[str, tuple[int, tuple[str, ...]]]] = {
+        "magnitude": (9, ("randaugment",)),
+        "num_ops": (2, ("randaugment",)),
+    }
     key = "augment"
     needs: ClassVar[frozenset[str]] = frozenset({"image_batches"})
     stage = 0  # before mixing regularizers
@@ -60,11 +79,32 @@ class Augment:
             f"Config key `reg.augment.translate` must be in [0, 0.5), got {translate!r}.",
         )
         require(
-            0 <= magnitude <= 30,
-            f"Config key `reg.augment.magnitude` must be in [0, 30], got {magnitude!r}.",
+            is_count(magnitude, 0, 30),
+            f"Config key `reg.augment.magnitude` must be an integer in [0, 30] (RandAugment's "
+            f"31 magnitude bins), got {magnitude!r}.",
         )
+        require(
+            is_count(num_ops, 1),
+            f"Config key `reg.augment.num_ops` must be an integer of at least 1 (operations "
+            f"per image; for none use `reg.augment.policy=basic`), got {num_ops!r}.",
+        )
+        self.check_policy_keys(policy, {"magnitude": magnitude, "num_ops": num_ops})
         self.policy, self.translate, self.flip = policy, translate, flip
         self.magnitude, self.num_ops = magnitude, num_ops
+
+    @classmethod
+    def check_policy_keys(cls, policy: str, values: dict[str, int]) -> None:
+        """A policy-specific key changed from its default must be one `policy` reads:
+        accepted and ignored, it would make a sweep over it compare identical runs."""
+        for name, value in values.items():
+            default, users = cls.POLICY_KEYS[name]
+            require(
+                value == default or policy in users,
+                f"Config key `reg.augment.{name}`={value!r} is used only by "
+                f"`reg.augment.policy={' or '.join(users)}`, and the policy is {policy!r}, "
+                f"which ignores it: set the policy to {' or '.join(users)}, or leave "
+                f"`reg.augment.{name}` at its default ({default}).",
+            )
 
     def _policy_transform(self):
         from torchvision.transforms import v2
