@@ -44,6 +44,26 @@ def test_a_run_killed_after_continuing_a_completed_run_reads_running(tmp_path: P
     assert not any(key.startswith(("test/", "val/")) for key in record)  # no stale numbers
 
 
+def test_a_run_refused_before_it_starts_keeps_the_folders_record(tmp_path: Path) -> None:
+    """Observed: a resume in place refused for a changed `optimizer.lr`, and an `eval.py`
+    pointed at the run's folder, replaced the completed run's metrics.json (its test numbers)
+    with `failed`, though neither had changed anything in the folder."""
+    from posttrain.evaluate import evaluate
+    from posttrain.runs import guarded
+
+    run_dir = tmp_path / "run"
+    train(compose_config(run_dir, [*TINY, "trainer.max_epochs=1"]))
+    completed = (run_dir / "metrics.json").read_text()
+    resume = [*TINY, "trainer.max_epochs=2", "ckpt_path=last", "optimizer.lr=0.9"]
+    with pytest.raises(SystemExit):
+        guarded(train, compose_config(run_dir, resume))
+    best = run_dir / "checkpoints" / "best.ckpt"
+    evaluation = compose_config(run_dir, ["logger=none", f"ckpt_path={best}"], "eval")
+    with pytest.raises(SystemExit):
+        guarded(evaluate, evaluation)
+    assert (run_dir / "metrics.json").read_text() == completed
+
+
 def sweep_job(sweep: Path, *overrides: str) -> DictConfig:
     """The config of job 0 of a sweep into `sweep`, as the job itself sees it."""
     multirun = ["hydra.mode=MULTIRUN", f"hydra.sweep.dir={sweep}"]

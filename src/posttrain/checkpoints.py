@@ -61,6 +61,11 @@ def load_checkpoint(path: str | Path, key: str) -> dict[str, Any]:
     import torch
 
     file = Path(str(path))
+    require(
+        not file.is_dir(),
+        f"Config key `{key}`: {file} is a folder, not a checkpoint file; name the file in it, "
+        f"e.g. `{key}={file / 'checkpoints' / 'best.ckpt'}`.",
+    )
     require(file.is_file(), f"Config key `{key}`: checkpoint file {file} does not exist.")
     try:
         loaded = torch.load(file, map_location="cpu", weights_only=True)

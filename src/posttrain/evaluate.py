@@ -8,6 +8,7 @@ checkpoint, so evaluation needs nothing but the file; trainer/logger/paths come 
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
@@ -78,6 +79,19 @@ def check_same_test_split(trained: DictConfig, evaluated: DictConfig) -> None:
     )
 
 
+def check_not_a_training_folder(output_dir: Path) -> None:
+    """eval.py writes its own metrics.json: in a training run's folder it would replace the
+    record of that run (its test numbers, its status)."""
+    from posttrain.errors import require
+
+    require(
+        not (output_dir / "checkpoints").is_dir(),
+        f"Config key `hydra.run.dir`: {output_dir} is a training run's folder, and eval.py "
+        "would replace its metrics.json with the evaluation's. Leave `hydra.run.dir` out "
+        "(evaluations get their own folder under outputs/eval/) or name a new folder.",
+    )
+
+
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Test the checkpoint (with `tta=` views, then `calibration=`); writes metrics.json in
     the eval run folder."""
@@ -98,7 +112,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     from posttrain.tta import VIEWS, augmented_predictions, check_tta
 
     check_run_config(cfg)
-    record_start(cfg)  # a killed evaluation never reads as the folder's earlier record
+    check_not_a_training_folder(Path(cfg.paths.output_dir))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     checkpoint = load_checkpoint(cfg.ckpt_path, key="ckpt_path")
     trained = OmegaConf.create(stored_config(checkpoint, cfg.ckpt_path, key="ckpt_path"))
@@ -107,6 +121,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     check_resumable(checkpoint, method, cfg.ckpt_path)  # e.g. a 10-class head on 100 classes
     calibration = calibration_for(cfg, method)
     check_tta(cfg.tta, method)
+    record_start(cfg)  # a killed evaluation never reads as the folder's earlier record
     needs = {"test": "the evaluation is its test", **splits_needed(calibration)}
     trainer = build_trainer(cfg, extra_callbacks=[RefuseEmptySplits(("test",), needs)])
     metrics: dict[str, float] = {"test/tta_views": float(len(VIEWS[cfg.tta]))}

@@ -67,6 +67,28 @@ def is_rank_zero() -> bool:
     return getattr(rank_zero_only, "rank", 0) == 0
 
 
+# Run folders whose `running` record this process wrote: from then on the folder's record is
+# this run's, and its failure or interruption replaces it.
+STARTED_HERE: set[Path] = set()
+
+
+def may_replace_record(output_dir: Path) -> bool:
+    """Whether a failure or interruption may be written over the folder's metrics.json.
+
+    A run refused before it started (a resume in place with a changed `optimizer.lr`, a
+    checkpoint that does not fit) changed nothing in its folder: the record of the run that
+    is there (completed, interrupted, running) stays true and is kept; a failure replaces
+    only an earlier failure.
+    """
+    if output_dir in STARTED_HERE:
+        return True
+    try:
+        earlier = json.loads((output_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return True  # nothing readable to keep
+    return earlier.get("status") not in ("completed", "interrupted", "running")
+
+
 def record_start(cfg: DictConfig) -> None:
     """metrics.json says `running` from the run's start, replacing what the folder held.
 
@@ -81,6 +103,7 @@ def record_start(cfg: DictConfig) -> None:
     if not is_rank_zero():
         return
     output_dir = Path(cfg.paths.output_dir)
+    STARTED_HERE.add(output_dir)
     started = datetime.now().astimezone().isoformat(timespec="seconds")
     process = f"process {os.getpid()} on {socket.gethostname()}"
     write_json(
@@ -149,12 +172,14 @@ def record_interruption(output_dir: Path, stop: Any, task_name: str) -> None:
         f"{output_dir / 'checkpoints' / 'last.ckpt'} holds the last completed epoch; continue "
         "exactly"
     )
-    with contextlib.suppress(OSError):  # the terminal may be gone (`| tee` died with Ctrl-C)
-        print(
-            f"\nposttrain: interrupted by {stop.signal_name}: {progress} with: {resume}\n",
-            file=sys.stderr,
-            flush=True,
-        )
+    say(f"interrupted by {stop.signal_name}: {progress} with: {resume}")
+
+
+def say(message: str) -> None:
+    """A stopping run's last word on stderr; the terminal may be gone (`| tee` died with
+    the same Ctrl-C), and that must not stop the run from ending."""
+    with contextlib.suppress(OSError):
+        print(f"\nposttrain: {message}\n", file=sys.stderr, flush=True)
 
 
 def guarded(task: Callable[[DictConfig], dict[str, float]], cfg: DictConfig) -> float | None:
@@ -176,7 +201,11 @@ def guarded(task: Callable[[DictConfig], dict[str, float]], cfg: DictConfig) -> 
             metrics = task(cfg)
     except RunInterrupted as stop:  # also in a sweep: the scheduler is stopping everything
         try:
-            record_interruption(output_dir, stop, str(cfg.get("task_name", "train")))
+            if may_replace_record(output_dir):
+                record_interruption(output_dir, stop, str(cfg.get("task_name", "train")))
+            else:
+                say(f"interrupted by {stop.signal_name} before the run started; "
+                    f"{output_dir / 'metrics.json'} keeps the earlier run's record")  # fmt: skip
             if is_multirun():
                 write_sweep_report_now()
         finally:  # whatever the record met (a closed pipe, a full disk), the sweep stops here
@@ -188,7 +217,10 @@ def guarded(task: Callable[[DictConfig], dict[str, float]], cfg: DictConfig) -> 
             raise SystemExit(2) from None
         detail = str(user_error) if user_error else "".join(traceback.format_exception(error))
         status = user_error.status if user_error else "failed"
-        write_json(output_dir / "metrics.json", {"status": status, "error": detail})
+        if may_replace_record(output_dir):
+            write_json(output_dir / "metrics.json", {"status": status, "error": detail})
+        else:
+            log.info("kept %s: this run stopped before it started", output_dir / "metrics.json")
         if is_multirun():
             log.error("job failed (the sweep continues): %s", detail)
             return float("nan")
@@ -494,5 +526,6 @@ def record_run(
         return
     output_dir = Path(cfg.paths.output_dir)
     write_json(output_dir / "metrics.json", {"status": "completed", **metrics})
+    STARTED_HERE.discard(output_dir)  # the record is the finished run's from now on
     log_hparams(trainer, config, metrics)
     print_summary(output_dir, metrics, cfg.paths.log_dir)

@@ -61,8 +61,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # the start statement says it
     ckpt_path = cfg.get("ckpt_path") or unfinished_sweep_job(cfg)
     config = resolved_config(cfg)
-    record_start(cfg)  # from here a kill leaves `running`, never the folder's earlier record
-    keep_job_record(cfg, config)
     ckpt_path = resume_path(ckpt_path, cfg.paths.output_dir)
     resumed = load_checkpoint(ckpt_path, key="ckpt_path") if ckpt_path else None
     if resumed is not None and isinstance(resumed.get(CONFIG_KEY), dict):
@@ -72,6 +70,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     calibration = calibration_for(cfg, method)  # refused here, before any training
     if resumed is not None:
         check_resumable(resumed, method, ckpt_path)  # before any work is done
+    # Refusals above leave the folder's record alone (`runs.may_replace_record`); from here a
+    # kill leaves `running`, never the folder's earlier record.
+    record_start(cfg)
+    keep_job_record(cfg, config)
     epochs = CompletedEpochs()
     needs = {"train": "training needs it", **splits_needed(calibration)}
     splits = RefuseEmptySplits(("train", "val", "test"), needs)
