@@ -280,6 +280,11 @@ class EpisodicDataModule(SourceDataModule):
         )
         generator = None
         if split == "train":
+            # One stream of training episodes per run, however many loaders are asked for (a
+            # set-up check builds one before Lightning does; a resume restored the first).
+            previous = getattr(self, "train_stream", None)
+            if previous is not None:
+                stream.stream.set_state(previous.stream.get_state())
             self.train_stream = stream  # before the generator: a pending resume restores both
             generator = self.train_generator()
         return DataLoader(
