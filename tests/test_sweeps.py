@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
+import math
+import statistics
 from pathlib import Path
 
 import pytest
 import yaml
 
-from posttrain.report import write_report
+from posttrain.report import SweepPlot, collect, sweep_series, swept_keys, write_report
 from tests.conftest import PROBE, read_probes, run_cli
 
 
@@ -81,6 +84,81 @@ def test_report_command_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> N
 def test_report_refuses_a_folder_without_jobs(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="no Hydra job folders"):
         write_report(tmp_path)
+
+
+def seed_sweep(sweep: Path, keys: dict[str, list[str]], accuracy) -> None:
+    """Job folders of `-m seed=0,1,2 <keys>` in Hydra's order (seed outermost, as typed
+    first); `accuracy(overrides)` gives each job's test/acc."""
+    names = ["seed", *keys]
+    for number, values in enumerate(itertools.product(["0", "1", "2"], *keys.values())):
+        overrides = dict(zip(names, values, strict=True))
+        metrics = {"status": "completed", "test/acc": accuracy(overrides), "val/acc_gap": 0.0}
+        listed = [f"{k}={v}" for k, v in overrides.items()]
+        fake_job(sweep, f"{number}_{','.join(listed)}", listed, metrics)
+
+
+def plotted(sweep: Path, metric: str = "test/acc") -> SweepPlot:
+    rows = collect(sweep)
+    return sweep_series(rows, swept_keys(rows), metric)
+
+
+def test_report_plot_averages_seeds_only_and_never_plots_against_them(tmp_path: Path) -> None:
+    """Observed: `-m seed=0,1,2 reg=l2 reg.l2.weight=0,0.01` plotted test/acc against
+    `seed` (the first numeric key typed), each error bar pooling the two weights."""
+
+    def accuracy(job: dict[str, str]) -> float:
+        return 0.5 + float(job["reg.l2.weight"]) * 10 + int(job["seed"]) / 100
+
+    seed_sweep(tmp_path, {"reg": ["l2"], "reg.l2.weight": ["0", "0.01"]}, accuracy)
+    plot = plotted(tmp_path)
+    assert plot.x_key == "reg.l2.weight"
+    (series,) = [s for s in plot.series if s.metric == "test/acc"]
+    assert [p.x for p in series.points] == [0.0, 0.01]
+    assert [p.n for p in series.points] == [3, 3]
+    for point, weight in zip(series.points, (0.0, 0.01), strict=True):
+        values = [0.5 + weight * 10 + seed / 100 for seed in range(3)]
+        assert point.mean == pytest.approx(statistics.mean(values))
+        assert point.std == pytest.approx(statistics.stdev(values))  # the sample std, as README
+    write_report(tmp_path)
+    assert (tmp_path / "report.png").stat().st_size > 1000
+
+
+def test_report_plot_draws_one_line_per_other_swept_value(tmp_path: Path) -> None:
+    """A second swept key, numeric or not, is one line per value, never pooled into a bar."""
+
+    def accuracy(job: dict[str, str]) -> float:
+        return (0.9 if job["reg"] == "l2" else 0.6) - float(job["reg.dropout.p"]) / 10
+
+    seed_sweep(tmp_path, {"reg": ["l2", "dropout"], "reg.dropout.p": ["0.1", "0.5"]}, accuracy)
+    plot = plotted(tmp_path)
+    assert plot.x_key == "reg.dropout.p"
+    lines = {s.group: s for s in plot.series if s.metric == "test/acc"}
+    assert sorted(lines) == ["reg=dropout", "reg=l2"]
+    assert [p.mean for p in lines["reg=l2"].points] == pytest.approx([0.89, 0.85])
+    assert [p.mean for p in lines["reg=dropout"].points] == pytest.approx([0.59, 0.55])
+    assert all(p.n == 3 and p.std == pytest.approx(0.0) for s in lines.values() for p in s.points)
+
+
+def test_report_plot_without_a_numeric_key_puts_the_choices_side_by_side(tmp_path: Path) -> None:
+    """`-m seed=0,1,2 reg=l2,dropout`: the choices are the x positions, seeds their repeats."""
+    seed_sweep(tmp_path, {"reg": ["l2", "dropout"]}, lambda job: 0.1 * int(job["seed"]))
+    plot = plotted(tmp_path)
+    assert plot.x_key is None and plot.x_labels == ["reg=l2", "reg=dropout"]
+    (series,) = [s for s in plot.series if s.metric == "test/acc"]
+    assert [(p.x, p.n) for p in series.points] == [(0.0, 3), (1.0, 3)]
+    assert series.points[0].std == pytest.approx(statistics.stdev([0.0, 0.1, 0.2]))
+    write_report(tmp_path)
+    assert (tmp_path / "report.png").stat().st_size > 1000
+
+
+def test_report_plot_of_one_run_per_point_shows_no_spread(tmp_path: Path) -> None:
+    """n=1: the sample std is undefined, so no error bar is drawn (not a zero-width one)."""
+    for index, weight in enumerate(["0", "0.1"]):
+        metrics = {"status": "completed", "test/acc": 0.5, "val/acc_gap": 0.0}
+        fake_job(tmp_path, f"{index}_w={weight}", [f"reg.l2.weight={weight}"], metrics)
+    (series, _gap) = plotted(tmp_path).series
+    assert [p.n for p in series.points] == [1, 1]
+    assert all(math.isnan(p.std) for p in series.points)
 
 
 @pytest.mark.slow

@@ -15,6 +15,7 @@ import csv
 import json
 import logging
 import math
+import statistics
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -224,46 +225,165 @@ def write_tables(
     (sweep_dir / "report.md").write_text("\n".join(lines) + "\n")
 
 
+REPEAT_KEY = "seed"  # the one swept key whose jobs are repeats of one setting
+
+
+@dataclass(frozen=True)
+class Point:
+    """One plotted point: the mean of `n` jobs' metric and its sample std (ddof=1, as the
+    README's tables; NaN when n=1, where no spread is known)."""
+
+    x: float
+    mean: float
+    std: float
+    n: int
+
+
+@dataclass(frozen=True)
+class Series:
+    """One line of the plot: `metric` for the jobs whose other swept keys read `group`."""
+
+    metric: str
+    group: str
+    points: list[Point]
+
+
+@dataclass(frozen=True)
+class SweepPlot:
+    """What the plot shows. `x_key` is the swept value on the x-axis; without a numeric
+    swept key (other than `seed`) the x positions are the jobs' settings, `x_labels`."""
+
+    x_key: str | None
+    x_labels: list[str] | None
+    series: list[Series]
+
+
+def summarize(values: Sequence[float]) -> tuple[float, float, int]:
+    """Mean, sample std and n: the std of repeats estimates the spread of a new run, so it
+    divides by n-1 (the population std understates it, by a third at n=3)."""
+    if not values:
+        return math.nan, math.nan, 0
+    mean = statistics.fmean(values)
+    return mean, statistics.stdev(values) if len(values) > 1 else math.nan, len(values)
+
+
+def x_axis_key(rows: list[JobRow], keys: list[str]) -> str | None:
+    """The first swept key, other than `seed`, whose value is a number in every job.
+    `seed` is never the x-axis: runs differing only by seed are repeats of one setting."""
+    numeric = (
+        key
+        for key in keys
+        if key != REPEAT_KEY and all(as_number(r.overrides.get(key, "")) is not None for r in rows)
+    )
+    return next(numeric, None)
+
+
+def setting(row: JobRow, keys: Sequence[str]) -> str:
+    return ", ".join(f"{key}={row.overrides.get(key, '')}" for key in keys)
+
+
+def sweep_series(rows: list[JobRow], keys: list[str], metric: str) -> SweepPlot:
+    """The plotted data: `metric` and the train/val gap of the completed jobs, averaged over
+    `seed` only; every other swept key gives its own line (or, with no numeric key to plot
+    against, its own x position), so no point pools different settings."""
+    x_key = x_axis_key(rows, keys)
+    line_keys = [key for key in keys if key not in (x_key, REPEAT_KEY)]
+    completed = [r for r in rows if r.status == "completed"]
+    if x_key is None:  # categorical: each setting is a position, one line per metric
+        labels = list(dict.fromkeys(setting(r, line_keys) for r in completed))
+        position = {label: float(index) for index, label in enumerate(labels)}
+        groups = {"": [(position[setting(r, line_keys)], r) for r in completed]}
+    else:
+        labels = None
+        groups = {}
+        for row in completed:
+            group = groups.setdefault(setting(row, line_keys), [])
+            group.append((as_number(row.overrides[x_key]) or 0.0, row))
+    series = []
+    for name in (metric, "val/acc_gap"):
+        for group, members in groups.items():
+            points = []
+            for x in sorted({x for x, _ in members}):
+                values = [r.metrics[name] for at, r in members if at == x and name in r.metrics]
+                if values:
+                    points.append(Point(x, *summarize(values)))
+            series.append(Series(name, group, points))
+    return SweepPlot(x_key, labels, series)
+
+
+def counts_label(points: Sequence[Point]) -> str:
+    """`n=3` (seeds per point) for a legend; a range when the points differ (a failed seed)."""
+    counts = sorted({p.n for p in points})
+    return f"n={counts[0]}" if len(counts) == 1 else f"n={counts[0]}-{counts[-1]}"
+
+
+def draw_series(axes: Any, plot: SweepPlot) -> None:
+    """Each series with sample-std error bars; n in its legend entry, and at each point
+    where the points of one line rest on different numbers of jobs."""
+    import matplotlib.pyplot as plt
+
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    groups = list(dict.fromkeys(s.group for s in plot.series))
+    for item in plot.series:
+        if not item.points:
+            continue
+        style = "o-" if item.metric != "val/acc_gap" else "s--"
+        color = colors[groups.index(item.group) % len(colors)]
+        label = (
+            f"{item.metric}{' ' + item.group if item.group else ''} ({counts_label(item.points)})"
+        )
+        axes.errorbar(
+            [p.x for p in item.points],
+            [p.mean for p in item.points],
+            yerr=[0.0 if math.isnan(p.std) else p.std for p in item.points],
+            fmt=style,
+            color=color,
+            capsize=3,
+            label=label,
+        )
+        if len({p.n for p in item.points}) > 1:
+            for p in item.points:
+                axes.annotate(f"n={p.n}", (p.x, p.mean), textcoords="offset points",
+                              xytext=(4, 4), fontsize=7, color=color)  # fmt: skip
+
+
+def scale_x(axes: Any, xs: Sequence[float]) -> None:
+    """A log axis when the values span decades (symlog when 0 is among them)."""
+    positive = [x for x in xs if x > 0]
+    if len(positive) == len(xs) and positive and max(positive) / min(positive) >= 100:
+        axes.set_xscale("log")
+    elif positive and max(positive) / min(positive) >= 100:
+        axes.set_xscale("symlog", linthresh=min(positive))
+
+
 def plot(
     rows: list[JobRow], keys: list[str], sweep_dir: Path, metric: str, soups: Sequence[JobRow] = ()
 ) -> bool:
-    """Metric and train/val gap against the first numeric swept key (mean ± std over repeats)."""
-    numeric = [k for k in keys if all(as_number(r.overrides.get(k, "")) is not None for r in rows)]
-    if not numeric:
+    """Metric and train/val gap against the swept value (`sweep_series`): mean ± sample std
+    over seeds, n shown; False (no plot) when nothing was swept."""
+    if not keys:
         return False
-    key = numeric[0]
+    data = sweep_series(rows, keys, metric)
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
-    completed = [r for r in rows if r.status == "completed"]
-    xs = sorted({as_number(r.overrides[key]) for r in completed})
-    figure, axes = plt.subplots(figsize=(6, 4))
-    for name, style in ((metric, "o-"), ("val/acc_gap", "s--")):
-        means, stds = [], []
-        for x in xs:
-            values = [
-                r.metrics[name]
-                for r in completed
-                if as_number(r.overrides[key]) == x and name in r.metrics
-            ]
-            means.append(np.mean(values) if values else np.nan)
-            stds.append(np.std(values) if values else np.nan)
-        axes.errorbar(xs, means, yerr=stds, fmt=style, capsize=3, label=name)
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    draw_series(axes, data)
     for soup, style in zip(soups, (":", "-.", "--"), strict=False):
         if metric in soup.metrics:
             axes.axhline(soup.metrics[metric], linestyle=style, color="k", label=soup.folder)
-    positive = [x for x in xs if x > 0]
-    if len(positive) == len(xs) and positive and max(positive) / min(positive) >= 100:
-        axes.set_xscale("log")
-    elif positive and min(positive) > 0 and max(positive) / min(positive) >= 100:
-        axes.set_xscale("symlog", linthresh=min(positive))
-    axes.set_xlabel(key)
-    axes.set_title(f"{sweep_dir.name}: {metric} and train/val gap")
+    if data.x_key is not None:
+        scale_x(axes, sorted({p.x for s in data.series for p in s.points}))
+        axes.set_xlabel(data.x_key)
+    else:
+        labels = data.x_labels or []
+        axes.set_xticks(range(len(labels)), [label or "all jobs" for label in labels])
+    repeats = " (mean ± sample std over seed)" if REPEAT_KEY in keys else ""
+    axes.set_title(f"{sweep_dir.name}: {metric} and train/val gap{repeats}", fontsize=9)
     axes.grid(alpha=0.3)
-    axes.legend()
+    axes.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(sweep_dir / "report.png", dpi=120)
     plt.close(figure)
