@@ -34,6 +34,27 @@ def test_targets_are_derived_from_the_label() -> None:
     assert torch.equal(targets["large"], (labels >= 5).long())
 
 
+def test_derived_targets_are_properties_of_the_digit_under_data_classes() -> None:
+    """Observed: with `data.classes=[1,3,5,7,9]` the parity of the (all odd) digits was
+    0,1,0,1,0 and `large` 0,0,0,1,1: both were computed on the relabelled index 0..4."""
+    classes = [2, 3, 5, 8, 9]  # kept index -> digit
+    datamodule = ImageClassificationDataModule(classes=classes, targets=TASKS)
+    datamodule.setup()
+    targets = datamodule.task_targets["test"]
+    digits = torch.tensor(classes)[datamodule.splits["test"].labels]
+    assert torch.equal(targets["digit"], datamodule.splits["test"].labels)
+    assert torch.equal(targets["parity"], digits % 2)
+    assert torch.equal(targets["large"], (digits >= 5).long())
+    assert sorted(set(zip(digits.tolist(), targets["parity"].tolist(), strict=True))) == [
+        (2, 0), (3, 1), (5, 1), (8, 0), (9, 1)
+    ]  # fmt: skip
+
+
+def test_a_target_with_one_value_over_the_kept_classes_is_refused() -> None:
+    with pytest.raises(PosttrainError, match=r"data\.targets\.parity.*data\.classes"):
+        ImageClassificationDataModule(classes=[1, 3, 5, 7, 9], targets=TASKS)
+
+
 def test_one_head_per_task_with_the_right_sizes() -> None:
     learner = method()
     outputs = learner(torch.randn(4, 1, 16, 16))

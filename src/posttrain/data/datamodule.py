@@ -23,7 +23,7 @@ from posttrain.data.sources import (
     load_listed,
     make_source,
 )
-from posttrain.data.targets import derive_targets, parse_tasks
+from posttrain.data.targets import ClassIds, check_tasks_vary, derive_targets, parse_tasks
 from posttrain.data.transforms import channel_stats, normalize, to_model_input
 from posttrain.errors import require, require_fraction, require_positive
 
@@ -232,6 +232,8 @@ class ImageClassificationDataModule(SourceDataModule):
         self.source = make_source(dataset, root, download, dict(options or {}))
         self.classes = self.check_classes(classes)
         self.tasks = parse_tasks(dict(targets)) if targets else None
+        if self.tasks is not None and self.classes is not None:
+            check_tasks_vary(self.tasks, self.class_ids(torch.arange(len(self.classes))))
         self.task_targets: dict[str, dict[str, Tensor]] = {}
         self.image_size = image_size
         self.batch_size = batch_size
@@ -259,6 +261,12 @@ class ImageClassificationDataModule(SourceDataModule):
             f"[0, {total - 1}], got {classes!r}.",
         )
         return chosen
+
+    def class_ids(self, labels: Tensor) -> ClassIds:
+        """`labels` (kept-class indices) with the source's class ids they stand for, which
+        derived targets (`parity`, `large`) are functions of."""
+        source_ids = labels if self.classes is None else torch.tensor(self.classes)[labels]
+        return ClassIds(labels, source_ids, self.info.num_classes)
 
     @property
     def num_classes(self) -> int:
@@ -298,8 +306,7 @@ class ImageClassificationDataModule(SourceDataModule):
         if self.tasks is not None:
             self.task_targets = {
                 split: derive_targets(
-                    data.labels,
-                    self.num_classes,
+                    self.class_ids(data.labels),
                     self.tasks,
                     generator,
                     apply_missing=split == "train",
