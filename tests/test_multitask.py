@@ -118,6 +118,18 @@ def test_dwa_reweights_after_two_epochs() -> None:
     assert weights[1] > weights[2] > weights[0]  # the task that improved least weighs most
 
 
+def test_targets_with_a_single_task_method_are_refused_before_training(tmp_path: Path) -> None:
+    """Observed: `experiment=digits_multitask method=supervised` started training and
+    failed at the first step with `TypeError: cross_entropy_loss(): argument 'target' ...
+    must be Tensor, not dict`."""
+    from posttrain.runs import build_components
+    from tests.conftest import compose_config
+
+    cfg = compose_config(tmp_path, ["experiment=digits_multitask", "method=supervised"])
+    with pytest.raises(PosttrainError, match=r"`data\.targets`.*`method=multitask`"):
+        build_components(cfg)
+
+
 def test_multitask_without_targets_is_a_clear_error() -> None:
     model = build_classifier("small_cnn", 10, 1)
     with pytest.raises(PosttrainError, match=r"data\.targets"):

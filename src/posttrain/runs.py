@@ -272,8 +272,26 @@ def build_components(cfg: DictConfig) -> tuple[L.LightningDataModule, L.Lightnin
     )
     regularizers = RegularizerSet(instantiate_named(cfg.get("reg")))
     method = instantiate(cfg.method, model=model, regularizers=regularizers, _convert_="all")
+    check_targets_fit_method(datamodule, method)
     regularizers.attach(method, datamodule)
     return datamodule, method
+
+
+def check_targets_fit_method(datamodule: L.LightningDataModule, method: L.LightningModule) -> None:
+    """`data.targets` makes every batch carry a dict of per-task targets, which only a method
+    offering `task_targets` trains on. Observed: `method=supervised` took them and failed at
+    the first training step with a raw `TypeError` from cross_entropy (target is a dict)."""
+    tasks = getattr(datamodule, "tasks", None)
+    if not tasks or "task_targets" in getattr(method, "offers", ()):
+        return
+    name = getattr(method, "method_name", type(method).__name__)
+    raise PosttrainError(
+        f"Config key `data.targets` declares per-task targets "
+        f"({', '.join(task.name for task in tasks)}), which only `method=multitask` trains on "
+        f"(one head per task); `method={name}` trains one classifier on the class label and "
+        "cannot use them. Use `method=multitask` (e.g. `experiment=digits_multitask`), or "
+        "drop the tasks with `~data.targets`."
+    )
 
 
 def build_trainer(cfg: DictConfig, extra_callbacks: list[Callback]) -> L.Trainer:

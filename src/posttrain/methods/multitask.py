@@ -122,6 +122,7 @@ class MultiTaskClassifier(MethodCore):
         "embedding_dropout",
         "cross_entropy",
         "image_batches",
+        "task_targets",
     }
     method_name = "multitask"
 

@@ -32,6 +32,8 @@ CAPABILITIES: dict[str, str] = {
     "embedding_dropout": "dropout on the embedding its predictions are made from",
     "cross_entropy": "a cross-entropy training loss whose targets can be smoothed",
     "validation_accuracy": "`val/acc` after every validation epoch",
+    # Not a regularizer's need: what lets a method train on `data.targets` (runs.py checks).
+    "task_targets": "a loss per task of `data.targets` (a dict of targets per batch)",
 }
 
 
