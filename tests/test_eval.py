@@ -132,3 +132,25 @@ def test_a_split_override_is_refused_and_other_data_is_not(tmp_path: Path) -> No
     evaluation_config(trained, asked("data.dataset=cifar10"))  # other data: no leak
     with pytest.raises(PosttrainError, match="does not take `model`"):  # not Hydra's struct
         evaluation_config(trained, asked("model.width=64"))
+
+
+def test_an_episodic_class_split_override_is_refused(tmp_path: Path) -> None:
+    """Observed: `eval.py ... data.split=lake` on a `data.split=vinyals` Omniglot checkpoint
+    was accepted, though lake's meta-test characters are among vinyals' meta-training ones:
+    `data.split` (the episodic protocol) was not among the keys that decide the split."""
+    from posttrain.evaluate import evaluation_config
+
+    def asked(*overrides: str) -> object:
+        arguments = open_overrides(["ckpt_path=x.ckpt", *overrides])
+        return compose_config(tmp_path / "eval", arguments, "eval")
+
+    omniglot = compose_config(tmp_path / "omniglot", ["method=protonet", "data=omniglot"])
+    with pytest.raises(PosttrainError, match=r"`data\.split` cannot change at evaluation"):
+        evaluation_config(omniglot, asked("data.split=lake"))
+    digits = compose_config(tmp_path / "digits", ["method=protonet", "data=episodes_digits"])
+    for override in ("data.seed=1", "data.val_fraction=0.3", "data.test_fraction=0.4"):
+        key = override.split("=")[0]
+        with pytest.raises(PosttrainError, match=f"`{key}` cannot change at evaluation"):
+            evaluation_config(digits, asked(override))
+    # Rotations are applied after the classes are split: the same characters stay meta-test.
+    evaluation_config(digits, asked("data.rotations=false", "data.shots=5"))

@@ -6,7 +6,12 @@ validates or tests on (a `data.seed=1` teacher had seen 244 of a `data.seed=0` s
 test images), and one trained on other classes predicts other things under the same indices.
 What decides the split, read from `ImageClassificationDataModule.setup`: the source
 (`dataset`, its `options`, and `root` where the folder is the data), the kept `classes`, and
-the seeded stratified draws (`seed`, `test_fraction`, then `val_fraction`). The per-class
+the seeded stratified draws (`seed`, `test_fraction`, then `val_fraction`). Episodes
+(`EpisodicDataModule`) split classes by the same keys, or by a named class protocol,
+`split` (Omniglot's `vinyals`/`lake`; an image-classification config carries it in
+`options.split`): lake's meta-test characters are among vinyals' meta-training ones.
+`rotations` is not a split key: classes are rotated after they are split, so the same
+characters stay meta-test with or without their rotations. The per-class
 training subset (`samples_per_class`) is drawn afterwards from the training pool only, so it
 never moves a validation or test image: runs may differ there, and in `image_size`.
 """
@@ -17,7 +22,9 @@ import inspect
 from collections.abc import Mapping
 from typing import Any
 
-SPLIT_KEYS = ("dataset", "root", "options", "classes", "seed", "val_fraction", "test_fraction")
+SPLIT_KEYS = (
+    "dataset", "root", "options", "split", "classes", "seed", "val_fraction", "test_fraction"
+)  # fmt: skip
 # Options that say where decoded images are cached, not which images there are.
 NOT_DATA_OPTIONS = frozenset({"cache_dir"})
 # Sources whose `root` is the data itself; elsewhere it is where a download lives, which may
