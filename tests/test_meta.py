@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,8 @@ from torch.func import functional_call
 from torch.nn import functional as F
 
 from posttrain.data.episodes import EpisodicDataModule
+from posttrain.data.sources import LabelledImages
+from posttrain.data.transforms import channel_stats
 from posttrain.errors import PosttrainError
 from posttrain.methods.meta import MAML, FewShotTasks, ProtoNet
 from posttrain.models import build_classifier
@@ -53,6 +56,52 @@ def test_all_rotations_of_a_digit_are_in_one_split(seed: int) -> None:
     assert not digits["val"] & digits["test"]
     for split, pool in pools.items():  # every digit comes with its four rotations
         assert len(pool) == 4 * len(digits[split]), split
+
+
+def with_unseen_classes_whitened(datamodule: EpisodicDataModule, digits: set[int]) -> None:
+    """Make `datamodule.source.load` return the digits with `digits`' images all white."""
+    loaded = datamodule.source.load()
+    images = loaded.train.images.clone()
+    images[torch.isin(loaded.train.labels, torch.tensor(sorted(digits)))] = 255
+    changed = replace(loaded, train=LabelledImages(images, loaded.train.labels))
+    datamodule.source.load = lambda: changed  # type: ignore[method-assign]
+
+
+def test_normalization_statistics_come_from_meta_training_classes_only() -> None:
+    """Observed: the mean/std came from the whole pool, meta-validation and meta-test classes
+    included, so the unseen tasks' pixels shaped the training inputs."""
+    reference = episodes()
+    unseen = {c // 4 for split in ("val", "test") for c in reference.pools[split].classes.tolist()}
+    changed = EpisodicDataModule(rotations=True, image_size=16)
+    with_unseen_classes_whitened(changed, unseen)
+    changed.setup()
+    assert {c // 4 for c in changed.pools["test"].classes.tolist()} <= unseen  # same split
+    for ours, theirs in zip(changed._stats, reference._stats, strict=True):
+        assert torch.equal(ours, theirs)
+
+
+def test_checkpoints_carry_the_statistics_they_trained_with() -> None:
+    """Evaluation and resume use the checkpoint's statistics; one written before they were
+    stored gets the whole-pool statistics it trained with, computed as they were then."""
+    trained = episodes()
+    state = trained.state_dict()
+    assert torch.equal(torch.tensor(state["mean"]), trained._stats[0])
+    restored = episodes()  # Lightning restores a DataModule's state after its setup()
+    restored._stats = (torch.zeros(1), torch.ones(1))
+    restored.load_state_dict(state)
+    assert all(map(torch.equal, restored._stats, trained._stats))
+    before_setup = EpisodicDataModule(rotations=True, image_size=16)
+    before_setup.load_state_dict(state)
+    before_setup.setup()
+    assert all(map(torch.equal, before_setup._stats, trained._stats))
+    old = episodes()
+    old.load_state_dict({"random_state": state["random_state"]})  # no mean/std stored
+    generator = torch.Generator().manual_seed(0)
+    pool = EpisodicDataModule(rotations=True, image_size=16).build_pools(
+        old.source.load(), generator
+    )
+    assert all(map(torch.equal, old._stats, channel_stats(pool.images, 16, generator)))
+    assert not torch.equal(old._stats[0], trained._stats[0])
 
 
 def test_same_seed_same_episodes_and_fixed_evaluation() -> None:

@@ -76,6 +76,11 @@ class ClassPool:
     def __len__(self) -> int:
         return len(self.classes)
 
+    def sample(self, count: int, generator: torch.Generator) -> Tensor:
+        """Up to `count` seeded images of the pool's classes (no copy of the rest)."""
+        members = torch.cat(self.members) if self.members else torch.empty(0, dtype=torch.long)
+        return self.images[members[torch.randperm(len(members), generator=generator)[:count]]]
+
     def episode(self, ways: int, shots: int, queries: int, generator: torch.Generator) -> Episode:
         chosen = torch.randperm(len(self.classes), generator=generator)[:ways]
         support, query = [], []
@@ -169,6 +174,9 @@ class EpisodicDataModule(SourceDataModule):
         self.pools: dict[str, ClassPool] = {}
         self.train_transforms: list[Any] = []  # stays empty: methods refuse batch transforms
         self._stats: tuple[Tensor, Tensor] | None = None
+        self._stored_stats: tuple[Tensor, Tensor] | None = None  # from a checkpoint
+        self._stats_from_whole_pool = False  # a checkpoint written before stats were stored
+        self._whole_pool: tuple[Tensor, Tensor] | None = None  # (images, generator state)
 
     @property
     def num_classes(self) -> int:
@@ -180,8 +188,29 @@ class EpisodicDataModule(SourceDataModule):
             loaded = self.source.load()
             generator = torch.Generator().manual_seed(self.seed)
             pool = self.build_pools(loaded, generator)
-            self._stats = channel_stats(pool.images, self.image_size, generator)
+            self._whole_pool = (pool.images, generator.get_state())
+            self._stats = self.training_stats(generator)
         self.check_pools(stage)
+
+    def training_stats(self, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """Normalization statistics from meta-training images only: meta-val and meta-test
+        classes are the unseen tasks, and their pixels must not shape the input of training.
+        (Before, the mean/std came from the whole pool, meta-test classes included.) A
+        checkpoint's own statistics win (`load_state_dict`)."""
+        if self._stored_stats is not None:
+            return self._stored_stats
+        if self._stats_from_whole_pool:
+            return self.whole_pool_stats()
+        sample = self.pools["train"].sample(2048, generator)
+        return channel_stats(sample, self.image_size, generator)
+
+    def whole_pool_stats(self) -> tuple[Tensor, Tensor]:
+        """The statistics a checkpoint written before they were stored trained with (over the
+        whole pool, drawn from the same generator state), so it evaluates and resumes on
+        the inputs it was trained on."""
+        assert self._whole_pool is not None, "setup() builds the pools first"
+        images, state = self._whole_pool
+        return channel_stats(images, self.image_size, torch.Generator().set_state(state))
 
     def check_pools(self, stage: str | None) -> None:
         """Only the splits this stage uses: evaluating 20-way needs 20 test classes, not 20
@@ -201,7 +230,8 @@ class EpisodicDataModule(SourceDataModule):
 
     def build_pools(self, loaded: SourceData, generator: torch.Generator) -> LabelledImages:
         """`self.pools` by the source's own class assignment if it has one (Omniglot's named
-        protocols), else by class fractions; returns the pool the statistics come from."""
+        protocols), else by class fractions; returns the whole pool, which statistics came
+        from before they were meta-training only (`whole_pool_stats`, older checkpoints)."""
         if loaded.class_splits is None:
             return self.fraction_class_splits(loaded, generator)
         pool, ids = self.named_class_splits(loaded, generator)
@@ -290,6 +320,23 @@ class EpisodicDataModule(SourceDataModule):
         return DataLoader(
             stream, batch_size=self.meta_batch_size, collate_fn=stack_episodes, generator=generator
         )
+
+    def state_dict(self) -> dict[str, Any]:
+        """Normalization statistics travel with checkpoints: evaluation and resume use the
+        ones the run trained with, however statistics are computed later."""
+        state = super().state_dict()
+        if self._stats is not None:
+            state.update(mean=self._stats[0].tolist(), std=self._stats[1].tolist())
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        if "mean" in state_dict:
+            self._stored_stats = (torch.tensor(state_dict["mean"]), torch.tensor(state_dict["std"]))
+        else:  # a checkpoint from before statistics were stored: the ones it trained with
+            self._stats_from_whole_pool = True
+        if self._whole_pool is not None:  # set up already (Lightning restores after setup)
+            self._stats = self._stored_stats or self.whole_pool_stats()
 
     def random_state(self) -> dict[str, Any]:
         """Also where the training episode stream is, for exact resume."""
