@@ -3,10 +3,11 @@
 Reads every job folder of a Hydra multirun (its `.hydra/overrides.yaml` and `metrics.json`)
 and writes `report.md`, `report.csv` and `report.png` beside them: one row per job with its
 overrides, best validation and test metrics, train/val gap and status; the plot shows the
-metric and the gap against the swept value. Model soups made from the sweep
-(`python -m posttrain.soup`, in `soup_<recipe>/`) are rows beside the jobs and lines on the
-plot; they are not jobs (never counted, never failed). It also runs by itself at the end of
-every sweep (`SweepReportCallback`, registered in `conf/hydra/default.yaml`).
+metric and the gap against the swept value, averaged over `seed` only (`sweep_series`).
+Model soups made from the sweep (`python -m posttrain.soup`, in `soup_<recipe>/`) are rows
+beside the jobs and lines on the plot; they are not jobs (never counted, never failed). It
+also runs by itself at the end of every sweep (`SweepReportCallback`, registered in
+`conf/hydra/default.yaml`).
 """
 
 from __future__ import annotations
