@@ -126,12 +126,16 @@ def test_posttrain_checkpoint_is_a_pretrained_source(pretrained_digits: Path) ->
     assert torch.equal(kept.head.weight, checkpoint["state_dict"]["model.head.weight"])
 
 
-def test_reinit_top_layers_restarts_only_the_top(make_config, pretrained_digits: Path) -> None:
+def test_reinit_top_layers_restarts_only_the_top(
+    make_config, pretrained_digits: Path, caplog
+) -> None:
     from posttrain.runs import build_components, find_user_error
 
     checkpoint = torch.load(pretrained_digits, weights_only=True)["state_dict"]
     overrides = ["experiment=digits_transfer", f"model.pretrained={pretrained_digits}"]
-    _, method = build_components(make_config(*overrides, "method.finetune.reinit_top_layers=1"))
+    with caplog.at_level(logging.INFO, logger="posttrain"):
+        _, method = build_components(make_config(*overrides, "method.finetune.reinit_top_layers=1"))
+    assert "reinit_top_layers=1 re-initialized features.6 " in caplog.text
     state = method.model.state_dict()
     top, below = "features.6.0.weight", "features.4.0.weight"  # the last two conv blocks
     assert not torch.equal(state[top], checkpoint[f"model.{top}"])
@@ -139,6 +143,91 @@ def test_reinit_top_layers_restarts_only_the_top(make_config, pretrained_digits:
     with pytest.raises(Exception) as caught:  # Hydra wraps it; the CLI unwraps it the same way
         build_components(make_config(*overrides, "method.finetune.reinit_top_layers=9"))
     assert "reinit_top_layers` is 9, but the backbone" in str(find_user_error(caught.value))
+
+
+@pytest.mark.parametrize(
+    ("options", "refusal"),
+    [
+        ({"policy": "linear_probe"}, r"policy=linear_probe`: the linear probe freezes"),
+        ({"freeze_bn_stats": True}, r"freeze_bn_stats=true`: frozen statistics"),
+    ],
+)
+def test_reinit_top_layers_is_refused_where_it_cannot_work(options: dict, refusal: str) -> None:
+    """Frozen, the fresh layers stay random; with frozen BN stats they normalize with 0/1."""
+    with pytest.raises(PosttrainError, match=refusal) as raised:
+        FinetuneSettings(weights="w.pt", reinit_top_layers=1, **options)
+    assert "`method.finetune.reinit_top_layers=1`" in str(raised.value)
+    FinetuneSettings(weights="w.pt", reinit_top_layers=1, policy="gradual")  # top released first
+
+
+@pytest.mark.parametrize(
+    ("options", "refusal"),
+    [
+        ({"freeze_bn_stats": "no"}, "`method.finetune.freeze_bn_stats` must be true or false"),
+        ({"freeze_bn_stats": 1}, "`method.finetune.freeze_bn_stats` must be true or false"),
+        ({"reinit_top_layers": True}, "`method.finetune.reinit_top_layers` must be a whole"),
+        ({"unfreeze_groups": 2.5}, "`method.finetune.unfreeze_groups` must be a whole"),
+        ({"unfreeze_groups": 0}, "`method.finetune.unfreeze_groups` must be a whole number >= 1"),
+        ({"unfreeze_at_epoch": 1.5}, "`method.finetune.unfreeze_at_epoch` must be a whole"),
+        ({"backbone_lr_factor": "0.1"}, "`method.finetune.backbone_lr_factor` must be a positive"),
+        ({"weights": 3}, "`method.finetune.weights` must be a path"),
+    ],
+)
+def test_finetune_options_are_type_checked(options: dict, refusal: str) -> None:
+    with pytest.raises(PosttrainError, match=refusal):
+        FinetuneSettings(**{"weights": "w.pt", **options})
+
+
+def test_a_yaml_word_for_a_switch_is_refused_before_training(
+    make_config, pretrained_digits: Path
+) -> None:
+    """Hydra keeps `no` as the string 'no', which is truthy: it would freeze the statistics."""
+    from posttrain.runs import build_components, find_user_error
+
+    overrides = ["experiment=digits_transfer", f"model.pretrained={pretrained_digits}"]
+    with pytest.raises(Exception) as caught:
+        build_components(make_config(*overrides, "method.finetune.freeze_bn_stats=no"))
+    assert "freeze_bn_stats` must be true or false, got 'no'" in str(find_user_error(caught.value))
+
+
+def test_model_switches_are_type_checked() -> None:
+    with pytest.raises(PosttrainError, match=r"`model.pretrained_head` must be true or false"):
+        build_classifier("small_cnn", 5, 1, pretrained_head="yes")
+    with pytest.raises(PosttrainError, match=r"`model.channels_last` must be true or false"):
+        build_classifier("small_cnn", 5, 1, channels_last="false")
+    with pytest.raises(PosttrainError, match=r"pretrained_head=true`.*not set"):
+        build_classifier("small_cnn", 5, 1, pretrained_head=True)
+
+
+@pytest.mark.parametrize(
+    ("arch", "options", "layers"),
+    [("resnet18", {}, 6), ("small_cnn", {}, 5), ("convnet4", {"hidden": 8}, 4)],
+)
+def test_unfreeze_groups_gives_exactly_the_groups_asked(arch, options, layers) -> None:
+    from posttrain.methods.finetune import layer_groups, parameterized_layers
+
+    features = build_classifier(arch, 5, 1, **options).features
+    bottom_first = parameterized_layers(features)
+    for count in range(1, layers + 1):
+        groups = layer_groups(features, count)
+        assert len(groups) == count and all(groups), (arch, count)
+        assert [m for g in reversed(groups) for m in g] == bottom_first  # contiguous, in order
+        sizes = [len(g) for g in groups]
+        assert max(sizes) - min(sizes) <= 1
+    with pytest.raises(PosttrainError, match=f"at most {layers} groups") as raised:
+        layer_groups(features, layers + 1)
+    assert "`method.finetune.unfreeze_groups` is" in str(raised.value)
+
+
+def test_too_many_unfreeze_groups_are_refused_before_training(
+    make_config, pretrained_digits: Path
+) -> None:
+    from posttrain.runs import build_components, find_user_error
+
+    overrides = ["experiment=digits_transfer", f"model.pretrained={pretrained_digits}"]
+    with pytest.raises(Exception) as caught:
+        build_components(make_config(*overrides, "method.finetune.unfreeze_groups=6"))
+    assert "at most 5 groups" in str(find_user_error(caught.value))
 
 
 class Recorder:
@@ -338,3 +427,18 @@ def test_cifar10_resnet50_recipe_runs_offline(make_config, tmp_path, monkeypatch
     assert metrics["global_step"] == 1.0
     written = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
     assert written["status"] == "completed"
+
+
+def test_eval_rebuilds_a_kept_head_run_from_the_checkpoint_alone(tmp_path: Path) -> None:
+    """eval.py drops `model.pretrained`; the kept head is in the checkpoint, so the rebuilt
+    model must not ask for the source's head (refused without `model.pretrained`)."""
+    from omegaconf import OmegaConf
+
+    from posttrain.evaluate import evaluation_config
+    from tests.conftest import compose_config
+
+    trained = OmegaConf.create(
+        {"data": {}, "method": {}, "model": {"pretrained": "w.pt", "pretrained_head": True}}
+    )
+    evaluated = evaluation_config(trained, compose_config(tmp_path, ["ckpt_path=x.ckpt"], "eval"))
+    assert evaluated.model.pretrained is None and evaluated.model.pretrained_head is False

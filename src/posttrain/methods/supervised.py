@@ -17,6 +17,7 @@ from posttrain.methods.core import MethodCore, StepOutput
 from posttrain.methods.finetune import (
     FinetuneSettings,
     FreezeSchedule,
+    check_unfreeze_groups,
     keep_frozen_norms_in_eval,
     reinit_top_layers,
 )
@@ -46,6 +47,7 @@ class SupervisedClassifier(MethodCore):
         metrics = SplitMetrics(num_classes=model.head.out_features)
         super().__init__(model, optimizer, scheduler, regularizers, metrics)
         self.finetune = FinetuneSettings.for_method(finetune)
+        check_unfreeze_groups(model.features, self.finetune.unfreeze_groups)
         reinit_top_layers(model.features, self.finetune.reinit_top_layers)
 
     @property
