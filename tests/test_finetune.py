@@ -265,6 +265,53 @@ def transfer_run(make_config, pretrained: Path, *overrides: str):
     return method, before, recorder.trainable
 
 
+class TrainableAtFirstBatch(Callback):
+    """The parameter count that really trains when the first batch runs."""
+
+    def __init__(self) -> None:
+        self.trainable: int | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.trainable is None:
+            self.trainable = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        ["method.finetune.policy=linear_probe"],
+        ["method.finetune.policy=gradual", "method.finetune.unfreeze_at_epoch=0"],
+        ["method.finetune.policy=full"],
+    ],
+)
+def test_the_start_statement_counts_what_trains(
+    make_config, pretrained_digits, caplog, policy: list[str]
+) -> None:
+    """The statement is printed in a trainer callback's `on_fit_start`, before the freeze
+    schedule's: it printed the whole model as trainable under a linear probe."""
+    from posttrain.console import count
+    from posttrain.runs import build_components, build_trainer
+
+    cfg = make_config(
+        "experiment=digits_transfer",
+        f"model.pretrained={pretrained_digits}",
+        "debug=limit",
+        "trainer.max_epochs=1",
+        *CPU,
+        *policy,
+        "method.finetune.unfreeze_groups=5",
+    )
+    datamodule, method = build_components(cfg)
+    seen = TrainableAtFirstBatch()
+    with caplog.at_level(logging.INFO, logger="posttrain"):
+        build_trainer(cfg, extra_callbacks=[seen]).fit(method, datamodule=datamodule)
+    total = sum(p.numel() for p in method.parameters())
+    assert seen.trainable is not None and (seen.trainable < total) == (
+        policy != ["method.finetune.policy=full"]
+    )
+    assert f"{count(total)} parameters ({count(seen.trainable)} trainable)" in caplog.text
+
+
 def test_linear_probe_really_freezes(make_config, pretrained_digits) -> None:
     method, before, trainable = transfer_run(
         make_config,

@@ -183,11 +183,31 @@ def keep_frozen_norms_in_eval(backbone: nn.Module, all_norms: bool) -> None:
                 module.eval()
 
 
+def resumed_epoch(checkpoint: dict, default: int) -> int:
+    """The epoch a resumed fit starts at, before Lightning restores `trainer.current_epoch`
+    (after `on_fit_start`): the fit loop's processed epochs in the checkpoint. A checkpoint
+    written at an epoch's end has processed it but not yet marked it completed, and
+    Lightning resumes at the next epoch; one written mid-epoch resumes that epoch."""
+    try:
+        progress = checkpoint["loops"]["fit_loop"]["epoch_progress"]["current"]
+        return int(progress["processed"])
+    except (KeyError, TypeError, ValueError):
+        return default
+
+
 class FreezeSchedule(Callback):
-    """Freezes the backbone when fitting starts and releases it on the policy's schedule."""
+    """Freezes the backbone when fitting starts and releases it on the policy's schedule.
+
+    The freeze is applied in `on_fit_start`, after the strategy has set the model up: DDP
+    registers only parameters that require gradients when it wraps the model, so freezing
+    earlier would leave gradually released layers unsynchronized. What trains at the start
+    is therefore computed from the policy (`trainable_count`) for the run statement, whose
+    `on_fit_start` runs before this module callback's.
+    """
 
     def __init__(self, settings: FinetuneSettings) -> None:
         self.settings = settings
+        self.resume_epoch: int | None = None
 
     def released_groups(self, epoch: int, total: int) -> int:
         """How many layer groups (from the top) train in `epoch`."""
@@ -195,16 +215,40 @@ class FreezeSchedule(Callback):
             return 0
         return max(0, min(total, epoch - self.settings.unfreeze_at_epoch + 1))
 
-    def apply(self, pl_module: Any, epoch: int) -> None:
-        groups = layer_groups(pl_module.model.features, self.settings.unfreeze_groups)
+    def frozen_layers(self, backbone: nn.Module, epoch: int) -> list[nn.Module]:
+        """The backbone layers that do not train in `epoch`."""
+        groups = layer_groups(backbone, self.settings.unfreeze_groups)
         released = self.released_groups(epoch, len(groups))
-        for index, group in enumerate(groups):
-            for layer in group:
-                set_trainable(layer, index < released)
+        return [layer for group in groups[released:] for layer in group]
+
+    def first_epoch(self, trainer: Any) -> int:
+        """The epoch this fit starts at: a resumed one's, known from its checkpoint before
+        Lightning restores `trainer.current_epoch` (after `on_fit_start`)."""
+        return self.resume_epoch if self.resume_epoch is not None else trainer.current_epoch
+
+    def trainable_count(self, pl_module: Any, trainer: Any) -> int:
+        """Trainable parameters once the policy is applied for the first epoch."""
+        frozen = self.frozen_layers(pl_module.model.features, self.first_epoch(trainer))
+        held = {id(p) for layer in frozen for p in layer.parameters()}
+        return sum(
+            p.numel() for p in pl_module.parameters() if p.requires_grad and id(p) not in held
+        )
+
+    def apply(self, pl_module: Any, epoch: int) -> None:
+        backbone = pl_module.model.features
+        frozen = {id(layer) for layer in self.frozen_layers(backbone, epoch)}
+        for layer in parameterized_layers(backbone):
+            set_trainable(layer, id(layer) not in frozen)
         pl_module.train(pl_module.training)  # re-applies the BatchNorm modes
 
+    def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict) -> None:
+        self.resume_epoch = resumed_epoch(checkpoint, trainer.current_epoch)
+
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        self.apply(pl_module, trainer.current_epoch)
+        self.apply(pl_module, self.first_epoch(trainer))
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         self.apply(pl_module, trainer.current_epoch)
+
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        self.resume_epoch = None  # a later fit of the same module starts from its own epoch
