@@ -412,7 +412,7 @@ def test_discriminative_learning_rates(make_config, pretrained_digits) -> None:
 
 def test_l2sp_is_zero_at_the_start_and_grows_away() -> None:
     model = build_classifier("small_cnn", 5, 1)
-    l2sp = L2SP(alpha=1.0, beta=0.0)
+    l2sp = L2SP(alpha=1.0, beta=0.0, start="w.pt")
     l2sp.modify_model(ModelParts.of_classifier(model))
     assert float(l2sp.penalty(ModelParts.of_classifier(model))) == 0.0
     distances = []
@@ -424,7 +424,7 @@ def test_l2sp_is_zero_at_the_start_and_grows_away() -> None:
         distances.append(float(l2sp.penalty(ModelParts.of_classifier(model))))
     assert 0 < distances[0] < distances[1]
     assert distances[1] == pytest.approx(100 * distances[0], rel=1e-4)
-    with_head = L2SP(alpha=0.0, beta=1.0)
+    with_head = L2SP(alpha=0.0, beta=1.0, start="w.pt")
     with_head.modify_model(ModelParts.of_classifier(model))
     assert float(with_head.penalty(ModelParts.of_classifier(model))) == pytest.approx(
         0.5 * float(model.head.weight.pow(2).sum()), rel=1e-5
@@ -484,8 +484,19 @@ def test_eval_rebuilds_a_kept_head_run_from_the_checkpoint_alone(tmp_path: Path)
     from posttrain.evaluate import evaluation_config
     from tests.conftest import compose_config
 
-    trained = OmegaConf.create(
-        {"data": {}, "method": {}, "model": {"pretrained": "w.pt", "pretrained_head": True}}
-    )
+    model = {"pretrained": "w.pt", "pretrained_head": True}
+    reg = {"l2sp": {"alpha": 0.01, "start": None}}  # a run written before `start` existed
+    trained = OmegaConf.create({"data": {}, "method": {}, "model": model, "reg": reg})
     evaluated = evaluation_config(trained, compose_config(tmp_path, ["ckpt_path=x.ckpt"], "eval"))
     assert evaluated.model.pretrained is None and evaluated.model.pretrained_head is False
+    assert evaluated.reg.l2sp.start == "x.ckpt"  # L2-SP's start: the checkpoint's weights
+
+
+def test_l2sp_without_pretrained_weights_is_refused(make_config) -> None:
+    """Its reference would be the random initialization, logged as "pretrained" values."""
+    from posttrain.runs import build_components, find_user_error
+
+    with pytest.raises(Exception) as caught:
+        build_components(make_config("reg=l2sp", "model.width=8"))
+    message = str(find_user_error(caught.value))
+    assert "`reg=l2sp`" in message and "`model.pretrained` is not set" in message
