@@ -111,6 +111,7 @@ NEW_KNOB_VALUES: dict[str, Any] = {
     "num_ops": 3,
     "decay": 0.9,
     "start_epoch": 3,
+    "start": "weights.pt",
 }
 # Where a knob is kept under another name on the object.
 KNOB_ATTRIBUTES = {("label_smoothing", "epsilon"): "label_smoothing"}

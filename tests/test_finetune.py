@@ -126,12 +126,16 @@ def test_posttrain_checkpoint_is_a_pretrained_source(pretrained_digits: Path) ->
     assert torch.equal(kept.head.weight, checkpoint["state_dict"]["model.head.weight"])
 
 
-def test_reinit_top_layers_restarts_only_the_top(make_config, pretrained_digits: Path) -> None:
+def test_reinit_top_layers_restarts_only_the_top(
+    make_config, pretrained_digits: Path, caplog
+) -> None:
     from posttrain.runs import build_components, find_user_error
 
     checkpoint = torch.load(pretrained_digits, weights_only=True)["state_dict"]
     overrides = ["experiment=digits_transfer", f"model.pretrained={pretrained_digits}"]
-    _, method = build_components(make_config(*overrides, "method.finetune.reinit_top_layers=1"))
+    with caplog.at_level(logging.INFO, logger="posttrain"):
+        _, method = build_components(make_config(*overrides, "method.finetune.reinit_top_layers=1"))
+    assert "reinit_top_layers=1 re-initialized features.6 " in caplog.text
     state = method.model.state_dict()
     top, below = "features.6.0.weight", "features.4.0.weight"  # the last two conv blocks
     assert not torch.equal(state[top], checkpoint[f"model.{top}"])
@@ -139,6 +143,91 @@ def test_reinit_top_layers_restarts_only_the_top(make_config, pretrained_digits:
     with pytest.raises(Exception) as caught:  # Hydra wraps it; the CLI unwraps it the same way
         build_components(make_config(*overrides, "method.finetune.reinit_top_layers=9"))
     assert "reinit_top_layers` is 9, but the backbone" in str(find_user_error(caught.value))
+
+
+@pytest.mark.parametrize(
+    ("options", "refusal"),
+    [
+        ({"policy": "linear_probe"}, r"policy=linear_probe`: the linear probe freezes"),
+        ({"freeze_bn_stats": True}, r"freeze_bn_stats=true`: frozen statistics"),
+    ],
+)
+def test_reinit_top_layers_is_refused_where_it_cannot_work(options: dict, refusal: str) -> None:
+    """Frozen, the fresh layers stay random; with frozen BN stats they normalize with 0/1."""
+    with pytest.raises(PosttrainError, match=refusal) as raised:
+        FinetuneSettings(weights="w.pt", reinit_top_layers=1, **options)
+    assert "`method.finetune.reinit_top_layers=1`" in str(raised.value)
+    FinetuneSettings(weights="w.pt", reinit_top_layers=1, policy="gradual")  # top released first
+
+
+@pytest.mark.parametrize(
+    ("options", "refusal"),
+    [
+        ({"freeze_bn_stats": "no"}, "`method.finetune.freeze_bn_stats` must be true or false"),
+        ({"freeze_bn_stats": 1}, "`method.finetune.freeze_bn_stats` must be true or false"),
+        ({"reinit_top_layers": True}, "`method.finetune.reinit_top_layers` must be a whole"),
+        ({"unfreeze_groups": 2.5}, "`method.finetune.unfreeze_groups` must be a whole"),
+        ({"unfreeze_groups": 0}, "`method.finetune.unfreeze_groups` must be a whole number >= 1"),
+        ({"unfreeze_at_epoch": 1.5}, "`method.finetune.unfreeze_at_epoch` must be a whole"),
+        ({"backbone_lr_factor": "0.1"}, "`method.finetune.backbone_lr_factor` must be a positive"),
+        ({"weights": 3}, "`method.finetune.weights` must be a path"),
+    ],
+)
+def test_finetune_options_are_type_checked(options: dict, refusal: str) -> None:
+    with pytest.raises(PosttrainError, match=refusal):
+        FinetuneSettings(**{"weights": "w.pt", **options})
+
+
+def test_a_yaml_word_for_a_switch_is_refused_before_training(
+    make_config, pretrained_digits: Path
+) -> None:
+    """Hydra keeps `no` as the string 'no', which is truthy: it would freeze the statistics."""
+    from posttrain.runs import build_components, find_user_error
+
+    overrides = ["experiment=digits_transfer", f"model.pretrained={pretrained_digits}"]
+    with pytest.raises(Exception) as caught:
+        build_components(make_config(*overrides, "method.finetune.freeze_bn_stats=no"))
+    assert "freeze_bn_stats` must be true or false, got 'no'" in str(find_user_error(caught.value))
+
+
+def test_model_switches_are_type_checked() -> None:
+    with pytest.raises(PosttrainError, match=r"`model.pretrained_head` must be true or false"):
+        build_classifier("small_cnn", 5, 1, pretrained_head="yes")
+    with pytest.raises(PosttrainError, match=r"`model.channels_last` must be true or false"):
+        build_classifier("small_cnn", 5, 1, channels_last="false")
+    with pytest.raises(PosttrainError, match=r"pretrained_head=true`.*not set"):
+        build_classifier("small_cnn", 5, 1, pretrained_head=True)
+
+
+@pytest.mark.parametrize(
+    ("arch", "options", "layers"),
+    [("resnet18", {}, 6), ("small_cnn", {}, 5), ("convnet4", {"hidden": 8}, 4)],
+)
+def test_unfreeze_groups_gives_exactly_the_groups_asked(arch, options, layers) -> None:
+    from posttrain.methods.finetune import layer_groups, parameterized_layers
+
+    features = build_classifier(arch, 5, 1, **options).features
+    bottom_first = parameterized_layers(features)
+    for count in range(1, layers + 1):
+        groups = layer_groups(features, count)
+        assert len(groups) == count and all(groups), (arch, count)
+        assert [m for g in reversed(groups) for m in g] == bottom_first  # contiguous, in order
+        sizes = [len(g) for g in groups]
+        assert max(sizes) - min(sizes) <= 1
+    with pytest.raises(PosttrainError, match=f"at most {layers} groups") as raised:
+        layer_groups(features, layers + 1)
+    assert "`method.finetune.unfreeze_groups` is" in str(raised.value)
+
+
+def test_too_many_unfreeze_groups_are_refused_before_training(
+    make_config, pretrained_digits: Path
+) -> None:
+    from posttrain.runs import build_components, find_user_error
+
+    overrides = ["experiment=digits_transfer", f"model.pretrained={pretrained_digits}"]
+    with pytest.raises(Exception) as caught:
+        build_components(make_config(*overrides, "method.finetune.unfreeze_groups=6"))
+    assert "at most 5 groups" in str(find_user_error(caught.value))
 
 
 class Recorder:
@@ -174,6 +263,53 @@ def transfer_run(make_config, pretrained: Path, *overrides: str):
     before = {k: v.clone() for k, v in method.model.state_dict().items()}
     trainer.fit(method, datamodule=datamodule)
     return method, before, recorder.trainable
+
+
+class TrainableAtFirstBatch(Callback):
+    """The parameter count that really trains when the first batch runs."""
+
+    def __init__(self) -> None:
+        self.trainable: int | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.trainable is None:
+            self.trainable = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        ["method.finetune.policy=linear_probe"],
+        ["method.finetune.policy=gradual", "method.finetune.unfreeze_at_epoch=0"],
+        ["method.finetune.policy=full"],
+    ],
+)
+def test_the_start_statement_counts_what_trains(
+    make_config, pretrained_digits, caplog, policy: list[str]
+) -> None:
+    """The statement is printed in a trainer callback's `on_fit_start`, before the freeze
+    schedule's: it printed the whole model as trainable under a linear probe."""
+    from posttrain.console import count
+    from posttrain.runs import build_components, build_trainer
+
+    cfg = make_config(
+        "experiment=digits_transfer",
+        f"model.pretrained={pretrained_digits}",
+        "debug=limit",
+        "trainer.max_epochs=1",
+        *CPU,
+        *policy,
+        "method.finetune.unfreeze_groups=5",
+    )
+    datamodule, method = build_components(cfg)
+    seen = TrainableAtFirstBatch()
+    with caplog.at_level(logging.INFO, logger="posttrain"):
+        build_trainer(cfg, extra_callbacks=[seen]).fit(method, datamodule=datamodule)
+    total = sum(p.numel() for p in method.parameters())
+    assert seen.trainable is not None and (seen.trainable < total) == (
+        policy != ["method.finetune.policy=full"]
+    )
+    assert f"{count(total)} parameters ({count(seen.trainable)} trainable)" in caplog.text
 
 
 def test_linear_probe_really_freezes(make_config, pretrained_digits) -> None:
@@ -276,7 +412,7 @@ def test_discriminative_learning_rates(make_config, pretrained_digits) -> None:
 
 def test_l2sp_is_zero_at_the_start_and_grows_away() -> None:
     model = build_classifier("small_cnn", 5, 1)
-    l2sp = L2SP(alpha=1.0, beta=0.0)
+    l2sp = L2SP(alpha=1.0, beta=0.0, start="w.pt")
     l2sp.modify_model(ModelParts.of_classifier(model))
     assert float(l2sp.penalty(ModelParts.of_classifier(model))) == 0.0
     distances = []
@@ -288,7 +424,7 @@ def test_l2sp_is_zero_at_the_start_and_grows_away() -> None:
         distances.append(float(l2sp.penalty(ModelParts.of_classifier(model))))
     assert 0 < distances[0] < distances[1]
     assert distances[1] == pytest.approx(100 * distances[0], rel=1e-4)
-    with_head = L2SP(alpha=0.0, beta=1.0)
+    with_head = L2SP(alpha=0.0, beta=1.0, start="w.pt")
     with_head.modify_model(ModelParts.of_classifier(model))
     assert float(with_head.penalty(ModelParts.of_classifier(model))) == pytest.approx(
         0.5 * float(model.head.weight.pow(2).sum()), rel=1e-5
@@ -338,3 +474,29 @@ def test_cifar10_resnet50_recipe_runs_offline(make_config, tmp_path, monkeypatch
     assert metrics["global_step"] == 1.0
     written = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
     assert written["status"] == "completed"
+
+
+def test_eval_rebuilds_a_kept_head_run_from_the_checkpoint_alone(tmp_path: Path) -> None:
+    """eval.py drops `model.pretrained`; the kept head is in the checkpoint, so the rebuilt
+    model must not ask for the source's head (refused without `model.pretrained`)."""
+    from omegaconf import OmegaConf
+
+    from posttrain.evaluate import evaluation_config
+    from tests.conftest import compose_config
+
+    model = {"pretrained": "w.pt", "pretrained_head": True}
+    reg = {"l2sp": {"alpha": 0.01, "start": None}}  # a run written before `start` existed
+    trained = OmegaConf.create({"data": {}, "method": {}, "model": model, "reg": reg})
+    evaluated = evaluation_config(trained, compose_config(tmp_path, ["ckpt_path=x.ckpt"], "eval"))
+    assert evaluated.model.pretrained is None and evaluated.model.pretrained_head is False
+    assert evaluated.reg.l2sp.start == "x.ckpt"  # L2-SP's start: the checkpoint's weights
+
+
+def test_l2sp_without_pretrained_weights_is_refused(make_config) -> None:
+    """Its reference would be the random initialization, logged as "pretrained" values."""
+    from posttrain.runs import build_components, find_user_error
+
+    with pytest.raises(Exception) as caught:
+        build_components(make_config("reg=l2sp", "model.width=8"))
+    message = str(find_user_error(caught.value))
+    assert "`reg=l2sp`" in message and "`model.pretrained` is not set" in message

@@ -188,13 +188,26 @@ def teacher_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run / "checkpoints" / "best.ckpt"
 
 
-def source_weights(method: str, request: pytest.FixtureRequest) -> list[str]:
-    """The file a method starts from or learns from, built only for the methods that need one."""
-    if method == "finetune":
-        return [f"model.pretrained={request.getfixturevalue('pretrained_weights')}"]
+@pytest.fixture(scope="module")
+def convnet4_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """What `reg=l2sp` pulls the meta-learners' backbone toward: a state dict of their net."""
+    from posttrain.models import build_classifier
+
+    path = tmp_path_factory.mktemp("weights") / "convnet4.pt"
+    torch.save(build_classifier("convnet4", 10, 1, hidden=8).state_dict(), path)
+    return path
+
+
+def source_weights(method: str, regularizer: str, request: pytest.FixtureRequest) -> list[str]:
+    """The files a method starts from or learns from, built only where needed: fine-tuning
+    and L2-SP (whose reference is the pretrained backbone) need `model.pretrained`."""
+    sources = []
+    if method == "finetune" or regularizer == "l2sp":
+        weights = "convnet4_weights" if method in ("maml", "protonet") else "pretrained_weights"
+        sources.append(f"model.pretrained={request.getfixturevalue(weights)}")
     if method == "distill":
-        return [f"method.teacher={request.getfixturevalue('teacher_checkpoint')}"]
-    return []
+        sources.append(f"method.teacher={request.getfixturevalue('teacher_checkpoint')}")
+    return sources
 
 
 @pytest.mark.slow
@@ -208,7 +221,7 @@ def test_method_and_regularizer_pair(
     request: pytest.FixtureRequest,
 ) -> None:
     torch.set_num_threads(1)  # tiny models: threads only add contention on a busy machine
-    weights = source_weights(method, request)
+    weights = source_weights(method, regularizer, request)
     # SWA averages from epoch 0 of the two: from its default start it would hold one epoch.
     averaged_from = ["reg.swa.start_epoch=0"] if regularizer == "swa" else []
     overrides = [*METHODS[method], *weights, *FAST, f"reg={regularizer}", *averaged_from]

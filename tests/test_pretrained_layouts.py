@@ -110,3 +110,66 @@ def test_a_dict_without_tensors_is_one_paragraph(tmp_path: Path) -> None:
     torch.save({"epoch": 3, "config": {"lr": 0.1}}, tmp_path / "empty.pt")
     with pytest.raises(PosttrainError, match="holds no tensors"):
         build_classifier("small_cnn", 10, 3, pretrained=str(tmp_path / "empty.pt"))
+
+
+@pytest.mark.parametrize(
+    ("arch", "source_size", "model_size"),
+    [("small_cnn", {"width": 32}, {"width": 64}), ("convnet4", {"hidden": 64}, {"hidden": 32})],
+)
+def test_another_size_is_refused_not_matched_by_its_counters(
+    tmp_path: Path, arch: str, source_size: dict, model_size: dict
+) -> None:
+    """Only `num_batches_tracked` (0-dim, the same in every net) matched: no evidence."""
+    torch.save(build_classifier(arch, 10, 1, **source_size).state_dict(), tmp_path / "w.pt")
+    with pytest.raises(PosttrainError, match="none of its") as raised:
+        build_classifier(arch, 10, 1, pretrained=str(tmp_path / "w.pt"), **model_size)
+    assert str(tmp_path / "w.pt") in str(raised.value) and "model.width" in str(raised.value)
+
+
+def test_a_small_share_of_matching_kernels_is_refused(tmp_path: Path) -> None:
+    """ResNet-50 into ResNet-18: BatchNorm vectors match by width, 9 of 20 kernels by chance."""
+    from torchvision import models
+
+    torch.save(models.resnet50().state_dict(), tmp_path / "r50.pt")
+    with pytest.raises(PosttrainError, match="only 9 of the 20 weight kernels") as raised:
+        build_classifier("resnet18", 10, 3, pretrained=str(tmp_path / "r50.pt"))
+    assert str(tmp_path / "r50.pt") in str(raised.value) and "At least 50%" in str(raised.value)
+
+
+def lightning_with_head_beside(state: dict, classes: int) -> dict:
+    """A LightningModule holding `self.net = Wrapper(backbone=resnet, fc=Linear)`."""
+    backbone = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    head = {"net.fc.weight": torch.randn(classes, 512), "net.fc.bias": torch.randn(classes)}
+    return {
+        "state_dict": {**prefixed(backbone, "net.backbone."), **head},
+        "pytorch-lightning_version": "2.4.0",
+    }
+
+
+def test_pretrained_head_is_found_one_prefix_above_the_backbone(tmp_path: Path, caplog) -> None:
+    payload = lightning_with_head_beside(resnet18_state(), classes=4)
+    torch.save(payload, tmp_path / "lightning.ckpt")
+    path = str(tmp_path / "lightning.ckpt")
+    with caplog.at_level(logging.INFO, logger="posttrain"):
+        model = build_classifier("resnet18", 4, 3, pretrained=path, pretrained_head=True)
+    assert torch.equal(model.head.weight, payload["state_dict"]["net.fc.weight"])
+    assert torch.equal(model.head.bias, payload["state_dict"]["net.fc.bias"])
+    assert "head kept" in caplog.text and "not in the model" not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="posttrain"):  # not asked: a new head, said so
+        build_classifier("resnet18", 4, 3, pretrained=path)
+    assert "head replaced" in caplog.text and "net.fc.weight (4, 512) not used" in caplog.text
+
+
+def test_pretrained_head_that_cannot_be_kept_is_refused(tmp_path: Path) -> None:
+    torch.save(lightning_with_head_beside(resnet18_state(), classes=10), tmp_path / "ten.ckpt")
+    with pytest.raises(PosttrainError, match=r"pretrained_head=true.*\(10, 512\).*\(4, 512\)"):
+        build_classifier(
+            "resnet18", 4, 3, pretrained=str(tmp_path / "ten.ckpt"), pretrained_head=True
+        )
+    headless = {k: v for k, v in resnet18_state().items() if not k.startswith("fc.")}
+    torch.save(headless, tmp_path / "headless.pt")
+    with pytest.raises(PosttrainError, match="holds no classifier head"):
+        build_classifier(
+            "resnet18", 4, 3, pretrained=str(tmp_path / "headless.pt"), pretrained_head=True
+        )

@@ -290,12 +290,23 @@ def data_line(datamodule: Any, choices: dict[str, Any]) -> str:
     return f"{name}: {', '.join(details)}" if details else str(name)
 
 
-def model_line(pl_module: L.LightningModule, choices: dict[str, Any]) -> str:
-    """The model's name and parameter counts (the compact model summary)."""
+def model_line(
+    pl_module: L.LightningModule, choices: dict[str, Any], trainer: L.Trainer | None = None
+) -> str:
+    """The model's name and parameter counts (the compact model summary).
+
+    Training (`trainer` given), a method that freezes on a schedule says what trains at the
+    start (`trainable_at_start`): its freeze is applied in a callback that runs after this
+    statement, so counting `requires_grad` here printed the unfrozen count.
+    """
     model = getattr(pl_module, "model", pl_module)
     name = choices.get("model") or type(model).__name__
     total = sum(p.numel() for p in pl_module.parameters())
-    trainable = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+    planned = getattr(pl_module, "trainable_at_start", None)
+    if trainer is not None and callable(planned):
+        trainable = planned(trainer)
+    else:
+        trainable = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
     return f"{name}: {count(total)} parameters ({count(trainable)} trainable)"
 
 
@@ -332,7 +343,7 @@ def run_statement(trainer: L.Trainer, pl_module: L.LightningModule, stage: str) 
     members = getattr(getattr(pl_module, "regularizers", None), "members", [])
     rows = [
         ("data", data_line(trainer.datamodule, choices)),
-        ("model", model_line(pl_module, choices)),
+        ("model", model_line(pl_module, choices, trainer if stage == "train" else None)),
         ("method", getattr(pl_module, "method_name", None) or choices.get("method", "?")),
         ("regularizers", ", ".join(getattr(m, "key", type(m).__name__) for m in members) or "none"),
         *([("length", length_line(trainer))] if stage == "train" else []),

@@ -40,6 +40,23 @@ def require_positive(key: str, value: float | int | None, *, allow_none: bool = 
     )
 
 
+def require_bool(key: str, value: object) -> None:
+    """Check a switch is a real boolean: Hydra keeps `no`/`off`/`1` as strings or ints, and a
+    non-empty string is truthy, so `freeze_bn_stats=no` would switch the option on."""
+    require(
+        isinstance(value, bool),
+        f"Config key `{key}` must be true or false, got {value!r}.",
+    )
+
+
+def require_count(key: str, value: object, minimum: int) -> None:
+    """Check a count is a whole number >= `minimum` (not a bool, not `2.5`)."""
+    require(
+        isinstance(value, int) and not isinstance(value, bool) and value >= minimum,
+        f"Config key `{key}` must be a whole number >= {minimum}, got {value!r}.",
+    )
+
+
 def require_fraction(key: str, value: float) -> None:
     """Check that a split fraction lies in [0, 1)."""
     require(

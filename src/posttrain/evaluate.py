@@ -51,6 +51,10 @@ def evaluation_config(trained: DictConfig, cfg: DictConfig) -> DictConfig:
     check_same_test_split(trained.data, evaluated.data)
     with open_dict(evaluated):
         evaluated.model.pretrained = None
+        if (evaluated.get("reg") or {}).get("l2sp") is not None:  # trained from the checkpoint
+            evaluated.reg.l2sp.start = str(cfg.ckpt_path)
+        if evaluated.model.get("pretrained_head"):  # the checkpoint holds the trained head
+            evaluated.model.pretrained_head = False
         if evaluated.method.get("finetune") is not None:  # what is evaluated: the checkpoint
             evaluated.method.finetune.weights = str(cfg.ckpt_path)
         if "ways" in cfg.data and trained.data.get("train_ways", "absent") is None:

@@ -18,13 +18,16 @@ task, the lower ones the most general.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from posttrain.errors import require, require_choice, require_positive
+from posttrain.errors import require, require_bool, require_choice, require_count, require_positive
+
+log = logging.getLogger("posttrain")
 
 POLICIES = ("full", "linear_probe", "gradual")
 
@@ -59,16 +62,42 @@ class FinetuneSettings:
         return settings
 
     def __post_init__(self) -> None:
+        """Types first (Hydra passes `no` as a string, `2.5` as a float), then the
+        combinations in which an option could not do what it says."""
         require_choice("method.finetune.policy", self.policy, POLICIES)
-        require(
-            isinstance(self.unfreeze_at_epoch, int) and self.unfreeze_at_epoch >= 0,
-            f"`method.finetune.unfreeze_at_epoch` must be >= 0, got {self.unfreeze_at_epoch!r}.",
-        )
-        require_positive("method.finetune.unfreeze_groups", self.unfreeze_groups)
+        require_count("method.finetune.unfreeze_at_epoch", self.unfreeze_at_epoch, 0)
+        require_count("method.finetune.unfreeze_groups", self.unfreeze_groups, 1)
         require_positive("method.finetune.backbone_lr_factor", self.backbone_lr_factor)
+        require_bool("method.finetune.freeze_bn_stats", self.freeze_bn_stats)
+        require_count("method.finetune.reinit_top_layers", self.reinit_top_layers, 0)
         require(
-            isinstance(self.reinit_top_layers, int) and self.reinit_top_layers >= 0,
-            f"`method.finetune.reinit_top_layers` must be >= 0, got {self.reinit_top_layers!r}.",
+            self.weights is None or isinstance(self.weights, str),
+            f"Config key `method.finetune.weights` must be a path or weights name, got "
+            f"{self.weights!r}.",
+        )
+        self.check_reinit()
+
+    def check_reinit(self) -> None:
+        """Re-initialized layers must train and estimate their own BatchNorm statistics:
+        frozen (linear probe) they are random features, and with frozen statistics their
+        BatchNorm normalizes with the fresh 0/1 running values all run."""
+        if not self.reinit_top_layers:
+            return
+        require(
+            self.policy != "linear_probe",
+            f"`method.finetune.reinit_top_layers={self.reinit_top_layers}` cannot be used with "
+            "`method.finetune.policy=linear_probe`: the linear probe freezes the whole backbone, "
+            "so the re-initialized layers would stay random for the whole run and the head "
+            "would learn from random features. Use `policy=full` or `policy=gradual` (the top "
+            "layers are released first), or set `method.finetune.reinit_top_layers=0`.",
+        )
+        require(
+            not self.freeze_bn_stats,
+            f"`method.finetune.reinit_top_layers={self.reinit_top_layers}` cannot be used with "
+            "`method.finetune.freeze_bn_stats=true`: frozen statistics keep every BatchNorm's "
+            "running mean and variance, and those of the re-initialized layers are fresh (0 "
+            "and 1), not pretrained, so those layers would normalize with them all run. Set "
+            "`method.finetune.freeze_bn_stats=false` or `method.finetune.reinit_top_layers=0`.",
         )
 
     @property
@@ -76,33 +105,68 @@ class FinetuneSettings:
         return self.policy in ("linear_probe", "gradual")
 
 
+def named_layers(backbone: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The backbone's top-level layers that hold weights, with their names, bottom (input
+    side) first."""
+    layers = [(n, m) for n, m in backbone.named_children() if any(True for _ in m.parameters())]
+    return layers or [("", backbone)]
+
+
 def parameterized_layers(backbone: nn.Module) -> list[nn.Module]:
     """The backbone's top-level layers that hold weights, bottom (input side) first."""
-    layers = [m for m in backbone.children() if any(True for _ in m.parameters())]
-    return layers or [backbone]
+    return [layer for _, layer in named_layers(backbone)]
+
+
+def check_unfreeze_groups(backbone: nn.Module, count: int) -> None:
+    """A backbone of L layers splits into at most L groups: more would be fewer than asked."""
+    layers = len(parameterized_layers(backbone))
+    require(
+        count <= layers,
+        f"`method.finetune.unfreeze_groups` is {count}, but this backbone has {layers} layers "
+        f"with weights, so at most {layers} groups: set `method.finetune.unfreeze_groups` to "
+        f"1..{layers}.",
+    )
 
 
 def layer_groups(backbone: nn.Module, count: int) -> list[list[nn.Module]]:
-    """The backbone's parameterized top-level layers in `count` contiguous groups, top first."""
+    """The backbone's parameterized top-level layers in exactly `count` contiguous groups
+    (sizes differ by at most one, the larger ones at the bottom), top first.
+
+    Ceil-sized chunks gave fewer groups than asked (6 ResNet layers in 4 asked groups made 3).
+    """
+    check_unfreeze_groups(backbone, count)
     layers = parameterized_layers(backbone)
-    count = min(count, len(layers))
-    size = -(-len(layers) // count)
-    groups = [layers[i : i + size] for i in range(0, len(layers), size)]
+    size, extra = divmod(len(layers), count)
+    groups, start = [], 0
+    for index in range(count):
+        end = start + size + (1 if index < extra else 0)
+        groups.append(layers[start:end])
+        start = end
     return list(reversed(groups))
 
 
 def reinit_top_layers(backbone: nn.Module, count: int) -> None:
-    """Fresh initial weights for the `count` parameterized backbone layers nearest the head."""
-    layers = list(reversed(parameterized_layers(backbone)))
+    """Fresh initial weights for the `count` parameterized backbone layers nearest the head,
+    logged by name (the pretrained weights of those layers are gone for this run)."""
+    layers = list(reversed(named_layers(backbone)))
     require(
         count <= len(layers),
         f"`method.finetune.reinit_top_layers` is {count}, but the backbone has only "
         f"{len(layers)} layers with weights.",
     )
-    for layer in layers[:count]:
+    if not count:
+        return
+    for _, layer in layers[:count]:
         for module in layer.modules():
             if hasattr(module, "reset_parameters"):
                 module.reset_parameters()
+    names = ", ".join(f"features.{name}" if name else "features" for name, _ in layers[:count])
+    log.info(
+        "fine-tuning: method.finetune.reinit_top_layers=%d re-initialized %s (pretrained "
+        "weights of those layers not used)",
+        count,
+        names,
+    )
 
 
 def set_trainable(module: nn.Module, trainable: bool) -> None:
@@ -119,11 +183,31 @@ def keep_frozen_norms_in_eval(backbone: nn.Module, all_norms: bool) -> None:
                 module.eval()
 
 
+def resumed_epoch(checkpoint: dict, default: int) -> int:
+    """The epoch a resumed fit starts at, before Lightning restores `trainer.current_epoch`
+    (after `on_fit_start`): the fit loop's processed epochs in the checkpoint. A checkpoint
+    written at an epoch's end has processed it but not yet marked it completed, and
+    Lightning resumes at the next epoch; one written mid-epoch resumes that epoch."""
+    try:
+        progress = checkpoint["loops"]["fit_loop"]["epoch_progress"]["current"]
+        return int(progress["processed"])
+    except (KeyError, TypeError, ValueError):
+        return default
+
+
 class FreezeSchedule(Callback):
-    """Freezes the backbone when fitting starts and releases it on the policy's schedule."""
+    """Freezes the backbone when fitting starts and releases it on the policy's schedule.
+
+    The freeze is applied in `on_fit_start`, after the strategy has set the model up: DDP
+    registers only parameters that require gradients when it wraps the model, so freezing
+    earlier would leave gradually released layers unsynchronized. What trains at the start
+    is therefore computed from the policy (`trainable_count`) for the run statement, whose
+    `on_fit_start` runs before this module callback's.
+    """
 
     def __init__(self, settings: FinetuneSettings) -> None:
         self.settings = settings
+        self.resume_epoch: int | None = None
 
     def released_groups(self, epoch: int, total: int) -> int:
         """How many layer groups (from the top) train in `epoch`."""
@@ -131,16 +215,40 @@ class FreezeSchedule(Callback):
             return 0
         return max(0, min(total, epoch - self.settings.unfreeze_at_epoch + 1))
 
-    def apply(self, pl_module: Any, epoch: int) -> None:
-        groups = layer_groups(pl_module.model.features, self.settings.unfreeze_groups)
+    def frozen_layers(self, backbone: nn.Module, epoch: int) -> list[nn.Module]:
+        """The backbone layers that do not train in `epoch`."""
+        groups = layer_groups(backbone, self.settings.unfreeze_groups)
         released = self.released_groups(epoch, len(groups))
-        for index, group in enumerate(groups):
-            for layer in group:
-                set_trainable(layer, index < released)
+        return [layer for group in groups[released:] for layer in group]
+
+    def first_epoch(self, trainer: Any) -> int:
+        """The epoch this fit starts at: a resumed one's, known from its checkpoint before
+        Lightning restores `trainer.current_epoch` (after `on_fit_start`)."""
+        return self.resume_epoch if self.resume_epoch is not None else trainer.current_epoch
+
+    def trainable_count(self, pl_module: Any, trainer: Any) -> int:
+        """Trainable parameters once the policy is applied for the first epoch."""
+        frozen = self.frozen_layers(pl_module.model.features, self.first_epoch(trainer))
+        held = {id(p) for layer in frozen for p in layer.parameters()}
+        return sum(
+            p.numel() for p in pl_module.parameters() if p.requires_grad and id(p) not in held
+        )
+
+    def apply(self, pl_module: Any, epoch: int) -> None:
+        backbone = pl_module.model.features
+        frozen = {id(layer) for layer in self.frozen_layers(backbone, epoch)}
+        for layer in parameterized_layers(backbone):
+            set_trainable(layer, id(layer) not in frozen)
         pl_module.train(pl_module.training)  # re-applies the BatchNorm modes
 
+    def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict) -> None:
+        self.resume_epoch = resumed_epoch(checkpoint, trainer.current_epoch)
+
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        self.apply(pl_module, trainer.current_epoch)
+        self.apply(pl_module, self.first_epoch(trainer))
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         self.apply(pl_module, trainer.current_epoch)
+
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        self.resume_epoch = None  # a later fit of the same module starts from its own epoch

@@ -17,6 +17,7 @@ from posttrain.methods.core import MethodCore, StepOutput
 from posttrain.methods.finetune import (
     FinetuneSettings,
     FreezeSchedule,
+    check_unfreeze_groups,
     keep_frozen_norms_in_eval,
     reinit_top_layers,
 )
@@ -46,7 +47,10 @@ class SupervisedClassifier(MethodCore):
         metrics = SplitMetrics(num_classes=model.head.out_features)
         super().__init__(model, optimizer, scheduler, regularizers, metrics)
         self.finetune = FinetuneSettings.for_method(finetune)
+        check_unfreeze_groups(model.features, self.finetune.unfreeze_groups)
         reinit_top_layers(model.features, self.finetune.reinit_top_layers)
+        starts_frozen = self.finetune.starts_frozen
+        self.schedule = FreezeSchedule(self.finetune) if starts_frozen else None
 
     @property
     def method_name(self) -> str:
@@ -100,7 +104,14 @@ class SupervisedClassifier(MethodCore):
                     logger.experiment.add_figure("test/confusion_matrix", figure, self.global_step)
 
     def method_callbacks(self) -> list[Any]:
-        return [FreezeSchedule(self.finetune)] if self.finetune.starts_frozen else []
+        return [self.schedule] if self.schedule else []
+
+    def trainable_at_start(self, trainer: Any) -> int:
+        """Parameters that train when the first epoch starts, for the run statement: it
+        counts before the freeze schedule's `on_fit_start` has frozen the backbone."""
+        if self.schedule:
+            return self.schedule.trainable_count(self, trainer)
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
     def lr_scale(self, name: str) -> float:
         """Discriminative learning rates: backbone parameters get `backbone_lr_factor`."""

@@ -13,7 +13,13 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from posttrain.errors import require_choice, require_known_options, require_positive
+from posttrain.errors import (
+    require,
+    require_bool,
+    require_choice,
+    require_known_options,
+    require_positive,
+)
 
 
 def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -129,6 +135,22 @@ def build_classifier(
     unchanged; pays a compilation pause at the first batches).
     """
     require_choice("model.arch", arch, BACKBONES)
+    for key, switch in (
+        ("pretrained_head", pretrained_head),
+        ("channels_last", channels_last),
+        ("compile", compile),
+    ):
+        require_bool(f"model.{key}", switch)
+    require(
+        pretrained is None or isinstance(pretrained, str),
+        f"Config key `model.pretrained` must be a weights name or a file path, got {pretrained!r}.",
+    )
+    require(
+        pretrained is not None or not pretrained_head,
+        "`model.pretrained_head=true` keeps the head of `model.pretrained`, which is not set. "
+        "Set `model.pretrained` to the weights whose head to keep, or leave "
+        "`model.pretrained_head=false`.",
+    )
     factory = BACKBONES[arch]
     require_known_options(factory, {"in_channels": in_channels, **backbone_options}, "model")
     features, feature_dim = factory(in_channels, **backbone_options)

@@ -12,9 +12,18 @@
 Which wrapper a file carries is not guessed from its origin: every way of stripping a
 leading prefix (and of adding `features.`) is tried, and the one under which the most
 tensors match the model by name and shape wins. The log says which mapping that was and
-how many of the file's tensors it matched, and lists what was dropped. The head is never
-taken from the source when its shape differs: it stays freshly initialized and sized to the
-new task.
+how many of the file's tensors it matched, and lists what was dropped. 0-dim buffers
+(BatchNorm's `num_batches_tracked`) have the same shape in every network, so they are never
+evidence that a file fits: a mapping is chosen, and a file judged, by its other tensors.
+A file is refused unless at least half of the backbone's weight kernels (conv and linear
+weights, `MIN_KERNEL_FRACTION`) match: BatchNorm vectors of common widths (64, 128) match by
+chance across architectures, kernels rarely do, and a backbone mostly left at random
+initialization is not fine-tuning.
+
+The head is freshly initialized and sized to the new task, unless `model.pretrained_head=true`:
+then the source's head (`fc.*`/`head.*`, beside the backbone's prefix or one level up, as in
+a Lightning module holding `net.backbone.*` and `net.fc.*`) is loaded, and a file without a
+head of the model's shape is refused.
 """
 
 from __future__ import annotations
@@ -39,6 +48,8 @@ WRAPPER_PREFIXES = ("module.", "model.", "_orig_mod.", "net.", "network.", "back
 # The classifier layer of torchvision models, which posttrain calls `head`.
 SOURCE_HEADS = ("fc.", "head.")
 PREFIX_DEPTH = 3  # leading key components a wrapper may add (`module.model.features.`)
+# The share of the backbone's weight kernels (>= 2-D tensors) a file must match to be loaded.
+MIN_KERNEL_FRACTION = 0.5
 
 
 def shorten(keys: list[str], limit: int = 8) -> str:
@@ -56,6 +67,7 @@ class LoadReport:
     loaded: int = 0
     mapping: str = ""
     head_replaced: str = ""
+    head_kept: str = ""
     adapted: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
@@ -68,6 +80,8 @@ class LoadReport:
         ]
         if self.head_replaced:
             lines.append(f"  head replaced: {self.head_replaced}")
+        if self.head_kept:
+            lines.append(f"  head kept (model.pretrained_head=true): {self.head_kept}")
         lines += [f"  adapted: {item}" for item in self.adapted]
         for label, keys in (
             ("missing from the source (kept at initialization)", self.missing),
@@ -180,6 +194,12 @@ class KeyMapping:
         return "keys as stored" if not parts else "keys: " + ", ".join(parts)
 
 
+def evidence(value: Tensor) -> bool:
+    """Whether a matching tensor says anything about the file fitting: a 0-dim buffer
+    (`num_batches_tracked`) has the same shape in every network, so it does not."""
+    return value.ndim > 0
+
+
 def fits(value: Tensor, target: Tensor) -> bool:
     """Same shape, or an RGB first conv that `adapt_input_conv` turns into `target`'s."""
     if value.shape == target.shape:
@@ -210,7 +230,12 @@ def mapping_rank(mapping: KeyMapping, state: dict[str, Tensor], own: dict[str, T
     matched = 0
     for key, value in state.items():
         target = mapping.apply(key)
-        if target in own and not target.startswith("head.") and fits(value, own[target]):
+        if (
+            target in own
+            and not target.startswith("head.")
+            and evidence(value)
+            and fits(value, own[target])
+        ):
             matched += 1
     known = all(part + "." in WRAPPER_PREFIXES for part in mapping.strip.split(".")[:-1])
     return matched, known, -len(mapping.strip), mapping.add == ""
@@ -240,9 +265,77 @@ def refuse_other_architecture(
     raise PosttrainError(
         f"`model.pretrained` ({source}): none of its {len(state)} tensors matches a backbone "
         f"tensor of `model.arch={arch}` by name and shape, under any wrapper prefix (its keys "
-        f"begin {', '.join(theirs)}; the model's {', '.join(ours)}): it was trained with "
-        "another architecture. Set `model.arch` to the architecture of the file, or use "
-        "weights of this model."
+        f"begin {', '.join(theirs)}; the model's {', '.join(ours)}; 0-dim counters such as "
+        "`num_batches_tracked` prove nothing): it was trained with another architecture or "
+        "another size. Set `model.arch` (and `model.width`/`model.hidden`) to those of the "
+        "file, or use weights of this model."
+    )
+
+
+def backbone_kernels(own: dict[str, Tensor]) -> list[str]:
+    """The model's backbone weight kernels (conv and linear weights, >= 2-D): the tensors
+    whose match says the file holds this network, not a coincidence of widths."""
+    return [k for k, v in own.items() if v.ndim >= 2 and not k.startswith("head.")]
+
+
+def matched_kernels(mapping: KeyMapping, state: dict[str, Tensor], own: dict[str, Tensor]) -> set:
+    kernels = set(backbone_kernels(own))
+    targets = ((mapping.apply(key), value) for key, value in state.items())
+    return {t for t, value in targets if t in kernels and fits(value, own[t])}
+
+
+def refuse_small_match(
+    mapping: KeyMapping, state: dict[str, Tensor], own: dict[str, Tensor], source: str, arch: str
+) -> None:
+    """Refuse a file that matches fewer than `MIN_KERNEL_FRACTION` of the backbone's kernels:
+    most of the backbone would stay random while the log reads as a pretrained start."""
+    kernels = backbone_kernels(own)
+    matched = matched_kernels(mapping, state, own)
+    if not kernels or len(matched) >= MIN_KERNEL_FRACTION * len(kernels):
+        return
+    unmatched = [f"{k} {tuple(own[k].shape)}" for k in kernels if k not in matched]
+    raise PosttrainError(
+        f"`model.pretrained` ({source}): only {len(matched)} of the {len(kernels)} weight "
+        f"kernels (conv/linear weights) of the `model.arch={arch}` backbone match a tensor of "
+        f"the file by name and shape ({mapping.describe()}); not matched: {shorten(unmatched, 4)}. "
+        f"At least {MIN_KERNEL_FRACTION:.0%} must match, or fine-tuning would start mostly "
+        "from random weights: the file holds another architecture or another size. Set "
+        "`model.arch` (and `model.width`/`model.hidden`) to those of the file, or use weights "
+        "of this model."
+    )
+
+
+def sibling_head_keys(state: dict[str, Tensor], mapping: KeyMapping) -> dict[str, str]:
+    """Source head keys one prefix above the backbone's (`net.fc.weight` beside
+    `net.backbone.*`) -> model head keys; empty when the mapping already reaches a head."""
+    if any((mapping.apply(k) or "").startswith("head.") for k in state) or not mapping.strip:
+        return {}
+    parts = mapping.strip.split(".")[:-1]
+    parent = "".join(part + "." for part in parts[:-1])
+    found = {}
+    for key in state:
+        rest = key[len(parent) :] if key.startswith(parent) else ""
+        if rest.startswith(SOURCE_HEADS) and rest.count(".") == 1:
+            found[key] = "head." + rest.split(".", 1)[1]
+    return found
+
+
+def refuse_head(source: str, own: dict[str, Tensor], found: dict[str, Tensor]) -> None:
+    """`model.pretrained_head=true` asked for the source's head: never silently a new one."""
+    wanted = tuple(own["head.weight"].shape)
+    if found:
+        held = ", ".join(f"{k} {tuple(v.shape)}" for k, v in found.items())
+        reason = f"its head ({held}) does not have the model's shape {wanted}"
+    else:
+        reason = (
+            "it holds no classifier head (`fc.*` or `head.*` beside the backbone's keys or one "
+            "prefix above them)"
+        )
+    raise PosttrainError(
+        f"`model.pretrained_head=true` keeps the source's classifier head, but "
+        f"`model.pretrained` ({source}): {reason}. Set `model.pretrained_head=false` to train a "
+        "new head sized to this task's classes, or point `model.pretrained` at a file whose "
+        "head has this task's classes."
     )
 
 
@@ -255,26 +348,48 @@ def resolve_source(pretrained: str, arch: str) -> tuple[dict[str, Tensor], str]:
     return torchvision_state_dict(arch, str(pretrained)), f"torchvision {arch} {pretrained}"
 
 
+def check_kept_head(
+    targets: dict[str, str | None], state: dict[str, Tensor], own: dict[str, Tensor], source: str
+) -> None:
+    """With `model.pretrained_head=true` the source must hold a head of the model's shape."""
+    heads = {o: state[o] for o, key in targets.items() if key and key.startswith("head.")}
+    keys = {targets[o] for o in heads}
+    fitting = all(
+        targets[o] in own and own[targets[o]].shape == value.shape for o, value in heads.items()
+    )
+    if "head.weight" not in keys or not fitting:
+        refuse_head(source, own, heads)
+
+
 def load_pretrained(
     model: nn.Module, pretrained: str, arch: str, keep_head: bool = False
 ) -> LoadReport:
     """Load `pretrained` into `model` (an ImageClassifier) and report what fit.
 
-    The head is re-initialized for the new task unless `keep_head` and the shapes match
-    (e.g. continuing on the same classes).
+    The head is re-initialized for the new task unless `keep_head` (`model.pretrained_head`):
+    then the source's head is loaded, and refused when absent or of another shape.
     """
     state, source = resolve_source(pretrained, arch)
     own = model.state_dict()
     mapping, matched = best_mapping(state, own)
     if matched == 0:
         refuse_other_architecture(state, own, source, arch)
+    refuse_small_match(mapping, state, own, source, arch)
     report = LoadReport(source=source, total=len(state), mapping=mapping.describe())
+    siblings = sibling_head_keys(state, mapping)
+    targets = {original: siblings.get(original) or mapping.apply(original) for original in state}
+    if keep_head:
+        check_kept_head(targets, state, own, source)
     accepted: dict[str, Tensor] = {}
     for original, value in state.items():
-        key = mapping.apply(original)
+        key = targets[original]
         if key is None or key not in own:
             report.unexpected.append(original)
-        elif key.startswith("head.") and not (keep_head and own[key].shape == value.shape):
+        elif key.startswith("head."):
+            if keep_head:
+                accepted[key] = value
+                report.head_kept += f"{', ' if report.head_kept else ''}{original} -> {key}"
+                continue
             report.unexpected.append(original)
             if key == "head.weight":
                 report.head_replaced = (

@@ -218,7 +218,7 @@ def build_network(config: dict[str, Any], weights: dict[str, Tensor], path: Path
     """
     from hydra.utils import instantiate
 
-    model = {**config["model"], "pretrained": None, "compile": False}
+    model = {**config["model"], "pretrained": None, "pretrained_head": False, "compile": False}
     with torch.random.fork_rng(devices=[]):  # the student's seeded draws stay as without it
         network = instantiate(
             model,

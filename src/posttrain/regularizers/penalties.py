@@ -91,10 +91,27 @@ class L2SP:
     key = "l2sp"
     refusal_hint = ", or set `reg.l2sp.beta=0` to keep only the backbone term"
 
-    def __init__(self, alpha: float = 0.01, beta: float = 0.01, include_1d: bool = False) -> None:
+    def __init__(
+        self,
+        alpha: float = 0.01,
+        beta: float = 0.01,
+        include_1d: bool = False,
+        start: str | None = None,
+    ) -> None:
+        """`start` is `${model.pretrained}`: without pretrained weights the reference would be
+        the random initialization, and the penalty would pull toward noise while the log
+        said "pretrained"."""
         self.alpha = check_weight("reg.l2sp.alpha", alpha)
         self.beta = check_weight("reg.l2sp.beta", beta)
         self.include_1d = include_1d
+        require(
+            bool(start),
+            "`reg=l2sp` pulls the backbone toward its pretrained weights, but `model.pretrained` "
+            "is not set, so the reference would be the random initialization. Set "
+            "`model.pretrained` (`imagenet` for torchvision models, a posttrain checkpoint or a "
+            "state-dict file); to penalize weights toward zero, use `reg=l2`.",
+        )
+        self.start = start
         self.reference: dict[str, Tensor] = {}
 
     @property
