@@ -103,7 +103,11 @@ def markdown_table(result: dict) -> str:
     for label in ("MAML", "FOMAML"):
         cells = [
             f"{result[label]['ms_per_meta_batch'][f]:.0f}"
-            + ("" if f == "clone" else f" ({result[label]['speedup_vs_clone'][f]:.2f}× clone)")
+            + (
+                ""
+                if f == "clone"
+                else f" ({result[label]['speedup_vs_clone'][f]:.2f}× clone's speed)"
+            )
             for f in forms
         ]
         lines.append(f"| {label} ms | " + " | ".join(cells) + " |")

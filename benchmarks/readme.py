@@ -50,9 +50,13 @@ def benchmark_module(result: dict) -> str:
 
 
 def provenance(name: str, result: dict) -> str:
-    """The line above each table: the exact command, when and where it ran, and the file."""
+    """The line above each table: the exact command, the commit it reproduces at (a
+    benchmark's defaults may change later: `averaging`'s default recipe did), when and where
+    it ran, and the file."""
+    head = result.get("git_head")
+    at = f" at commit {head[:7]}" if head else ""
     return (
-        f"Measured with `{result['command']}` on {result['date'][:10]}; machine: "
+        f"Measured with `{result['command']}`{at} on {result['date'][:10]}; machine: "
         f"{result['machine']}. Numbers: `benchmarks/results/{name}.json`."
     )
 
