@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.callbacks import Callback
 
 from posttrain.report import SweepPlot, collect, sweep_series, swept_keys, write_report
 from tests.conftest import PROBE, read_probes, run_cli
@@ -210,6 +212,65 @@ def test_optuna_sweeper_runs_three_trials_into_a_resumable_study(tmp_path: Path)
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(optuna.load_study(study_name="reg_search", storage=storage).trials) == 4
+
+
+class FailInJob(Callback):
+    """`+callbacks.fail._target_=tests.test_sweeps.FailInJob +callbacks.fail.num=<n>`: sweep
+    job number `n` fails as it starts training, every other job trains as usual."""
+
+    def __init__(self, num: int) -> None:
+        self.num = num
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if HydraConfig.get().job.num == self.num:
+            raise RuntimeError(f"job {self.num} was made to fail")
+
+
+def test_optuna_tells_a_nan_job_as_failed_without_a_value_and_an_escaped_error_too() -> None:
+    import optuna
+    from hydra.core.utils import JobReturn, JobStatus
+
+    from posttrain.optuna_sweeper import tell
+
+    study = optuna.create_study(direction="maximize")
+    escaped = JobReturn(_return_value=RuntimeError("a bug"), status=JobStatus.FAILED)
+    for value in (0.5, float("nan")):
+        tell(
+            study, study.ask(), JobReturn(_return_value=value, status=JobStatus.COMPLETED), 1, False
+        )
+    with pytest.raises(RuntimeError, match="a bug"):  # stops the search, as `-m` does
+        tell(study, study.ask(), escaped, 1, False)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL", "FAIL"]
+    assert [t.value for t in study.trials] == [0.5, None, None]
+
+
+@pytest.mark.slow
+def test_a_failed_optuna_trial_is_marked_failed_and_the_search_goes_on(tmp_path: Path) -> None:
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    sweep = tmp_path / "sweep"
+    result = run_cli(
+        "train.py",
+        "hparams_search=reg_optuna",
+        "hydra.sweeper.n_trials=3",
+        "debug=limit",
+        "logger=none",
+        "+callbacks.fail._target_=tests.test_sweeps.FailInJob",
+        "+callbacks.fail.num=1",
+        f"hydra.sweeper.storage={storage}",
+        f"hydra.sweep.dir={sweep}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    import optuna
+
+    trials = optuna.load_study(study_name="reg_search", storage=storage).trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "COMPLETE"]
+    assert trials[1].value is None  # no objective value stands for the failed job
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert best["best_value"] == max(trials[0].value, trials[2].value)
+    with (sweep / "report.csv").open() as handle:
+        table = list(csv.DictReader(handle))
+    assert [row["status"] for row in table] == ["completed", "failed", "completed"]
+    assert "job 1 was made to fail" in table[1]["error"]
 
 
 @pytest.mark.slow

@@ -1,0 +1,1 @@
+"""posttrain's Hydra plugins (Hydra loads plugin classes only from `hydra_plugins.*`)."""
