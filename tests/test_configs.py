@@ -459,3 +459,39 @@ def test_a_top_level_key_nothing_reads_is_refused(make_config) -> None:
         check_train_keys(make_config("+tta=flip"))
     with pytest.raises(PosttrainError, match="no config key `anything`"):
         check_train_keys(make_config("+anything=1"))
+
+
+def slurm_launcher(*overrides: str) -> dict[str, Any]:
+    """`hydra.launcher` of `python train.py hydra/launcher=slurm <overrides>`, resolved."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose(
+            "train", overrides=["hydra/launcher=slurm", *overrides], return_hydra_config=True
+        )
+    GlobalHydra.instance().clear()
+    return OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "tasks", "gpus"),
+    [
+        (["trainer=ddp", "trainer.devices=4"], 4, 4),
+        (["trainer=gpu"], 1, 1),
+        (["trainer=cpu"], 1, 0),  # a CPU job requested a GPU
+        (["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"], 2, 0),
+        (["trainer=ddp", "trainer.devices=[0,1]"], 2, 2),
+    ],
+)
+def test_slurm_launcher_asks_for_gpus_only_for_gpu_jobs(overrides, tasks: int, gpus: int) -> None:
+    launcher = slurm_launcher(*overrides)
+    assert launcher["_target_"].endswith("SlurmLauncher")
+    assert (launcher["tasks_per_node"], launcher["gpus_per_node"]) == (tasks, gpus)
+    assert launcher["nodes"] == 1
+
+
+def test_slurm_launcher_refuses_a_device_count_it_cannot_ask_for() -> None:
+    with pytest.raises(Exception, match=r"trainer.devices.*hydra/launcher=slurm"):
+        slurm_launcher("trainer=ddp", "trainer.devices=auto")

@@ -21,9 +21,17 @@ RUN_ID = f"{os.getpid() % 0x10000:04x}{secrets.token_hex(1)}"
 
 
 def register_resolvers() -> None:
-    """`${run_id:}` in `conf/hydra/default.yaml`; safe to call more than once."""
-    if not OmegaConf.has_resolver("run_id"):
-        OmegaConf.register_new_resolver("run_id", lambda: RUN_ID)
+    """The resolvers `conf/hydra` uses: `${run_id:}` in `default.yaml`, `${device_count:...}`
+    and `${gpu_count:...}` in `launcher/slurm.yaml`; safe to call more than once."""
+    from posttrain.slurm import device_count, gpu_count
+
+    for name, resolver in (
+        ("run_id", lambda: RUN_ID),
+        ("device_count", device_count),
+        ("gpu_count", gpu_count),
+    ):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, resolver)
 
 
 def override_value(path: Path | str) -> str:
