@@ -197,6 +197,31 @@ def test_compiled_model_matches_eager() -> None:
     torch.testing.assert_close(eager(x), compiled(x), rtol=1e-4, atol=1e-5)
 
 
+def test_compile_reaches_the_embedding_protonet_and_multitask_predict_from(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Observed: `model.compile=true` compiled `__call__` only, so `model.embed` (ProtoNet,
+    multi-task) ran eager. The `eager` backend traces with Dynamo without generating code."""
+    compile_module = nn.Module.compile
+    monkeypatch.setattr(nn.Module, "compile", lambda m: compile_module(m, backend="eager"))
+    torch._dynamo.reset()
+    model = build_classifier("small_cnn", num_classes=3, in_channels=1, width=4, compile=True)
+    seen: list[bool] = []
+    model.features[0].register_forward_hook(lambda *_: seen.append(torch.compiler.is_compiling()))
+    model.embed(torch.randn(2, 1, 8, 8))
+    model(torch.randn(2, 1, 8, 8))
+    assert seen == [True, True]
+
+
+def test_maml_refuses_a_compiled_model() -> None:
+    from posttrain.methods.meta import MAML
+
+    model = build_classifier("small_cnn", num_classes=3, in_channels=1, width=4, compile=True)
+    for first_order in (False, True):
+        with pytest.raises(PosttrainError, match=r"model.compile=true. does not apply to MAML"):
+            MAML(first_order=first_order).prepare(model)
+
+
 def test_divergence_guard_flags_a_nonfinite_loss_once_per_epoch() -> None:
     guard = DivergenceGuard()
     guard.observe(torch.tensor(1.0))

@@ -107,6 +107,15 @@ class MAML:
         self.eval_inner_steps, self.inner_loop = eval_inner_steps, inner_loop
 
     def prepare(self, model: nn.Module) -> None:
+        require(
+            not getattr(model, "compiled", False),
+            "`model.compile=true` does not apply to MAML: its inner loop calls the model with "
+            "adapted weights through `torch.func.functional_call`, and torch.compile cannot "
+            'take the second-order gradients MAML trains with ("does not currently support '
+            'double backward"); it is not offered for first-order MAML either, where its '
+            "effect is untested. Leave `model.compile=false` (ProtoNet and the other methods "
+            "accept it).",
+        )
         self.has_batch_norm = any(
             isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()
         )

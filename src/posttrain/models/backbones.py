@@ -104,6 +104,7 @@ class ImageClassifier(nn.Module):
         self.head_dropout: nn.Module = nn.Identity()
         self.head = nn.Linear(feature_dim, num_classes)
         self.channels_last = False
+        self.compiled = False  # `model.compile=true`: `features` runs under torch.compile
 
     def embed(self, x: Tensor) -> Tensor:
         """The features every method predicts from (classifier head, prototypes, task heads),
@@ -131,8 +132,8 @@ def build_classifier(
     `pretrained` (torchvision weights name, posttrain checkpoint or state-dict file) is
     loaded into the backbone; the head stays sized to `num_classes`. `channels_last` stores
     weights and activations NHWC (faster convolutions on recent GPUs, mostly with mixed
-    precision); `compile` wraps the forward in `torch.compile` in place (state-dict keys
-    unchanged; pays a compilation pause at the first batches).
+    precision); `compile` compiles the feature extractor in place (state-dict keys unchanged;
+    pays a compilation pause at the first batches).
     """
     require_choice("model.arch", arch, BACKBONES)
     for key, switch in (
@@ -163,5 +164,9 @@ def build_classifier(
         model.to(memory_format=torch.channels_last)
         model.channels_last = True
     if compile:
-        model.compile()
+        # `nn.Module.compile` compiles `__call__` only, and ProtoNet and multi-task predict
+        # from `model.embed`: the features, which forward and embed both run, are compiled
+        # (the linear head, a single matmul, stays eager).
+        model.features.compile()
+        model.compiled = True
     return model
