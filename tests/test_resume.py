@@ -240,3 +240,20 @@ def test_unreadable_files_are_named_for_what_they_are(
     with pytest.raises(PosttrainError, match=expected) as refused:
         load_checkpoint(file, key="ckpt_path")
     assert "arbitrary code" not in str(refused.value) and "`ckpt_path`" in str(refused.value)
+
+
+def test_each_ddp_rank_resumes_its_own_random_state() -> None:
+    """Under DDP rank 0's file holds every rank's states (`by_rank`); rank 1 restored rank
+    0's before, so after a resume both ranks drew the same augmentation again."""
+    from types import SimpleNamespace
+
+    from posttrain.checkpoints import RANDOM_STATE_KEY, RandomStateInCheckpoint
+    from posttrain.data.datamodule import process_seed
+
+    states = [{"torch": "rank0"}, {"torch": "rank1"}]
+    checkpoint = {RANDOM_STATE_KEY: {**states[0], "by_rank": states}}
+    for rank, expected in [(0, "rank0"), (1, "rank1"), (2, None)]:
+        callback = RandomStateInCheckpoint(seed=0)
+        callback.on_load_checkpoint(SimpleNamespace(global_rank=rank), None, checkpoint)
+        assert (callback.pending or {}).get("torch") == expected  # rank 2: keeps its own seed
+    assert process_seed(0, 0) == 0 and len({process_seed(0, 1), process_seed(1, 0)}) == 2

@@ -209,18 +209,57 @@ def restore_random_states(states: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
+def seed_process(seed: int) -> None:
+    """torch, numpy and python generators from `seed`. Not `L.seed_everything`: its
+    `PL_GLOBAL_SEED` seeds the training `DistributedSampler`, which must be the same on
+    every rank (else the ranks' shares of the training split would overlap)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
 class RandomStateInCheckpoint(Callback):
     """Saves the random states with every checkpoint and restores them on resume, so a
-    resumed run draws exactly what the uninterrupted run would have drawn."""
+    resumed run draws exactly what the uninterrupted run would have drawn.
 
-    def __init__(self) -> None:
+    Under DDP each process draws its own augmentation, dropout and mixing randomness: all
+    ranks were seeded alike (`seed`), so they flipped, shifted and dropped the same way.
+    The model is built before (identical on every rank; DDP broadcasts rank 0's anyway), so
+    ranks > 0 are reseeded at set-up; checkpoints keep every rank's states (rank 0's as
+    before, all of them under `by_rank`), and each rank resumes its own.
+    """
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
         self.pending: dict[str, Any] | None = None
 
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        from posttrain.data.datamodule import process_seed
+
+        if trainer.global_rank > 0 and stage == "fit":
+            seed_process(process_seed(self.seed, trainer.global_rank))
+
     def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
-        checkpoint[RANDOM_STATE_KEY] = collect_random_states()
+        from posttrain.data.datamodule import by_rank
+
+        states = by_rank(collect_random_states())
+        ranks = {"by_rank": states} if len(states) > 1 else {}
+        checkpoint[RANDOM_STATE_KEY] = {**states[0], **ranks}
 
     def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
-        self.pending = checkpoint.get(RANDOM_STATE_KEY)
+        """This rank's states; a rank the checkpoint has none for (it ran on fewer
+        processes) keeps the ones it was seeded with rather than copy rank 0's."""
+        states = checkpoint.get(RANDOM_STATE_KEY)
+        rank = trainer.global_rank
+        if states is not None and rank > 0:
+            by_rank = states.get("by_rank") or []
+            states = by_rank[rank] if rank < len(by_rank) else None
+        self.pending = states
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         """Restored here, after everything that set-up draws (model init, splits, loaders)."""

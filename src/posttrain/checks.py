@@ -67,11 +67,18 @@ def batch_limit(limit: int | float | None, batches: int) -> int:
 
 
 def process_batches(loader: Any, world_size: int) -> int:
-    """Batches one process gets from `loader`: under DDP Lightning's distributed sampler gives
-    each process ceil(N / world) images (padded), and the limit applies to that share."""
+    """Batches one process gets from `loader`, the fewest any process gets: under DDP
+    Lightning's distributed sampler gives each process ceil(N / world) items (padded, the
+    training split); validation and test shares are unpadded (`evaluation_sampler`), the
+    smallest floor(N / world). The limit applies to that share; every process computes the
+    same number, so all refuse together."""
+    from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+
     size = getattr(loader, "batch_size", None)
     if world_size <= 1 or not size:
         return len(loader)
+    if isinstance(getattr(loader, "sampler", None), UnrepeatedDistributedSampler):
+        return math.ceil(len(loader.dataset) // world_size / size)
     return math.ceil(math.ceil(len(loader.dataset) / world_size) / size)
 
 

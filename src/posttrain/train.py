@@ -80,7 +80,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     always = [
         splits,
         ConfigInCheckpoint(config),
-        RandomStateInCheckpoint(),
+        RandomStateInCheckpoint(cfg.seed),
         epochs,
         TrimLogsToRestoredStep(),
     ]

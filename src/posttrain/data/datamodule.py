@@ -13,7 +13,7 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from posttrain.data.sources import (
     LabelledImages,
@@ -58,6 +58,71 @@ class InMemoryDataset(Dataset):
 def keep_batch(batch: Any) -> Any:
     """collate_fn for datasets that already return whole batches."""
     return batch
+
+
+def process_group() -> tuple[int, int]:
+    """(rank, world size) of the running DDP group; (0, 1) outside one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def process_seed(seed: int, rank: int) -> int:
+    """The seed of DDP process `rank`'s own random streams: `seed` itself on rank 0 (so a
+    single process is unchanged), a 32-bit mix of both elsewhere (numpy's SeedSequence).
+    Not `seed + rank` (rank 1 of seed 0 would draw what seed 1 draws), nor `seed + (rank
+    << 32)`: torch's CPU generator keeps only the low 32 bits of a seed (the ranks drew
+    the same episodes)."""
+    import numpy as np
+
+    if rank == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+
+
+def by_rank(value: Any) -> list[Any]:
+    """`value` of every process of the DDP group, in rank order ([value] outside one).
+
+    A collective: every process calls it at the same point (Lightning builds checkpoints on
+    every rank and writes rank 0's), so rank 0's file can hold each rank's random state.
+    """
+    import torch.distributed as dist
+
+    _, world = process_group()
+    if world == 1:
+        return [value]
+    values: list[Any] = [None] * world
+    dist.all_gather_object(values, value)
+    return values
+
+
+def evaluation_sampler(dataset: Dataset, split: str, unit: str = "images") -> Sampler | None:
+    """Under DDP, each process's share of a validation or test split, every item exactly once.
+
+    Left to Lightning, evaluation loaders get a padding `DistributedSampler`: 359 test
+    images were scored as 360 (one counted twice), and 143 validation images as 144, so
+    `val/acc_best` and the choice of `best.ckpt` were on padded data. Lightning's
+    unrepeated sampler (the one it uses for prediction) gives shares that differ by at most
+    one item; Lightning keeps a loader whose sampler is already distributed, and the
+    metrics (torchmetrics) reduce uneven shares exactly. Each process needs one item at
+    least (DDP syncs buffers on the first evaluation batch), so a smaller split is refused.
+    None outside DDP: the plain sequential loader.
+    """
+    from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+
+    rank, world = process_group()
+    if world == 1:
+        return None
+    size = len(dataset)  # type: ignore[arg-type]
+    require(
+        size >= world,
+        f"The {split} split has {size} {unit}, fewer than the {world} DDP processes "
+        f"(`trainer.devices` x `trainer.num_nodes`): each process evaluates its own share "
+        f"and needs one at least. Use fewer processes or a larger {split} split.",
+    )
+    return UnrepeatedDistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
 
 
 def stratified_split(
@@ -344,11 +409,12 @@ class ImageClassificationDataModule(SourceDataModule):
             )
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        data = self.splits[split]
+        dataset = InMemoryDataset(self.splits[split], self.task_targets.get(split))
         return DataLoader(
-            InMemoryDataset(data, self.task_targets.get(split)),
+            dataset,
             batch_size=self.batch_size if split == "train" else self.eval_batch_size,
             shuffle=shuffle,
+            sampler=None if split == "train" else evaluation_sampler(dataset, split),
             generator=self.train_generator() if split == "train" else None,
             collate_fn=keep_batch,
             num_workers=self.num_workers,

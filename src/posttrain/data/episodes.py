@@ -17,7 +17,13 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from posttrain.data.datamodule import SourceDataModule
+from posttrain.data.datamodule import (
+    SourceDataModule,
+    by_rank,
+    evaluation_sampler,
+    process_group,
+    process_seed,
+)
 from posttrain.data.sources import SOURCES, LabelledImages, SourceData, make_source
 from posttrain.data.transforms import channel_stats, normalize, to_model_input
 from posttrain.errors import require, require_fraction, require_positive
@@ -100,13 +106,24 @@ class ClassPool:
 
 
 class EpisodeStream(Dataset):
-    """`length` episodes of one split; fixed (seeded by index) or a seeded random stream."""
+    """`length` episodes of one split; fixed (seeded by index) or a seeded random stream.
+
+    The random stream is the process's own under DDP (`rank`): seeded alike, every rank drew
+    the same training episodes, so N processes trained on N copies of each. Rank 0 (and a
+    single process) keeps the seed itself, so single-process runs draw what they always did.
+    """
 
     def __init__(
-        self, pool: ClassPool, shape: tuple[int, int, int], length: int, seed: int, fixed: bool
+        self,
+        pool: ClassPool,
+        shape: tuple[int, int, int],
+        length: int,
+        seed: int,
+        fixed: bool,
+        rank: int = 0,
     ) -> None:
         self.pool, self.shape, self.length, self.seed, self.fixed = pool, shape, length, seed, fixed
-        self.stream = torch.Generator().manual_seed(seed)
+        self.stream = torch.Generator().manual_seed(process_seed(seed, rank))
 
     def __len__(self) -> int:
         return self.length
@@ -307,6 +324,7 @@ class EpisodicDataModule(SourceDataModule):
             self.lengths[split],
             seed=self.seed * 10 + SPLIT_IDS[split],
             fixed=split != "train",
+            rank=process_group()[0],
         )
         generator = None
         if split == "train":
@@ -317,8 +335,13 @@ class EpisodicDataModule(SourceDataModule):
                 stream.stream.set_state(previous.stream.get_state())
             self.train_stream = stream  # before the generator: a pending resume restores both
             generator = self.train_generator()
+        sampler = None if split == "train" else evaluation_sampler(stream, split, "episodes")
         return DataLoader(
-            stream, batch_size=self.meta_batch_size, collate_fn=stack_episodes, generator=generator
+            stream,
+            batch_size=self.meta_batch_size,
+            collate_fn=stack_episodes,
+            sampler=sampler,
+            generator=generator,
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -339,15 +362,22 @@ class EpisodicDataModule(SourceDataModule):
             self._stats = self._stored_stats or self.whole_pool_stats()
 
     def random_state(self) -> dict[str, Any]:
-        """Also where the training episode stream is, for exact resume."""
+        """Also where the training episode stream is, for exact resume: rank 0's as
+        `episodes`, and under DDP every rank's as `episodes_by_rank`."""
         stream = getattr(self, "train_stream", None)
-        episodes = None if stream is None else stream.stream.get_state()
-        return {**super().random_state(), "episodes": episodes}
+        states = by_rank(None if stream is None else stream.stream.get_state())
+        ranks = {"episodes_by_rank": states} if len(states) > 1 else {}
+        return {**super().random_state(), "episodes": states[0], **ranks}
 
     def apply_pending_random_state(self) -> None:
+        """Each rank continues its own stream; a rank the checkpoint has no state for (it
+        ran on fewer processes) keeps its freshly seeded one rather than copy rank 0's."""
         state, stream = self._pending_random_state, getattr(self, "train_stream", None)
-        if state is not None and stream is not None and state.get("episodes") is not None:
-            stream.stream.set_state(state["episodes"])
+        if state is not None and stream is not None:
+            rank = process_group()[0]
+            states = state.get("episodes_by_rank") or [state.get("episodes")]
+            if rank < len(states) and states[rank] is not None:
+                stream.stream.set_state(states[rank])
         super().apply_pending_random_state()
 
     def train_dataloader(self) -> DataLoader:

@@ -246,6 +246,11 @@ class EpisodicLearner(MethodCore):
         self.algorithm = ALGORITHMS[algorithm](**algorithm_options)
         if hasattr(self.algorithm, "prepare"):
             self.algorithm.prepare(model)
+        if not self.algorithm.has_head:
+            # ProtoNet never calls the linear head, so it never trained; left trainable, DDP
+            # expects a gradient for it and stopped the first step ("parameters that were not
+            # used in producing the loss"). Kept in the model so checkpoints keep their keys.
+            model.head.requires_grad_(False)
 
     @property
     def method_name(self) -> str:

@@ -42,6 +42,7 @@ METRICS: dict[str, str] = {
     "both measure the same task: episodic runs need equal ways and adaptation steps)",
     "{split}/acc_ci95": "half-width of the 95% interval of the episode mean (val, test)",
     "test/episodes": "number of test episodes behind `test/acc`",
+    "test/images": "number of test images behind `test/acc` (supervised, finetune, distill)",
     "{split}/{task}/acc": "accuracy of one multi-task target",
     "{split}/{task}/loss": "loss of one multi-task target",
     "train/{task}/weight": "current loss weight of one multi-task target",
@@ -106,6 +107,8 @@ class SplitMetrics(nn.Module):
         collection = self.by_split[f"{split}_metrics"]
         values = collection.compute()
         collection.reset()
+        if split == "test":  # what the test covered: each image once, also under DDP
+            values["test/images"] = self.confusion.compute().sum().float()
         return values
 
 
