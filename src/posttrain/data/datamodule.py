@@ -207,6 +207,7 @@ class SourceDataModule(L.LightningDataModule):
     source: Source
     _train_generator: torch.Generator | None = None
     _pending_random_state: dict[str, Any] | None = None
+    _stats: tuple[Tensor, Tensor] | None = None  # per-channel mean/std the inputs are normalized by
 
     def train_generator(self) -> torch.Generator:
         """The generator behind the training batches' order (and loader seeds).
@@ -238,7 +239,12 @@ class SourceDataModule(L.LightningDataModule):
             self._pending_random_state = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"random_state": self.random_state()}
+        """The random state, and the normalization statistics: evaluation and resume use the
+        ones the run trained with, however statistics are computed later."""
+        state: dict[str, Any] = {"random_state": self.random_state()}
+        if self._stats is not None:
+            state.update(mean=self._stats[0].tolist(), std=self._stats[1].tolist())
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if "random_state" in state_dict:
@@ -455,13 +461,6 @@ class ImageClassificationDataModule(SourceDataModule):
         for transform in self.train_transforms:
             x, labels = transform(x, labels)
         return self.normalize(x), labels
-
-    def state_dict(self) -> dict[str, Any]:
-        """Normalization statistics travel with checkpoints so evaluation matches training."""
-        state = super().state_dict()
-        if self._stats is not None:
-            state.update(mean=self._stats[0].tolist(), std=self._stats[1].tolist())
-        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)

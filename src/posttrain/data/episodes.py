@@ -344,14 +344,6 @@ class EpisodicDataModule(SourceDataModule):
             generator=generator,
         )
 
-    def state_dict(self) -> dict[str, Any]:
-        """Normalization statistics travel with checkpoints: evaluation and resume use the
-        ones the run trained with, however statistics are computed later."""
-        state = super().state_dict()
-        if self._stats is not None:
-            state.update(mean=self._stats[0].tolist(), std=self._stats[1].tolist())
-        return state
-
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         if "mean" in state_dict:
