@@ -87,10 +87,19 @@ def wait_for(path: Path, process: subprocess.Popen, limit: float = 1800) -> None
         time.sleep(0.2)
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """metrics.json of the run every interrupted-then-resumed run must end equal to."""
+    folder = tmp_path_factory.mktemp("uninterrupted") / "whole"
+    whole = start(folder)
+    assert whole.wait(timeout=1800) == 0, whole.communicate()[1][-3000:]
+    return json.loads((folder / "metrics.json").read_text())
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("signum", "status"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_signal_stops_at_once_records_interrupted_and_resumes_exactly(
-    tmp_path: Path, signum: int, status: int
+    tmp_path: Path, signum: int, status: int, uninterrupted: dict
 ) -> None:
     marker = tmp_path / "stalled"
     stall = [
@@ -112,10 +121,8 @@ def test_signal_stops_at_once_records_interrupted_and_resumes_exactly(
 
     resumed = start(run_dir, "ckpt_path=last")  # in place: same folder, no stall callback
     assert resumed.wait(timeout=1800) == 0, resumed.communicate()[1][-3000:]
-    whole = start(tmp_path / "whole")
-    assert whole.wait(timeout=1800) == 0, whole.communicate()[1][-3000:]
     final = json.loads((run_dir / "metrics.json").read_text())
-    assert final == json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    assert final == uninterrupted
     assert final["status"] == "completed"
 
 
@@ -137,7 +144,9 @@ def test_two_runs_started_together_get_two_folders(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("moment", ["mid_epoch", "during_save"])
-def test_kill_9_then_resume_matches_the_uninterrupted_run(tmp_path: Path, moment: str) -> None:
+def test_kill_9_then_resume_matches_the_uninterrupted_run(
+    tmp_path: Path, moment: str, uninterrupted: dict
+) -> None:
     marker = tmp_path / "stalled"
     if moment == "mid_epoch":
         crash = [
@@ -161,10 +170,8 @@ def test_kill_9_then_resume_matches_the_uninterrupted_run(tmp_path: Path, moment
 
     resumed = start(run_dir, "ckpt_path=last")
     assert resumed.wait(timeout=1800) == 0, resumed.communicate()[1][-3000:]
-    whole = start(tmp_path / "whole")
-    assert whole.wait(timeout=1800) == 0, whole.communicate()[1][-3000:]
     final = json.loads((run_dir / "metrics.json").read_text())
-    assert final == json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    assert final == uninterrupted
 
 
 @pytest.mark.slow
