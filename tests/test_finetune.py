@@ -500,3 +500,14 @@ def test_l2sp_without_pretrained_weights_is_refused(make_config) -> None:
         build_components(make_config("reg=l2sp", "model.width=8"))
     message = str(find_user_error(caught.value))
     assert "`reg=l2sp`" in message and "`model.pretrained` is not set" in message
+
+
+def test_an_l2sp_reference_other_than_the_starting_weights_is_refused(make_config) -> None:
+    """`reg.l2sp.start` mirrors `model.pretrained`; set to another file it was accepted and
+    ignored (the reference is always the weights training starts from)."""
+    from posttrain.regularizers.penalties import check_l2sp_start
+
+    check_l2sp_start(make_config("reg=l2sp", "model.pretrained=a.pt"))  # the recipe's mirror
+    check_l2sp_start(make_config())  # no L2-SP at all
+    with pytest.raises(PosttrainError, match=r"`reg\.l2sp\.start=b\.pt`.*model\.pretrained=a\.pt"):
+        check_l2sp_start(make_config("reg=l2sp", "model.pretrained=a.pt", "reg.l2sp.start=b.pt"))

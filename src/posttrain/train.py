@@ -40,6 +40,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         stop_on_signals,
     )
     from posttrain.loggers import TrimLogsToRestoredStep
+    from posttrain.regularizers.penalties import check_l2sp_start
     from posttrain.resume import refuse_unresumable_changes
     from posttrain.runs import (
         ConfigInCheckpoint,
@@ -57,6 +58,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if done is not None:
         return done
     check_train_keys(cfg)
+    check_l2sp_start(cfg)
     check_run_config(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # the start statement says it
     ckpt_path = cfg.get("ckpt_path") or unfinished_sweep_job(cfg)

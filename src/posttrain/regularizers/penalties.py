@@ -8,12 +8,12 @@ plain SGD the two coincide: `0.5 * weight * ||w||^2` has gradient `weight * w`.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from posttrain.errors import require
+from posttrain.errors import PosttrainError, require
 from posttrain.regularizers.base import ModelParts
 
 
@@ -75,6 +75,21 @@ class L2Penalty:
 
     def describe(self) -> str:
         return f"l2 penalty, weight {self.weight:g}{one_d_note(self.include_1d)}"
+
+
+def check_l2sp_start(cfg: Any) -> None:
+    """In training `reg.l2sp.start` is `${model.pretrained}` (eval.py points it at the
+    evaluated checkpoint): the reference is the weights training starts from, so another
+    value would be accepted and ignored."""
+    l2sp = (cfg.get("reg") or {}).get("l2sp")
+    if l2sp is None or l2sp.get("start") == cfg.model.get("pretrained"):
+        return
+    raise PosttrainError(
+        f"Config key `reg.l2sp.start={l2sp.get('start')}`: L2-SP pulls the backbone toward the "
+        "weights training starts from, which are `model.pretrained="
+        f"{cfg.model.get('pretrained')}`. Set `model.pretrained` to the reference weights and "
+        "leave `reg.l2sp.start` out."
+    )
 
 
 class L2SP:
