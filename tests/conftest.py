@@ -22,6 +22,11 @@ CONF = ROOT / "conf"
 register_resolvers()  # the run folder names in conf/hydra use `${run_id:}`
 
 
+def read_metrics(run_dir: Path) -> dict:
+    """A run folder's record: its metrics.json."""
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
 def compose_config(
     output_dir: Path, overrides: list[str] | tuple[str, ...] = (), name: str = "train"
 ) -> DictConfig:

@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import run_cli
+from tests.conftest import read_metrics, run_cli
 from tests.fixtures import write_malicious_checkpoint, write_malicious_pickle
 
 pytestmark = pytest.mark.slow
-
-
-def read_metrics(run_dir: Path) -> dict:
-    return json.loads((run_dir / "metrics.json").read_text())
 
 
 def epoch_loss(metrics: dict) -> float:

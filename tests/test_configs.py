@@ -19,6 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from posttrain.checks import TRAIN_KEYS
+from posttrain.resume import flat_leaves
 from tests.conftest import CONF, compose_config
 from tests.fixtures import write_image_folder
 
@@ -28,16 +29,6 @@ OPTIONS = [(group, f.stem) for group in GROUPS for f in sorted((CONF / group).gl
 
 def options(group: str) -> list[str]:
     return [option for g, option in OPTIONS if g == group]
-
-
-def leaves(node: Any, prefix: str = "") -> dict[str, Any]:
-    """`dotted.key: value` for every leaf of a plain nested dict (lists are leaves)."""
-    if not isinstance(node, dict) or not node:
-        return {prefix.rstrip("."): node} if prefix else {}
-    flat: dict[str, Any] = {}
-    for key, value in node.items():
-        flat.update(leaves(value, f"{prefix}{key}."))
-    return flat
 
 
 def lookup(config: dict[str, Any], dotted: str) -> Any:
@@ -70,7 +61,7 @@ def test_option_composes_and_its_values_are_applied(make_config, group: str, opt
     own.pop("defaults", None)
     own.pop("hydra", None)  # hparams_search: checked in its own test below
     is_global = "@package _global_" in path.read_text().split("\n\n")[0]
-    expected = leaves(own) if is_global else leaves({group: own})
+    expected = flat_leaves(own if is_global else {group: own}, keep_empty=True)
     if not own and not is_global:
         assert composed[group] == {}, f"{group}={option} should select nothing"
     for key, value in expected.items():

@@ -14,7 +14,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from tests.conftest import run_cli
+from tests.conftest import read_metrics, run_cli
 
 DDP = ("trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "logger=none")
 QUIET = "callbacks.progress_bar=null"
@@ -40,10 +40,6 @@ def read_draws(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(p.read_text()) for p in sorted(run_dir.glob("draws-rank*.json"))]
 
 
-def metrics_of(run_dir: Path) -> dict[str, Any]:
-    return json.loads((run_dir / "metrics.json").read_text())
-
-
 @pytest.mark.slow
 def test_ddp_scores_each_image_once_calibrates_them_and_augments_per_rank(tmp_path: Path) -> None:
     """Observed under DDP: test/acc over 360 images (the split has 359: Lightning's sampler
@@ -63,7 +59,7 @@ def test_ddp_scores_each_image_once_calibrates_them_and_augments_per_rank(tmp_pa
         cwd=tmp_path,
     )
     assert trained.returncode == 0, trained.stderr[-3000:]
-    metrics = metrics_of(run_dir)
+    metrics = read_metrics(run_dir)
     assert metrics["status"] == "completed"
     assert metrics["test/acc"] == pytest.approx(metrics["test/acc_calibrated"], abs=1e-6)
     assert metrics["test/loss"] == pytest.approx(metrics["test/nll"], abs=1e-5)
@@ -81,7 +77,7 @@ def test_ddp_scores_each_image_once_calibrates_them_and_augments_per_rank(tmp_pa
         cwd=tmp_path,
     )
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
-    again = metrics_of(eval_dir)
+    again = read_metrics(eval_dir)
     assert again["test/images"] == 359
     assert again["test/acc"] == pytest.approx(metrics["test/acc"], abs=1e-6)
 
@@ -108,7 +104,7 @@ def test_ddp_protonet_trains_each_rank_on_its_own_episodes_and_tests_each_once(
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    metrics = metrics_of(run_dir)
+    metrics = read_metrics(run_dir)
     assert metrics["status"] == "completed" and metrics["test/episodes"] == 9
     ranks = read_draws(run_dir)
     assert len(ranks) == 2 and ranks[0]["batch_sum"] != ranks[1]["batch_sum"]

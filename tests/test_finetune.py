@@ -178,16 +178,24 @@ def test_finetune_options_are_type_checked(options: dict, refusal: str) -> None:
         FinetuneSettings(**{"weights": "w.pt", **options})
 
 
-def test_a_yaml_word_for_a_switch_is_refused_before_training(
-    make_config, pretrained_digits: Path
+@pytest.mark.parametrize(
+    ("override", "refusal"),
+    [
+        # Hydra keeps `no` as the string 'no', which is truthy: it would freeze the statistics
+        ("method.finetune.freeze_bn_stats=no", "freeze_bn_stats` must be true or false, got 'no'"),
+        # small_cnn has 5 layers with weights: 6 groups were silently 5
+        ("method.finetune.unfreeze_groups=6", "at most 5 groups"),
+    ],
+)
+def test_a_finetune_setting_that_cannot_apply_is_refused_before_training(
+    make_config, pretrained_digits: Path, override: str, refusal: str
 ) -> None:
-    """Hydra keeps `no` as the string 'no', which is truthy: it would freeze the statistics."""
     from posttrain.runs import build_components, find_user_error
 
     overrides = ["experiment=digits_transfer", f"model.pretrained={pretrained_digits}"]
     with pytest.raises(Exception) as caught:
-        build_components(make_config(*overrides, "method.finetune.freeze_bn_stats=no"))
-    assert "freeze_bn_stats` must be true or false, got 'no'" in str(find_user_error(caught.value))
+        build_components(make_config(*overrides, override))
+    assert refusal in str(find_user_error(caught.value))
 
 
 def test_model_switches_are_type_checked() -> None:
@@ -217,17 +225,6 @@ def test_unfreeze_groups_gives_exactly_the_groups_asked(arch, options, layers) -
     with pytest.raises(PosttrainError, match=f"at most {layers} groups") as raised:
         layer_groups(features, layers + 1)
     assert "`method.finetune.unfreeze_groups` is" in str(raised.value)
-
-
-def test_too_many_unfreeze_groups_are_refused_before_training(
-    make_config, pretrained_digits: Path
-) -> None:
-    from posttrain.runs import build_components, find_user_error
-
-    overrides = ["experiment=digits_transfer", f"model.pretrained={pretrained_digits}"]
-    with pytest.raises(Exception) as caught:
-        build_components(make_config(*overrides, "method.finetune.unfreeze_groups=6"))
-    assert "at most 5 groups" in str(find_user_error(caught.value))
 
 
 class Recorder:

@@ -14,15 +14,11 @@ from omegaconf import DictConfig, OmegaConf
 from posttrain.errors import SweepJobChanged
 from posttrain.sweep_jobs import completed_sweep_job, unfinished_sweep_job
 from posttrain.train import train
-from tests.conftest import compose_config, run_cli
+from tests.conftest import compose_config, read_metrics, run_cli
 from tests.fixtures import write_image_folder
 from tests.test_resume import Interrupted
 
 TINY = ["debug=limit", "model.width=4", "logger=none", "trainer.accelerator=cpu"]
-
-
-def read_record(folder: Path) -> dict:
-    return json.loads((folder / "metrics.json").read_text())
 
 
 def test_a_run_killed_after_continuing_a_completed_run_reads_running(tmp_path: Path) -> None:
@@ -31,14 +27,14 @@ def test_a_run_killed_after_continuing_a_completed_run_reads_running(tmp_path: P
     folder's config had moved on."""
     run_dir = tmp_path / "run"
     train(compose_config(run_dir, [*TINY, "trainer.max_epochs=1"]))
-    assert read_record(run_dir)["status"] == "completed"
+    assert read_metrics(run_dir)["status"] == "completed"
     kill = [
         "+callbacks.kill._target_=tests.test_resume.InterruptAtEpoch",
         "+callbacks.kill.epoch=1",  # the first epoch of the continuation
     ]
     with pytest.raises(Interrupted):  # a kill: nothing after this point runs
         train(compose_config(run_dir, [*TINY, "trainer.max_epochs=3", "ckpt_path=last", *kill]))
-    record = read_record(run_dir)
+    record = read_metrics(run_dir)
     assert record["status"] == "running", record
     assert "started" in record and "ckpt_path=last" in record["resume"]
     assert not any(key.startswith(("test/", "val/")) for key in record)  # no stale numbers
@@ -100,7 +96,7 @@ def test_a_completed_sweep_job_with_another_data_root_is_refused(tmp_path: Path)
     (sweep / "multirun.yaml").write_text(f"data_root: {roots['A']}\n")
     train(first)
     kept = {path: path.read_text() for path in [job / "metrics.json", *job.glob(".hydra/*")]}
-    assert read_record(job)["status"] == "completed"
+    assert read_metrics(job)["status"] == "completed"
 
     again = sweep_job(sweep, *common, f"data.root={roots['B']}")
     write_hydra_files(job, again, [*common, f"data.root={roots['B']}"])  # Hydra rewrites them
@@ -119,7 +115,7 @@ def test_a_completed_sweep_job_with_the_same_config_is_kept(tmp_path: Path) -> N
     common = ["seed=0", *TINY, "trainer.max_epochs=1"]
     first = sweep_job(sweep, *common)
     train(first)
-    recorded = read_record(Path(first.paths.output_dir))
+    recorded = read_metrics(Path(first.paths.output_dir))
     kept = completed_sweep_job(sweep_job(sweep, *common, "paths.cache_dir=/elsewhere"))
     assert kept == {k: v for k, v in recorded.items() if k != "status"}
 

@@ -58,14 +58,19 @@ ABSENT = "(absent)"
 SHOWN = 8  # changes named in the paragraph; the rest are counted
 
 
-def flat_leaves(config: Any, prefix: str = "") -> dict[str, Any]:
-    """`{"optimizer.lr": 0.003, ...}`: every leaf of a nested config dict by its dotted key."""
-    if not isinstance(config, dict):
-        return {prefix: config}
-    leaves: dict[str, Any] = {}
-    for key, value in config.items():
-        leaves.update(flat_leaves(value, f"{prefix}{key}" if not prefix else f"{prefix}.{key}"))
-    return leaves
+def flat_leaves(config: Any, prefix: str = "", keep_empty: bool = False) -> dict[str, Any]:
+    """`{"optimizer.lr": 0.003, ...}`: every leaf of a nested config dict by its dotted key.
+
+    With `keep_empty` an empty dict is a leaf of its own (`reg: {}`), so a key that goes from
+    empty to absent shows (a re-run sweep job compares it); without, it has no leaves.
+    """
+    if isinstance(config, dict) and (config or not keep_empty):
+        leaves: dict[str, Any] = {}
+        for key, value in config.items():
+            name = f"{prefix}.{key}" if prefix else str(key)
+            leaves.update(flat_leaves(value, name, keep_empty))
+        return leaves
+    return {} if keep_empty and not prefix else {prefix: config}
 
 
 def resumable_change(key: str, old: Any, new: Any) -> bool:

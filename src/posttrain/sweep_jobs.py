@@ -20,6 +20,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from posttrain.errors import SweepJobChanged
+from posttrain.resume import flat_leaves
 from posttrain.runs import is_multirun, resolved_config, write_json
 
 log = logging.getLogger("posttrain")
@@ -138,16 +139,6 @@ def plain(config: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(config, default=str))
 
 
-def flat(config: Any, prefix: str = "") -> dict[str, Any]:
-    """`{"data.root": ..., "trainer.max_epochs": ...}`: every leaf under its dotted key."""
-    if not isinstance(config, dict) or not config:
-        return {prefix: config} if prefix else {}
-    leaves: dict[str, Any] = {}
-    for key, value in config.items():
-        leaves.update(flat(value, f"{prefix}.{key}" if prefix else str(key)))
-    return leaves
-
-
 def compared(key: str) -> bool:
     """False for keys that cannot change a job's numbers (`UNCOMPARED`, `UNCOMPARED_LEAVES`)."""
     outside = any(key == name or key.startswith(f"{name}.") for name in UNCOMPARED)
@@ -156,7 +147,7 @@ def compared(key: str) -> bool:
 
 def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """`data.root was '/a', now '/b'` for every compared key whose value differs."""
-    before, after = flat(old), flat(new)
+    before, after = flat_leaves(old, keep_empty=True), flat_leaves(new, keep_empty=True)
     absent = "(absent)"
     return [
         f"`{key}` was {before.get(key, absent)!r}, now {after.get(key, absent)!r}"
