@@ -13,6 +13,11 @@ benchmarks/results/distill.json; the README table is rendered from it by `markdo
     python -m benchmarks.distill [--seeds 0,1,2,3,4] [--teacher-epochs 150]
         [--student-epochs 150] [--extra method.temperature=2] [--teacher-result <json>]
 
+`--choose-on-val method.temperature=2,4,8 method.alpha=0.5,0.9` first trains the distilled
+student with every combination on `--choose-seeds` and keeps the one with the best mean
+`val/acc_best` (ties: the first in grid order); the comparison then runs with it. Test
+accuracy plays no part in the choice, and every candidate is kept in the result file.
+
 `--teacher-result` reuses the teacher of an earlier run of this benchmark (its result file
 names the checkpoint, how it was trained and what it measured) instead of training one.
 
@@ -24,6 +29,7 @@ the table says so. `callbacks.last_checkpoint=null` skips the per-epoch resume c
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import time
@@ -82,6 +88,41 @@ def train_students(
     return rows
 
 
+def override_grid(options: list[str]) -> list[list[str]]:
+    """`["a=1,2", "b=x"]` -> `[["a=1", "b=x"], ["a=2", "b=x"]]`: every combination, in order."""
+    axes = []
+    for option in options:
+        key, sep, values = option.partition("=")
+        if not sep or not values:
+            raise SystemExit(f"--choose-on-val {option!r}: expected key=value[,value...]")
+        axes.append([f"{key}={value}" for value in values.split(",")])
+    return [list(combination) for combination in itertools.product(*axes)]
+
+
+def best_on_validation(candidates: list[dict]) -> dict:
+    """The candidate with the highest mean `val/acc_best`; the first listed among equals."""
+    return max(candidates, key=lambda c: c["val_acc_best_mean"])  # max keeps the first of ties
+
+
+def choose_on_validation(
+    sweep: Path, seeds: list[int], epochs: int, teacher: str, extra: list[str], grid: list[str]
+) -> dict:
+    """Train the distilled student with each combination of `grid` on `seeds`; the choice."""
+    common = [*RECIPE, *STUDENT, f"trainer.max_epochs={epochs}", "method=distill",
+              f"method.teacher={teacher}", *extra]  # fmt: skip
+    candidates = []
+    for number, combination in enumerate(override_grid(grid)):
+        scores = []
+        for seed in seeds:
+            folder = sweep / "choose" / f"{number}_seed{seed}"
+            run = timed_run([*common, *combination, f"seed={seed}"], folder, f"choose {number}")
+            scores.append(run["val_acc_best"])
+        candidates.append({"overrides": combination, "val_acc_best": scores,
+                           "val_acc_best_mean": statistics.fmean(scores)})  # fmt: skip
+    return {"seeds": seeds, "grid": grid, "candidates": candidates,
+            "chosen": best_on_validation(candidates)["overrides"]}  # fmt: skip
+
+
 def summarize(rows: list[dict]) -> dict:
     """Mean ± std over seeds of each setting's test accuracy and of the wall-time ratio."""
     summary = {}
@@ -122,7 +163,8 @@ def markdown_table(result: dict) -> str:
     gain = f"{100 * s['gain']:+.1f} points"
     if s["gain_in_alone_stds"] is not None:
         gain += f" ({s['gain_in_alone_stds']:+.1f} std of alone)"
-    extra = " ".join(result["extra"]) or "defaults"
+    selection = result.get("selection")
+    extra = " ".join([*result["extra"], *(selection["chosen"] if selection else [])]) or "defaults"
     # The median too: one run caught in a load spike moves the mean of a few ratios a lot.
     ratio_median = statistics.median(r["wall_ratio"] for r in result["rows"])
     weaker_teacher = (
@@ -148,8 +190,22 @@ def markdown_table(result: dict) -> str:
             f"`experiment=digits_lowdata` (100 training images, 32×32), {epochs_note(result)}; "
             f"one teacher for every seed; distilled − alone: {gain}; target (more than one std "
             f"of alone): {'met' if s['target_met'] else 'not met'}{weaker_teacher}. Wall time: "
-            "whole `train.py` processes, each distilled run right after its seed's alone run.",
+            "whole `train.py` processes, each distilled run right after its seed's alone run."
+            + (selection_note(selection) if selection else ""),
         ]
+    )
+
+
+def selection_note(selection: dict) -> str:
+    """How the distilled run's settings were chosen, in one sentence of the table's note."""
+    tried = "; ".join(
+        f"`{' '.join(c['overrides'])}` {100 * c['val_acc_best_mean']:.1f}"
+        for c in selection["candidates"]
+    )
+    seeds = ",".join(str(seed) for seed in selection["seeds"])
+    return (
+        f" Settings chosen on validation before the comparison (mean `val/acc_best` %, "
+        f"seeds {seeds}; test accuracy not used): {tried}."
     )
 
 
@@ -165,6 +221,13 @@ def main(argv: list[str] | None = None) -> None:
         "--teacher-extra", nargs="*", default=[], help="the teacher's run, e.g. reg=augment"
     )
     parser.add_argument("--teacher-result", default=None, help="reuse this result's teacher")
+    parser.add_argument(
+        "--choose-on-val",
+        nargs="*",
+        default=[],
+        help="grid for the distilled runs, e.g. method.alpha=0.5,0.9",
+    )
+    parser.add_argument("--choose-seeds", default="0,1", help="seeds the choice is made on")
     parser.add_argument("--sweep-dir", default=None)
     parser.add_argument("--results-dir", default=None, help="instead of benchmarks/results")
     args = parser.parse_args(argv)
@@ -176,7 +239,19 @@ def main(argv: list[str] | None = None) -> None:
     else:
         trained = train_teacher(sweep, args.teacher_epochs, args.teacher_extra)
         teacher = {**trained, "epochs": args.teacher_epochs}
-    rows = train_students(sweep, seeds, args.student_epochs, teacher["checkpoint"], args.extra)
+    extra, selection = args.extra, None
+    if args.choose_on_val:
+        choose_seeds = [int(s) for s in args.choose_seeds.split(",")]
+        selection = choose_on_validation(
+            sweep,
+            choose_seeds,
+            args.student_epochs,
+            teacher["checkpoint"],
+            extra,
+            args.choose_on_val,
+        )
+        extra = [*extra, *selection["chosen"]]
+    rows = train_students(sweep, seeds, args.student_epochs, teacher["checkpoint"], extra)
     payload = {
         "sweep_dir": str(sweep),
         "teacher_epochs": teacher["epochs"],
@@ -184,6 +259,7 @@ def main(argv: list[str] | None = None) -> None:
         "extra": args.extra,
         "wall_seconds": round(time.time() - started, 1),
         "teacher": teacher,
+        **({"selection": selection} if selection else {}),
         "summary": summarize(rows),
         "rows": rows,
     }

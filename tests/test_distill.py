@@ -478,3 +478,22 @@ def test_cli_refuses_a_missing_teacher_in_one_paragraph(tmp_path: Path) -> None:
     assert result.returncode == 2, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     assert f"`method.teacher`: checkpoint file {missing} does not exist" in result.stderr
+
+
+def test_distill_benchmark_chooses_settings_on_validation_only() -> None:
+    """The benchmark's `--choose-on-val` grid is every combination in order, and the choice is
+    the best mean `val/acc_best` (the first among equals): test accuracy cannot pick it."""
+    from benchmarks.distill import best_on_validation, override_grid
+
+    assert override_grid(["method.temperature=2,4", "method.alpha=0.5"]) == [
+        ["method.temperature=2", "method.alpha=0.5"],
+        ["method.temperature=4", "method.alpha=0.5"],
+    ]
+    candidates = [
+        {"overrides": ["a=1"], "val_acc_best_mean": 0.9, "test_acc": 0.99},
+        {"overrides": ["a=2"], "val_acc_best_mean": 0.95, "test_acc": 0.90},
+        {"overrides": ["a=3"], "val_acc_best_mean": 0.95, "test_acc": 0.99},
+    ]
+    assert best_on_validation(candidates)["overrides"] == ["a=2"]
+    with pytest.raises(SystemExit, match=r"method\.alpha"):
+        override_grid(["method.alpha"])
