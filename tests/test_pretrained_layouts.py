@@ -173,3 +173,17 @@ def test_pretrained_head_that_cannot_be_kept_is_refused(tmp_path: Path) -> None:
         build_classifier(
             "resnet18", 4, 3, pretrained=str(tmp_path / "headless.pt"), pretrained_head=True
         )
+
+
+def test_a_deeper_network_of_the_same_family_is_refused(tmp_path: Path) -> None:
+    """ResNet-34 into ResNet-18: every ResNet-18 kernel matches by name and shape, and the
+    file's blocks layer1.2, layer2.2, ... were dropped while the log read as a clean load."""
+    from torchvision import models
+
+    torch.save(
+        {"state_dict": prefixed(models.resnet34().state_dict(), "module.")}, tmp_path / "r34.pt"
+    )
+    with pytest.raises(PosttrainError, match="deeper network of the same family") as raised:
+        build_classifier("resnet18", 10, 3, pretrained=str(tmp_path / "r34.pt"))
+    message = str(raised.value)
+    assert "layer1.2.conv1.weight" in message and "model.arch=resnet18" in message

@@ -18,7 +18,9 @@ evidence that a file fits: a mapping is chosen, and a file judged, by its other 
 A file is refused unless at least half of the backbone's weight kernels (conv and linear
 weights, `MIN_KERNEL_FRACTION`) match: BatchNorm vectors of common widths (64, 128) match by
 chance across architectures, kernels rarely do, and a backbone mostly left at random
-initialization is not fine-tuning.
+initialization is not fine-tuning. A file with kernels inside the model's own blocks that the
+model lacks (`layer1.2.conv1.weight` into a ResNet-18) is refused too: it was saved from a
+deeper network of the same family (ResNet-34 into ResNet-18 matches every kernel by name).
 
 The head is freshly initialized and sized to the new task, unless `model.pretrained_head=true`:
 then the source's head (`fc.*`/`head.*`, beside the backbone's prefix or one level up, as in
@@ -305,6 +307,38 @@ def refuse_small_match(
     )
 
 
+def refuse_deeper_source(
+    targets: dict[str, str | None],
+    state: dict[str, Tensor],
+    own: dict[str, Tensor],
+    source: str,
+    arch: str,
+) -> None:
+    """Refuse a file whose extra kernels sit inside the model's own blocks (`layer1.2.*` where
+    the model's `layer1` ends at block 1): another depth of the same family, not extra heads
+    (a `projector.*` beside the backbone stays allowed and is listed as unused)."""
+    blocks = {key.rsplit(".", n)[0] for key in own for n in range(1, key.count(".") + 1)}
+    inside = [
+        f"{original} -> {target}"
+        for original, target in targets.items()
+        if target is not None
+        and target not in own
+        and not target.startswith("head.")
+        and state[original].ndim >= 2
+        and target.count(".") >= 3
+        and target.rsplit(".", 3)[0] in blocks
+    ]
+    if inside:
+        raise PosttrainError(
+            f"`model.pretrained` ({source}): {len(inside)} of its weight kernels belong in "
+            f"blocks the `model.arch={arch}` backbone does not have ({shorten(inside, 3)}), "
+            "although the rest matches by name: it was saved from a deeper network of the same "
+            "family (a ResNet-34 file in a ResNet-18 matches every ResNet-18 kernel and drops "
+            "the others). Set `model.arch` to the file's architecture, or use weights of "
+            "this model."
+        )
+
+
 def sibling_head_keys(state: dict[str, Tensor], mapping: KeyMapping) -> dict[str, str]:
     """Source head keys one prefix above the backbone's (`net.fc.weight` beside
     `net.backbone.*`) -> model head keys; empty when the mapping already reaches a head."""
@@ -378,6 +412,7 @@ def load_pretrained(
     report = LoadReport(source=source, total=len(state), mapping=mapping.describe())
     siblings = sibling_head_keys(state, mapping)
     targets = {original: siblings.get(original) or mapping.apply(original) for original in state}
+    refuse_deeper_source(targets, state, own, source, arch)
     if keep_head:
         check_kept_head(targets, state, own, source)
     accepted: dict[str, Tensor] = {}
