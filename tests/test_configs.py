@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from posttrain.checks import TRAIN_KEYS
 from posttrain.resume import flat_leaves
-from tests.conftest import CONF, compose_config
+from tests.conftest import CONF, compose_config, run_cli
 from tests.fixtures import write_image_folder
 
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra")
@@ -483,6 +483,16 @@ def test_slurm_launcher_asks_for_gpus_only_for_gpu_jobs(overrides, tasks: int, g
     assert launcher["nodes"] == 1
 
 
-def test_slurm_launcher_refuses_a_device_count_it_cannot_ask_for() -> None:
+def test_slurm_launcher_refuses_a_device_count_it_cannot_ask_for(tmp_path: Path) -> None:
+    """Observed: the CLI printed a 40-line OmegaConf resolver traceback from inside the
+    launcher; the sweep now stops in one paragraph before anything is submitted."""
     with pytest.raises(Exception, match=r"trainer.devices.*hydra/launcher=slurm"):
         slurm_launcher("trainer=ddp", "trainer.devices=auto")
+    result = run_cli(
+        "train.py", "-m", "hydra/launcher=slurm", "trainer.devices=auto", "seed=1,2",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "posttrain: error: `trainer.devices`='auto'" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "sweep").exists() or not any((tmp_path / "sweep").iterdir())
