@@ -177,4 +177,6 @@ def test_task_accuracy_is_the_fraction_correct() -> None:
     targets = torch.tensor([0, 0, 0, 1, 1])
     metrics.update("test", {"digit": torch.nn.functional.one_hot(predictions, 3).float()},
                    {"digit": targets})  # fmt: skip
-    assert float(metrics.compute_and_reset("test")["test/acc"]) == pytest.approx(0.8)
+    values = metrics.compute_and_reset("test")
+    assert float(values["test/acc"]) == pytest.approx(0.8)
+    assert float(values["test/images"]) == 5  # what the test covered, as other methods say

@@ -42,7 +42,8 @@ METRICS: dict[str, str] = {
     "both measure the same task: episodic runs need equal ways and adaptation steps)",
     "{split}/acc_ci95": "half-width of the 95% interval of the episode mean (val, test)",
     "test/episodes": "number of test episodes behind `test/acc`",
-    "test/images": "number of test images behind `test/acc` (supervised, finetune, distill)",
+    "test/images": "number of test images behind `test/acc` (supervised, finetune, distill, "
+    "multitask)",
     "{split}/{task}/acc": "accuracy of one multi-task target",
     "{split}/{task}/loss": "loss of one multi-task target",
     "train/{task}/weight": "current loss weight of one multi-task target",

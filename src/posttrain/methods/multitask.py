@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torchmetrics import SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from posttrain.data.targets import ABSENT, TaskSpec, parse_tasks
@@ -99,10 +100,14 @@ class TaskMetrics(nn.Module):
                 for spec in specs
             }
         )
+        # What the test covered (synced across DDP ranks, like every torchmetrics metric).
+        self.test_images = SumMetric()
 
     def update(self, split: str, outputs: dict[str, Tensor], targets: dict[str, Tensor]) -> None:
         for name in self.task_names:
             self.accuracy[f"{split}_{name}"].update(outputs[name].detach(), targets[name])
+        if split == "test":
+            self.test_images.update(len(targets[self.task_names[0]]))
 
     def compute_and_reset(self, split: str) -> dict[str, Tensor]:
         values = {}
@@ -111,6 +116,9 @@ class TaskMetrics(nn.Module):
             values[f"{split}/{name}/acc"] = metric.compute()
             metric.reset()
         values[f"{split}/acc"] = values[f"{split}/{self.task_names[0]}/acc"]
+        if split == "test":
+            values["test/images"] = self.test_images.compute().float()
+            self.test_images.reset()
         return values
 
 
