@@ -6,10 +6,13 @@ import itertools
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 
 from posttrain.errors import PosttrainError
 from posttrain.methods.optim import build_optimizer, build_scheduler, warmup_cosine_factor
 from posttrain.models import build_classifier
+from posttrain.train import train
+from tests.conftest import add_callbacks
 
 
 def small_model() -> torch.nn.Module:
@@ -79,3 +82,38 @@ def test_schedulers_drive_the_learning_rate() -> None:
     assert build_scheduler(optimizer, {"name": "none"}, 100, 10) is None
     with pytest.raises(PosttrainError, match=r"scheduler\.name"):
         build_scheduler(optimizer, {"name": "onecycle"}, 100, 10)
+
+
+class LearningRates(Callback):
+    """The first parameter group's learning rate at every optimizer step."""
+
+    def __init__(self) -> None:
+        self.lrs: list[float] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.lrs.append(optimizer.param_groups[0]["lr"])
+
+
+QUICK = ["logger=none", "callbacks=none", "trainer.accelerator=cpu",
+         "trainer.num_sanity_val_steps=0", "+trainer.limit_train_batches=3",
+         "trainer.limit_val_batches=1", "trainer.limit_test_batches=1",
+         "optimizer.lr=0.3", "scheduler.warmup_epochs=1"]  # fmt: skip
+
+
+@pytest.mark.parametrize("max_epochs", [30, -1])
+def test_warmup_lasts_one_epoch_when_max_steps_ends_the_run(
+    make_config, monkeypatch: pytest.MonkeyPatch, max_epochs: int
+) -> None:
+    """`warmup_epochs=1` of 3-step epochs is 3 steps, also when `max_steps` bounds the run:
+    steps per epoch were total / max_epochs (6 // 30 -> 1 step of warm-up; -1 -> 6)."""
+    probe = LearningRates()
+    add_callbacks(monkeypatch, probe)
+    train(make_config(*QUICK, f"trainer.max_epochs={max_epochs}", "trainer.max_steps=6"))
+    assert probe.lrs[:4] == pytest.approx([0.1, 0.2, 0.3, 0.3])
+    assert probe.lrs[4] < 0.3 and len(probe.lrs) == 6
+
+
+def test_cosine_without_a_planned_length_is_refused(make_config) -> None:
+    cfg = make_config(*QUICK, "trainer.max_epochs=-1", "+trainer.max_time=00:00:00:05")
+    with pytest.raises(PosttrainError, match=r"scheduler=cosine.*trainer\.max_steps"):
+        train(cfg)

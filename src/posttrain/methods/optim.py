@@ -85,7 +85,7 @@ def warmup_cosine_factor(step: int, warmup_steps: int, total_steps: int, min_rat
 def build_scheduler(
     optimizer: torch.optim.Optimizer,
     config: dict[str, Any],
-    total_steps: int,
+    total_steps: float,
     steps_per_epoch: int,
 ) -> dict[str, Any] | None:
     """A Lightning `lr_scheduler` dict from `{name, warmup_epochs, min_lr_ratio, step_size, gamma}`.
@@ -104,21 +104,41 @@ def build_scheduler(
         return {"scheduler": scheduler, "interval": "epoch"}
     warmup_epochs = config.get("warmup_epochs", 0)
     require(warmup_epochs >= 0, f"`scheduler.warmup_epochs` must be >= 0, got {warmup_epochs}.")
+    require(
+        math.isfinite(total_steps),
+        "`scheduler=cosine` decays the learning rate over the run's planned optimizer steps, but "
+        "this run has no planned length (`trainer.max_epochs=-1` and `trainer.max_steps=-1`; "
+        "`trainer.max_time` stops it at a step nobody knows in advance). Set "
+        "`trainer.max_epochs` or `trainer.max_steps`, or use `scheduler=step` or "
+        "`scheduler=none`.",
+    )
     factor = partial(
         warmup_cosine_factor,
         warmup_steps=round(warmup_epochs * steps_per_epoch),
-        total_steps=max(1, total_steps),
+        total_steps=max(1, int(total_steps)),
         min_ratio=config.get("min_lr_ratio", 0.0),
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     return {"scheduler": scheduler, "interval": "step"}
 
 
-def schedule_lengths(trainer: Any) -> tuple[int, int]:
-    """(total optimizer steps, steps per epoch) of a Lightning trainer's planned run."""
-    total = int(trainer.estimated_stepping_batches)
-    epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else 1
-    return total, max(1, total // epochs)
+def schedule_lengths(trainer: Any) -> tuple[float, int]:
+    """(total optimizer steps, optimizer steps per epoch) of a Lightning trainer's planned run.
+
+    Steps per epoch come from the training loader (its batches over the accumulation), not
+    from the total over `max_epochs`: a run bounded by `trainer.max_steps` takes fewer steps
+    than its epochs would, so `scheduler.warmup_epochs=1` warmed up over one step
+    (`max_steps=10` of 5-step epochs) or over the whole run (`max_epochs=-1`). The total is
+    infinite when neither `max_epochs` nor `max_steps` bounds the run.
+    """
+    total = trainer.estimated_stepping_batches  # loads the training data if epochs bound it
+    if trainer.train_dataloader is None:  # `max_epochs=-1`: Lightning returned before loading
+        trainer.fit_loop.setup_data()
+    batches = trainer.num_training_batches
+    per_epoch = (
+        math.ceil(batches / trainer.accumulate_grad_batches) if math.isfinite(batches) else 1
+    )
+    return float(total), max(1, per_epoch)
 
 
 def configure_optimization(
