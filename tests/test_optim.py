@@ -14,6 +14,11 @@ from posttrain.models import build_classifier
 from posttrain.train import train
 from tests.conftest import add_callbacks
 
+QUICK = ["logger=none", "callbacks=none", "trainer.accelerator=cpu",
+         "trainer.num_sanity_val_steps=0", "+trainer.limit_train_batches=3",
+         "trainer.limit_val_batches=1", "trainer.limit_test_batches=1",
+         "optimizer.lr=0.3", "scheduler.warmup_epochs=1"]  # fmt: skip
+
 
 def small_model() -> torch.nn.Module:
     return build_classifier("small_cnn", num_classes=3, in_channels=1, width=4)
@@ -50,11 +55,44 @@ def test_decay_1d_puts_everything_in_one_group_and_frozen_parameters_are_skipped
         ({"name": "lamb", "lr": 0.1}, "optimizer.name"),
         ({"name": "sgd", "lr": 0}, "optimizer.lr"),
         ({"name": "sgd", "lr": 0.1, "weight_decay": -1}, "optimizer.weight_decay"),
+        ({"name": "sgd", "lr": 0.1, "weight_decay": "abc"}, "optimizer.weight_decay"),
+        # Keys another optimizer reads were dropped without a word.
+        ({"name": "adam", "lr": 0.1, "momentum": 0.5}, "optimizer.momentum"),
+        ({"name": "adamw", "lr": 0.1, "nesterov": True}, "optimizer.nesterov"),
+        ({"name": "sgd", "lr": 0.1, "betas": [0.5, 0.9]}, "optimizer.betas"),
     ],
 )
 def test_bad_optimizer_config_names_the_key(config: dict, key: str) -> None:
     with pytest.raises(PosttrainError, match=key.replace(".", r"\.")):
         build_optimizer(small_model().named_parameters(), config)
+
+
+@pytest.mark.parametrize(
+    ("config", "key"),
+    [
+        # Keys the chosen schedule does not read were ignored.
+        ({"name": "step", "step_size": 2, "warmup_epochs": 2}, "scheduler.warmup_epochs"),
+        ({"name": "cosine", "warmup_epochs": 1, "step_size": 3}, "scheduler.step_size"),
+        ({"name": "none", "min_lr_ratio": 0.1}, "scheduler.min_lr_ratio"),
+        # Values that reversed or froze the schedule without a word.
+        ({"name": "cosine", "min_lr_ratio": -1.0}, "scheduler.min_lr_ratio"),
+        ({"name": "cosine", "min_lr_ratio": 2.0}, "scheduler.min_lr_ratio"),
+        ({"name": "cosine", "warmup_epochs": "abc"}, "scheduler.warmup_epochs"),
+        ({"name": "step", "step_size": 2.5}, "scheduler.step_size"),
+        ({"name": "step", "step_size": 2, "gamma": -0.5}, "scheduler.gamma"),
+    ],
+)
+def test_bad_scheduler_config_names_the_key(config: dict, key: str) -> None:
+    optimizer = build_optimizer(small_model().named_parameters(), {"name": "sgd", "lr": 1.0})
+    with pytest.raises(PosttrainError, match=key.replace(".", r"\.")):
+        build_scheduler(optimizer, config, total_steps=100, steps_per_epoch=10)
+
+
+def test_a_key_the_optimizer_ignores_is_refused_in_a_run(make_config) -> None:
+    """`optimizer=adam +optimizer.momentum=0.5` trained plain Adam, the config saying 0.5."""
+    cfg = make_config(*QUICK, "optimizer=adam", "+optimizer.momentum=0.5")
+    with pytest.raises(PosttrainError, match=r"optimizer\.momentum.*optimizer=sgd"):
+        train(cfg)
 
 
 def test_warmup_then_cosine_shape() -> None:
@@ -92,12 +130,6 @@ class LearningRates(Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         self.lrs.append(optimizer.param_groups[0]["lr"])
-
-
-QUICK = ["logger=none", "callbacks=none", "trainer.accelerator=cpu",
-         "trainer.num_sanity_val_steps=0", "+trainer.limit_train_batches=3",
-         "trainer.limit_val_batches=1", "trainer.limit_test_batches=1",
-         "optimizer.lr=0.3", "scheduler.warmup_epochs=1"]  # fmt: skip
 
 
 @pytest.mark.parametrize("max_epochs", [30, -1])
