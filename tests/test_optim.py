@@ -60,6 +60,9 @@ def test_decay_1d_puts_everything_in_one_group_and_frozen_parameters_are_skipped
         ({"name": "adam", "lr": 0.1, "momentum": 0.5}, "optimizer.momentum"),
         ({"name": "adamw", "lr": 0.1, "nesterov": True}, "optimizer.nesterov"),
         ({"name": "sgd", "lr": 0.1, "betas": [0.5, 0.9]}, "optimizer.betas"),
+        # `off`/`no` stay truthy strings: biases were decayed, Nesterov switched on.
+        ({"name": "sgd", "lr": 0.1, "decay_1d": "off"}, "optimizer.decay_1d"),
+        ({"name": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": "no"}, "optimizer.nesterov"),
     ],
 )
 def test_bad_optimizer_config_names_the_key(config: dict, key: str) -> None:

@@ -191,11 +191,34 @@ def test_label_smoothing_and_callbacks_dispatch() -> None:
         (lambda: Mixup(alpha=0), "reg.mixup.alpha"),
         (lambda: LabelSmoothing(epsilon=1.0), "reg.label_smoothing.epsilon"),
         (lambda: EarlyStopping(patience=0), "reg.early_stopping.patience"),
+        (lambda: L2Penalty(weight=True), "reg.l2.weight"),
     ],
 )
 def test_bad_strengths_name_the_key(build, key: str) -> None:
     with pytest.raises(PosttrainError, match=key.replace(".", r"\.")):
         build()
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("reg.l1.include_1d=no", "reg.l1.include_1d"),
+        ("reg.l2.include_1d=no", "reg.l2.include_1d"),
+        ("reg.augment.flip=no", "reg.augment.flip"),
+    ],
+)
+def test_switches_spelled_no_are_refused_not_read_as_true(make_config, override, key) -> None:
+    """Hydra keeps `no` a string, which is truthy: `reg.l2.include_1d=no` penalized biases
+    and norms, `reg.augment.flip=no` flipped the digits."""
+    from hydra.utils import instantiate
+
+    from posttrain.runs import find_user_error
+
+    cfg = make_config("reg=[l1,l2,augment]", override)
+    with pytest.raises(Exception) as raised:
+        [instantiate(entry) for entry in cfg.reg.values()]
+    error = find_user_error(raised.value)
+    assert error is not None and f"`{key}` must be true or false" in str(error)
 
 
 def test_several_regularizers_compose_from_config(make_config) -> None:

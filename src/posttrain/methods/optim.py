@@ -17,6 +17,7 @@ from torch import nn
 from posttrain.errors import (
     PosttrainError,
     require,
+    require_bool,
     require_choice,
     require_count,
     require_positive,
@@ -75,6 +76,10 @@ def build_optimizer(
         f"Config key `optimizer.weight_decay` must be a number >= 0, got {weight_decay!r}.",
     )
     decay_1d = settings.pop("decay_1d", False)
+    # Real booleans: `no`/`off` stay truthy strings, which decayed biases or ran Nesterov.
+    require_bool("optimizer.decay_1d", decay_1d)
+    if "nesterov" in settings:
+        require_bool("optimizer.nesterov", settings["nesterov"])
     groups = param_groups(named_parameters, settings["lr"], weight_decay, decay_1d, lr_scale)
     require(bool(groups), "Every parameter is frozen: there is nothing for the optimizer to train.")
     check_own_keys(name, settings)
