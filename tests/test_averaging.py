@@ -207,3 +207,25 @@ def test_swa_starting_after_the_last_epoch_is_refused_before_training(tmp_path: 
 def test_ema_and_swa_together_are_refused(tmp_path: Path) -> None:
     message = refusal(tmp_path, ["reg=[ema,swa]"])
     assert "`reg=[ema,swa]`" in message and "Choose one" in message
+
+
+def test_swa_default_start_counts_the_epochs_max_steps_allows(tmp_path: Path) -> None:
+    """`reg=swa trainer.max_steps=12` (3 epochs of 4 steps) started at 75% of max_epochs=30,
+    averaged nothing and completed on the raw weights with a warning at the end."""
+    folder = tmp_path / "run"
+    train(
+        compose_config(folder, [*TINY, "reg=swa", "trainer.max_epochs=30", "trainer.max_steps=12"])
+    )
+    last = load_checkpoint(folder / "checkpoints" / "last.ckpt", "ckpt_path")
+    assert int(last["averaging_state"]["n_averaged"]) == 1  # epoch 2 = int(0.75 * 3)
+
+
+def test_swa_starting_after_max_steps_is_refused_before_training(tmp_path: Path) -> None:
+    overrides = [
+        "reg=swa",
+        "reg.swa.start_epoch=3",
+        "trainer.max_epochs=30",
+        "trainer.max_steps=12",
+    ]
+    message = refusal(tmp_path, overrides)
+    assert "`reg.swa.start_epoch` is 3" in message and "`trainer.max_steps=12`" in message

@@ -77,3 +77,25 @@ def test_sweep_report_counts_the_diverged_job(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 jobs: 1 completed, 1 diverged" in (tmp_path / "report.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        # Lightning skips clipping at a value <= 0 or without a value: unclipped, no word.
+        (["trainer.gradient_clip_val=-1"], "trainer.gradient_clip_val"),
+        (["+trainer.gradient_clip_algorithm=value"], "trainer.gradient_clip_val` is None"),
+        # Lightning's traceback when the Trainer is built.
+        (["trainer.gradient_clip_val=abc"], "trainer.gradient_clip_val"),
+        (["+trainer.gradient_clip_algorithm=foo"], "trainer.gradient_clip_algorithm"),
+    ],
+)
+def test_gradient_clipping_keys_are_checked(
+    tmp_path: Path, overrides: list[str], named: str
+) -> None:
+    from posttrain.checks import check_run_config
+
+    with pytest.raises(PosttrainError, match=named.replace(".", r"\.")):
+        check_run_config(compose_config(tmp_path, overrides))
+    ok = ["trainer.gradient_clip_val=0.5", "+trainer.gradient_clip_algorithm=value"]
+    check_run_config(compose_config(tmp_path, ok))

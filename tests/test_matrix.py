@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from lightning.pytorch.callbacks import WeightAveraging
+from lightning.pytorch.callbacks import EarlyStopping, WeightAveraging
 from torch import Tensor, nn
 
 import posttrain.runs
@@ -161,7 +161,7 @@ def show_effect(regularizer: str, probe: Probe, metrics: dict[str, float]) -> No
             assert not isinstance(value, Tensor) or torch.equal(best[name], value), name
     else:
         assert not averages
-    stoppers = [c for c in trainer.callbacks if type(c).__name__ == "EarlyStopping"]
+    stoppers = [c for c in trainer.callbacks if isinstance(c, EarlyStopping)]
     if regularizer == "early_stopping":
         (stopper,) = stoppers
         assert stopper.monitor == "val/acc" and torch.isfinite(stopper.best_score)

@@ -6,10 +6,18 @@ import itertools
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 
 from posttrain.errors import PosttrainError
 from posttrain.methods.optim import build_optimizer, build_scheduler, warmup_cosine_factor
 from posttrain.models import build_classifier
+from posttrain.train import train
+from tests.conftest import add_callbacks
+
+QUICK = ["logger=none", "callbacks=none", "trainer.accelerator=cpu",
+         "trainer.num_sanity_val_steps=0", "+trainer.limit_train_batches=3",
+         "trainer.limit_val_batches=1", "trainer.limit_test_batches=1",
+         "optimizer.lr=0.3", "scheduler.warmup_epochs=1"]  # fmt: skip
 
 
 def small_model() -> torch.nn.Module:
@@ -47,11 +55,47 @@ def test_decay_1d_puts_everything_in_one_group_and_frozen_parameters_are_skipped
         ({"name": "lamb", "lr": 0.1}, "optimizer.name"),
         ({"name": "sgd", "lr": 0}, "optimizer.lr"),
         ({"name": "sgd", "lr": 0.1, "weight_decay": -1}, "optimizer.weight_decay"),
+        ({"name": "sgd", "lr": 0.1, "weight_decay": "abc"}, "optimizer.weight_decay"),
+        # Keys another optimizer reads were dropped without a word.
+        ({"name": "adam", "lr": 0.1, "momentum": 0.5}, "optimizer.momentum"),
+        ({"name": "adamw", "lr": 0.1, "nesterov": True}, "optimizer.nesterov"),
+        ({"name": "sgd", "lr": 0.1, "betas": [0.5, 0.9]}, "optimizer.betas"),
+        # `off`/`no` stay truthy strings: biases were decayed, Nesterov switched on.
+        ({"name": "sgd", "lr": 0.1, "decay_1d": "off"}, "optimizer.decay_1d"),
+        ({"name": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": "no"}, "optimizer.nesterov"),
     ],
 )
 def test_bad_optimizer_config_names_the_key(config: dict, key: str) -> None:
     with pytest.raises(PosttrainError, match=key.replace(".", r"\.")):
         build_optimizer(small_model().named_parameters(), config)
+
+
+@pytest.mark.parametrize(
+    ("config", "key"),
+    [
+        # Keys the chosen schedule does not read were ignored.
+        ({"name": "step", "step_size": 2, "warmup_epochs": 2}, "scheduler.warmup_epochs"),
+        ({"name": "cosine", "warmup_epochs": 1, "step_size": 3}, "scheduler.step_size"),
+        ({"name": "none", "min_lr_ratio": 0.1}, "scheduler.min_lr_ratio"),
+        # Values that reversed or froze the schedule without a word.
+        ({"name": "cosine", "min_lr_ratio": -1.0}, "scheduler.min_lr_ratio"),
+        ({"name": "cosine", "min_lr_ratio": 2.0}, "scheduler.min_lr_ratio"),
+        ({"name": "cosine", "warmup_epochs": "abc"}, "scheduler.warmup_epochs"),
+        ({"name": "step", "step_size": 2.5}, "scheduler.step_size"),
+        ({"name": "step", "step_size": 2, "gamma": -0.5}, "scheduler.gamma"),
+    ],
+)
+def test_bad_scheduler_config_names_the_key(config: dict, key: str) -> None:
+    optimizer = build_optimizer(small_model().named_parameters(), {"name": "sgd", "lr": 1.0})
+    with pytest.raises(PosttrainError, match=key.replace(".", r"\.")):
+        build_scheduler(optimizer, config, total_steps=100, steps_per_epoch=10)
+
+
+def test_a_key_the_optimizer_ignores_is_refused_in_a_run(make_config) -> None:
+    """`optimizer=adam +optimizer.momentum=0.5` trained plain Adam, the config saying 0.5."""
+    cfg = make_config(*QUICK, "optimizer=adam", "+optimizer.momentum=0.5")
+    with pytest.raises(PosttrainError, match=r"optimizer\.momentum.*optimizer=sgd"):
+        train(cfg)
 
 
 def test_warmup_then_cosine_shape() -> None:
@@ -79,3 +123,32 @@ def test_schedulers_drive_the_learning_rate() -> None:
     assert build_scheduler(optimizer, {"name": "none"}, 100, 10) is None
     with pytest.raises(PosttrainError, match=r"scheduler\.name"):
         build_scheduler(optimizer, {"name": "onecycle"}, 100, 10)
+
+
+class LearningRates(Callback):
+    """The first parameter group's learning rate at every optimizer step."""
+
+    def __init__(self) -> None:
+        self.lrs: list[float] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.lrs.append(optimizer.param_groups[0]["lr"])
+
+
+@pytest.mark.parametrize("max_epochs", [30, -1])
+def test_warmup_lasts_one_epoch_when_max_steps_ends_the_run(
+    make_config, monkeypatch: pytest.MonkeyPatch, max_epochs: int
+) -> None:
+    """`warmup_epochs=1` of 3-step epochs is 3 steps, also when `max_steps` bounds the run:
+    steps per epoch were total / max_epochs (6 // 30 -> 1 step of warm-up; -1 -> 6)."""
+    probe = LearningRates()
+    add_callbacks(monkeypatch, probe)
+    train(make_config(*QUICK, f"trainer.max_epochs={max_epochs}", "trainer.max_steps=6"))
+    assert probe.lrs[:4] == pytest.approx([0.1, 0.2, 0.3, 0.3])
+    assert probe.lrs[4] < 0.3 and len(probe.lrs) == 6
+
+
+def test_cosine_without_a_planned_length_is_refused(make_config) -> None:
+    cfg = make_config(*QUICK, "trainer.max_epochs=-1", "+trainer.max_time=00:00:00:05")
+    with pytest.raises(PosttrainError, match=r"scheduler=cosine.*trainer\.max_steps"):
+        train(cfg)

@@ -191,11 +191,39 @@ def test_label_smoothing_and_callbacks_dispatch() -> None:
         (lambda: Mixup(alpha=0), "reg.mixup.alpha"),
         (lambda: LabelSmoothing(epsilon=1.0), "reg.label_smoothing.epsilon"),
         (lambda: EarlyStopping(patience=0), "reg.early_stopping.patience"),
+        (lambda: L2Penalty(weight=True), "reg.l2.weight"),
+        # A typo or a wrong mode was a traceback after the first epoch.
+        (lambda: EarlyStopping(monitor="val/accc"), "reg.early_stopping.monitor"),
+        (lambda: EarlyStopping(monitor="test/acc"), "reg.early_stopping.monitor"),
+        (lambda: EarlyStopping(mode="maximum"), "reg.early_stopping.mode"),
+        (lambda: EarlyStopping(patience=2.5), "reg.early_stopping.patience"),
     ],
 )
 def test_bad_strengths_name_the_key(build, key: str) -> None:
     with pytest.raises(PosttrainError, match=key.replace(".", r"\.")):
         build()
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("reg.l1.include_1d=no", "reg.l1.include_1d"),
+        ("reg.l2.include_1d=no", "reg.l2.include_1d"),
+        ("reg.augment.flip=no", "reg.augment.flip"),
+    ],
+)
+def test_switches_spelled_no_are_refused_not_read_as_true(make_config, override, key) -> None:
+    """Hydra keeps `no` a string, which is truthy: `reg.l2.include_1d=no` penalized biases
+    and norms, `reg.augment.flip=no` flipped the digits."""
+    from hydra.utils import instantiate
+
+    from posttrain.runs import find_user_error
+
+    cfg = make_config("reg=[l1,l2,augment]", override)
+    with pytest.raises(Exception) as raised:
+        [instantiate(entry) for entry in cfg.reg.values()]
+    error = find_user_error(raised.value)
+    assert error is not None and f"`{key}` must be true or false" in str(error)
 
 
 def test_several_regularizers_compose_from_config(make_config) -> None:
@@ -224,3 +252,26 @@ def test_training_with_every_regularizer_runs(make_config) -> None:
     )
     metrics = train(cfg)
     assert "train/penalty" in metrics and metrics["train/penalty"] > 0
+
+
+def test_early_stopping_on_the_loss_needs_mode_min() -> None:
+    """`reg.early_stopping.monitor=val/loss` with the default `mode=max` stopped training
+    `patience` epochs in while the loss was still falling."""
+    with pytest.raises(PosttrainError, match=r"reg\.early_stopping\.mode=min"):
+        EarlyStopping(monitor="val/loss", mode="max")
+    assert EarlyStopping(monitor="val/loss", mode="min").callbacks()[0].mode == "min"
+
+
+def test_early_stopping_on_a_metric_the_method_does_not_log_is_one_paragraph(make_config) -> None:
+    """ProtoNet logs no `val/f1_macro`: Lightning's RuntimeError traceback after an epoch."""
+    from posttrain.train import train
+
+    cfg = make_config(
+        "experiment=digits_protonet", "reg=early_stopping",
+        "reg.early_stopping.monitor=val/f1_macro",
+        "logger=none", "callbacks=none", "trainer.accelerator=cpu", "trainer.max_epochs=1",
+        "+trainer.limit_train_batches=1", "trainer.limit_val_batches=1",
+        "trainer.num_sanity_val_steps=0",
+    )  # fmt: skip
+    with pytest.raises(PosttrainError, match=r"val/f1_macro.*does not log it.*`val/acc`"):
+        train(cfg)

@@ -253,3 +253,26 @@ def test_step_loss_is_logged_on_every_logging_step(make_config) -> None:
         rows = list(csv.DictReader(handle))
     logged_steps = [int(row["step"]) for row in rows if row.get("train/loss_step")]
     assert logged_steps == [1, 3, 5]
+
+
+def test_accuracy_gap_subtracts_the_same_epochs_validation(make_config) -> None:
+    """With validation every 2nd epoch, epoch 2's gap was its `train/acc` minus epoch 1's
+    `val/acc`, and that mixed number was the run's final `val/acc_gap` in metrics.json."""
+    cfg = make_config(
+        "logger=csv", "callbacks.progress_bar=null", "callbacks.run_statement=null",
+        "trainer.max_epochs=3", "trainer.check_val_every_n_epoch=2",
+        "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
+        "trainer.limit_test_batches=1", "trainer.num_sanity_val_steps=0",
+    )  # fmt: skip
+    metrics = train(cfg)
+    with (Path(cfg.paths.output_dir) / "csv" / "metrics.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+
+    def by_epoch(name: str) -> dict[int, float]:
+        return {int(row["epoch"]): float(row[name]) for row in rows if row.get(name)}
+
+    train_acc, val_acc, gap = by_epoch("train/acc"), by_epoch("val/acc"), by_epoch("val/acc_gap")
+    assert sorted(train_acc) == [0, 1, 2] and sorted(val_acc) == [1]
+    assert sorted(gap) == [1]
+    assert gap[1] == pytest.approx(train_acc[1] - val_acc[1])
+    assert metrics["val/acc_gap"] == pytest.approx(gap[1])

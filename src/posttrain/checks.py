@@ -13,7 +13,7 @@ from typing import Any
 
 from lightning.pytorch.callbacks import Callback
 
-from posttrain.errors import PosttrainError, require
+from posttrain.errors import PosttrainError, require, require_choice
 
 # Precisions posttrain runs (Lightning's names); the data pipeline makes float32 batches,
 # which the mixed and float32 modes take as they are.
@@ -129,6 +129,29 @@ def empty_split_message(
     )
 
 
+def check_gradient_clipping(trainer: dict[str, Any]) -> None:
+    """Lightning skips clipping for a value <= 0 and for an algorithm without a value, so
+    `gradient_clip_val=-1` or `+trainer.gradient_clip_algorithm=value` alone trained unclipped
+    without a word; a non-number or another algorithm was a traceback."""
+    value = trainer.get("gradient_clip_val")
+    algorithm = trainer.get("gradient_clip_algorithm")
+    require(
+        value is None
+        or (isinstance(value, int | float) and not isinstance(value, bool) and value >= 0),
+        f"Config key `trainer.gradient_clip_val` must be a number > 0 (the largest gradient norm, "
+        f"or value with `trainer.gradient_clip_algorithm=value`), or 0/null for no clipping, "
+        f"got {value!r}.",
+    )
+    if algorithm is not None:
+        require_choice("trainer.gradient_clip_algorithm", algorithm, ("norm", "value"))
+    require(
+        algorithm is None or bool(value),
+        f"Config key `trainer.gradient_clip_algorithm={algorithm}` takes effect only with a "
+        "clipping threshold, and `trainer.gradient_clip_val` is "
+        f"{value!r}: set it (e.g. `trainer.gradient_clip_val=1.0`) or drop the algorithm.",
+    )
+
+
 def uses_cpu(trainer: dict[str, Any]) -> bool:
     accelerator = str(trainer.get("accelerator", "auto"))
     if accelerator == "cpu":
@@ -204,5 +227,6 @@ def check_run_config(cfg: Any) -> None:
     assert isinstance(trainer, dict)
     check_whole_numbers({f"trainer.{key}": value for key, value in trainer.items()})
     check_batch_limits(trainer)
+    check_gradient_clipping(trainer)
     check_accelerator(trainer)
     check_precision(trainer)

@@ -159,14 +159,14 @@ class MethodCore(L.LightningModule):
         values = self.epoch_values("train")
         self.divergence.check(self.current_epoch, values.get("train/loss"))
         if self.gap_is_like_for_like():
-            values.update(self.tracker.gap(values["train/acc"]))
+            values.update(self.tracker.gap(values["train/acc"], self.current_epoch))
         self.log_dict(values)
 
     def on_validation_epoch_end(self) -> None:
         values = self.epoch_values("val")
         if self.trainer.sanity_checking:
             return
-        values.update(self.tracker.after_validation(values["val/acc"]))
+        values.update(self.tracker.after_validation(values["val/acc"], self.current_epoch))
         self.log_dict(values, prog_bar=True)
 
     def on_test_epoch_end(self) -> None:

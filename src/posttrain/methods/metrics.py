@@ -38,8 +38,9 @@ METRICS: dict[str, str] = {
     "{split}/f1_macro": "macro-averaged F1 (supervised, finetune)",
     "{split}/ece": "expected calibration error, 15 bins (supervised, finetune)",
     "val/acc_best": "best `val/acc` so far: the default sweep objective",
-    "val/acc_gap": "train minus validation accuracy, the over-fitting signal (only where "
-    "both measure the same task: episodic runs need equal ways and adaptation steps)",
+    "val/acc_gap": "train minus validation accuracy of the same epoch, the over-fitting signal "
+    "(logged in epochs that validate, and only where both measure the same task: episodic "
+    "runs need equal ways and adaptation steps)",
     "{split}/acc_ci95": "half-width of the 95% interval of the episode mean (val, test)",
     "test/episodes": "number of test episodes behind `test/acc`",
     "test/images": "number of test images behind `test/acc` (supervised, finetune, distill, "
@@ -170,14 +171,18 @@ class ValidationTracker(nn.Module):
         self.best = MaxMetric()
         self.best.persistent(True)  # in checkpoints: a resumed run keeps its best so far
         self.last_val_acc: float | None = None
+        self.last_val_epoch: int | None = None
 
-    def after_validation(self, val_acc: Tensor) -> dict[str, Tensor]:
+    def after_validation(self, val_acc: Tensor, epoch: int) -> dict[str, Tensor]:
         self.best.update(val_acc)
-        self.last_val_acc = float(val_acc)
+        self.last_val_acc, self.last_val_epoch = float(val_acc), epoch
         return {"val/acc_best": self.best.compute()}
 
-    def gap(self, train_acc: Tensor) -> dict[str, Tensor]:
-        if self.last_val_acc is None:
+    def gap(self, train_acc: Tensor, epoch: int) -> dict[str, Tensor]:
+        """Only in an epoch that validated: with `trainer.check_val_every_n_epoch=2` the
+        other epochs subtracted the previous epoch's `val/acc` from this epoch's `train/acc`,
+        and the run's final `val/acc_gap` mixed two epochs."""
+        if self.last_val_acc is None or self.last_val_epoch != epoch:
             return {}
         return {"val/acc_gap": train_acc - self.last_val_acc}
 

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from posttrain.errors import require, require_choice
+from posttrain.errors import require, require_bool, require_choice
 
 
 def random_translate_flip(images: Tensor, translate: float, flip: bool) -> Tensor:
@@ -74,6 +74,7 @@ class Augment:
         num_ops: int = 2,
     ) -> None:
         require_choice("reg.augment.policy", policy, self.POLICIES)
+        require_bool("reg.augment.flip", flip)  # `flip=no` is a truthy string: flips on
         require(
             0 <= translate < 0.5,
             f"Config key `reg.augment.translate` must be in [0, 0.5), got {translate!r}.",

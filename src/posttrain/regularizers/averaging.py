@@ -135,13 +135,37 @@ class SWACallback(AveragedEverywhere):
 
     def __init__(self, start_epoch: int | None) -> None:
         super().__init__()  # no avg_fn: AveragedModel's equal (SWA) average
+        self.configured_start = start_epoch
         self.start_epoch = start_epoch
         self._epoch_closing = False
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        if stage == TrainerFn.FITTING:
-            self.start_epoch = resolved_start_epoch(self.start_epoch, trainer.max_epochs)
+        # Null under `max_epochs=-1` is 75% of the epochs `max_steps` allows: on_train_start.
+        steps_decide = trainer.max_steps != -1 and not (trainer.max_epochs or 0) > 0
+        if stage == TrainerFn.FITTING and not (self.configured_start is None and steps_decide):
+            self.start_epoch = resolved_start_epoch(self.configured_start, trainer.max_epochs)
         super().setup(trainer, pl_module, stage)
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        """`trainer.max_steps` may end training epochs before `max_epochs`: `reg=swa
+        trainer.max_steps=6` started at 75% of 30 epochs, averaged nothing and completed
+        with the raw weights (a warning at the end). The start is checked against the epochs
+        the run trains, and null means 75% of those."""
+        if trainer.max_steps == -1:
+            return
+        from posttrain.methods.optim import schedule_lengths
+
+        total, per_epoch = schedule_lengths(trainer)
+        epochs = int(total // per_epoch)  # complete ones: SWA averages at an epoch's end
+        if self.configured_start is None:
+            self.start_epoch = int(SWA_DEFAULT_START * epochs)
+        require(
+            self.start_epoch < epochs,
+            f"Config key `reg.swa.start_epoch` is {self.start_epoch}, but "
+            f"`trainer.max_steps={trainer.max_steps}` ends training after {epochs} complete "
+            f"epoch(s) of {per_epoch} optimizer steps (numbered from 0), so nothing would be "
+            f"averaged. Use an epoch below {epochs}, or null for 75% of the epochs it trains.",
+        )
 
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
@@ -223,7 +247,9 @@ class SWA:
         return [SWACallback(self.start_epoch)]
 
     def describe(self) -> str:
-        start = "75% of max_epochs" if self.start_epoch is None else f"epoch {self.start_epoch}"
+        start = (
+            "75% of the epochs trained" if self.start_epoch is None else f"epoch {self.start_epoch}"
+        )
         return (
             f"SWA: equal average of the epoch-end weights from {start} on (validated, "
             "checkpointed and tested)"

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from posttrain.errors import PosttrainError, require
+from posttrain.errors import PosttrainError, require, require_bool
 from posttrain.regularizers.base import ModelParts
 
 
@@ -29,10 +29,17 @@ def summed(terms: list[Tensor], like: Tensor) -> Tensor:
 
 def check_weight(key: str, weight: float) -> float:
     require(
-        isinstance(weight, int | float) and weight >= 0,
+        isinstance(weight, int | float) and not isinstance(weight, bool) and weight >= 0,
         f"Config key `{key}` must be a number >= 0, got {weight!r}.",
     )
     return float(weight)
+
+
+def check_include_1d(key: str, include_1d: bool) -> bool:
+    """A real boolean: Hydra keeps `no`/`off` as strings, which are truthy, so
+    `reg.l2.include_1d=no` penalized biases and norms while the user had asked not to."""
+    require_bool(key, include_1d)
+    return include_1d
 
 
 def one_d_note(include_1d: bool) -> str:
@@ -47,7 +54,7 @@ class L1Penalty:
 
     def __init__(self, weight: float = 1e-5, include_1d: bool = False) -> None:
         self.weight = check_weight("reg.l1.weight", weight)
-        self.include_1d = include_1d
+        self.include_1d = check_include_1d("reg.l1.include_1d", include_1d)
 
     def penalty(self, parts: ModelParts) -> Tensor:
         """Over every trainable tensor the method trains: backbone and all its heads."""
@@ -66,7 +73,7 @@ class L2Penalty:
 
     def __init__(self, weight: float = 1e-4, include_1d: bool = False) -> None:
         self.weight = check_weight("reg.l2.weight", weight)
-        self.include_1d = include_1d
+        self.include_1d = check_include_1d("reg.l2.include_1d", include_1d)
 
     def penalty(self, parts: ModelParts) -> Tensor:
         """Over every trainable tensor the method trains: backbone and all its heads."""
@@ -118,7 +125,7 @@ class L2SP:
         said "pretrained"."""
         self.alpha = check_weight("reg.l2sp.alpha", alpha)
         self.beta = check_weight("reg.l2sp.beta", beta)
-        self.include_1d = include_1d
+        self.include_1d = check_include_1d("reg.l2sp.include_1d", include_1d)
         require(
             bool(start),
             "`reg=l2sp` pulls the backbone toward its pretrained weights, but `model.pretrained` "
