@@ -34,6 +34,8 @@ def test_default_run_beats_the_accuracy_floor(default_run: Path) -> None:
     metrics = read_metrics(default_run)
     assert metrics["status"] == "completed"
     assert metrics["test/acc"] >= 0.98, metrics
+    best = f"best.ckpt: the epoch with the best val/acc ({metrics['val/acc_best']:.4f})"
+    assert metrics["tested"] == best
 
 
 def test_run_folder_is_self_describing(default_run: Path) -> None:

@@ -173,6 +173,9 @@ def test_resume_applies_the_changes_it_can(
     resumed = run(tmp_path, [*overrides, f"ckpt_path={last}", *changes])
     assert resumed["status"] == "completed" and resumed["epoch"] == 3
     assert (tmp_path / "csv" / "metrics.csv").is_file()
+    # No best checkpoint without the checkpoint callback: the record says test/* measured
+    # the final weights, not the best epoch's.
+    assert resumed["tested"].startswith("the final weights, after epoch 3")
 
 
 def scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:

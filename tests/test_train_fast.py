@@ -117,6 +117,8 @@ def test_fast_dev_run_every_model_and_data(
         assert not torch.equal(probe.before[name], probe.after[name]), f"{name} did not change"
     # The run folder's metrics.json is complete and is what `train` returned.
     written = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
+    # fast_dev_run keeps no checkpoint: the record says the test measured the final weights.
+    assert written.pop("tested").startswith("the final weights, after epoch 1")
     assert written == {"status": "completed", **metrics}
     expected = {"train/acc", "val/acc", "val/acc_best", "test/acc", "test/loss", "test/f1_macro"}
     assert expected <= set(written), expected - set(written)

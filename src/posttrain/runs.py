@@ -508,7 +508,9 @@ def log_hparams(trainer: L.Trainer, config: dict[str, Any], metrics: dict[str, f
             logger.finalize("success")
 
 
-def print_summary(output_dir: Path, metrics: dict[str, float], log_root: str) -> None:
+def print_summary(
+    output_dir: Path, metrics: dict[str, float], log_root: str, tested: str | None = None
+) -> None:
     """A few lines a person reads at the end of a run: where, how well, what next."""
     from posttrain.console import tensorboard_logdir
 
@@ -518,6 +520,7 @@ def print_summary(output_dir: Path, metrics: dict[str, float], log_root: str) ->
         "",
         f"posttrain: run folder   {output_dir}",
         *(f"  {name:<26} {value:.4f}" for name, value in shown.items()),
+        *([f"  {'tested':<26} {tested}"] if tested else []),
         f"  metrics.json               {output_dir / 'metrics.json'}",
         *([f"  TensorBoard                tensorboard --logdir {logdir}"] if logdir else []),
         "",
@@ -537,13 +540,19 @@ def epoch_metrics(values: dict[str, Any]) -> dict[str, float]:
 
 
 def record_run(
-    trainer: L.Trainer, cfg: DictConfig, config: dict[str, Any], metrics: dict[str, float]
+    trainer: L.Trainer,
+    cfg: DictConfig,
+    config: dict[str, Any],
+    metrics: dict[str, float],
+    tested: str | None = None,
 ) -> None:
-    """metrics.json, TensorBoard hparams with the final metrics, and the printed summary."""
+    """metrics.json, TensorBoard hparams with the final metrics, and the printed summary;
+    `tested` says which weights `test/*` measured (training runs)."""
     if not trainer.is_global_zero:
         return
     output_dir = Path(cfg.paths.output_dir)
-    write_json(output_dir / "metrics.json", {"status": "completed", **metrics})
+    said = {"tested": tested} if tested else {}
+    write_json(output_dir / "metrics.json", {"status": "completed", **said, **metrics})
     STARTED_HERE.discard(output_dir)  # the record is the finished run's from now on
     log_hparams(trainer, config, metrics)
-    print_summary(output_dir, metrics, cfg.paths.log_dir)
+    print_summary(output_dir, metrics, cfg.paths.log_dir, tested)

@@ -90,19 +90,20 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     try:  # a signal here says how far training got; `runs.guarded` covers the rest of the run
         with stop_on_signals():
-            metrics = fit_and_test(trainer, method, datamodule, ckpt_path, epochs)
+            metrics, tested = fit_and_test(trainer, method, datamodule, ckpt_path, epochs)
             metrics.update(calibrate_after_test(calibration, trainer, method))  # best.ckpt's
     except RunInterrupted as stop:
         stop.epochs_completed, stop.global_step = epochs.completed, trainer.global_step
         raise
-    record_run(trainer, cfg, config, metrics)
+    record_run(trainer, cfg, config, metrics, tested=tested)
     return metrics
 
 
 def fit_and_test(
     trainer: Any, method: Any, datamodule: Any, ckpt_path: str | None, epochs: Any
-) -> dict[str, float]:
-    """Fit, then test the best checkpoint; the final epoch metrics and the test metrics."""
+) -> tuple[dict[str, float], str]:
+    """Fit, then test the best checkpoint: the final epoch metrics and the test metrics, and
+    which weights the test measured (`tested_weights`)."""
     from posttrain.runs import epoch_metrics
 
     trainer.fit(method, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -110,9 +111,27 @@ def fit_and_test(
     # Read before testing: testing `best.ckpt` restores the callbacks' state of that epoch.
     metrics.update({"epoch": float(epochs.completed), "global_step": float(trainer.global_step)})
     best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
+    tested = tested_weights(trainer.checkpoint_callback, best, epochs.completed)
     for result in trainer.test(method, datamodule=datamodule, ckpt_path=best, verbose=False):
         metrics.update(epoch_metrics(result))
-    return metrics
+    return metrics, tested
+
+
+def tested_weights(checkpointing: Any, best: str | None, epochs_completed: int) -> str:
+    """Which weights `test/*` measured, in words for metrics.json and the summary: the best
+    checkpoint, or the final weights when no best checkpoint was kept (`callbacks=console`,
+    `callbacks=none`), so a test of the last epoch never reads as one of the best."""
+    monitor = getattr(checkpointing, "monitor", None)
+    score = getattr(checkpointing, "best_model_score", None)
+    if best and monitor and score is not None:
+        return f"{Path(best).name}: the epoch with the best {monitor} ({float(score):.4f})"
+    # Without callbacks.model_checkpoint, Lightning's own checkpoint (no monitor) keeps the
+    # last epoch, and its `best_model_path` is that file.
+    kept = f" ({Path(best).name}, Lightning's checkpoint of the last epoch)" if best else ""
+    return (
+        f"the final weights, after epoch {epochs_completed}{kept}: no best checkpoint was "
+        "kept (callbacks.model_checkpoint is off)"
+    )
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
