@@ -77,3 +77,48 @@ def test_sweep_report_counts_the_diverged_job(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 jobs: 1 completed, 1 diverged" in (tmp_path / "report.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        # Lightning skips clipping at <= 0: the run trained unclipped.
+        ("trainer.gradient_clip_val=-1", "trainer.gradient_clip_val"),
+        ("+trainer.gradient_clip_algorithm=value", "trainer.gradient_clip_algorithm"),
+        ("+trainer.gradient_clip_algorithm=bogus", "trainer.gradient_clip_algorithm"),
+        # Truthy strings switched on the cuDNN half of `deterministic` only.
+        ("trainer.deterministic=no", "trainer.deterministic"),
+        ("trainer.deterministic=1", "trainer.deterministic"),
+        # Tracebacks: numpy's seed range, and a modulo by zero at the first epoch's end.
+        ("seed=-1", "`seed`"),
+        ("seed=4294967296", "`seed`"),
+        ("trainer.check_val_every_n_epoch=0", "trainer.check_val_every_n_epoch"),
+    ],
+)
+def test_trainer_value_lightning_ignores_is_refused(
+    tmp_path: Path, override: str, named: str
+) -> None:
+    from posttrain.checks import check_run_config
+
+    with pytest.raises(PosttrainError, match=named.replace(".", r"\.")):
+        check_run_config(compose_config(tmp_path, [override]))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["trainer.gradient_clip_val=0.5", "+trainer.gradient_clip_algorithm=value"],
+        ["trainer.gradient_clip_val=0"],
+        ["trainer.deterministic=true"],
+        ["trainer.deterministic=false"],
+        ["trainer.deterministic=null"],
+        ["seed=4294967295"],
+        ["trainer.check_val_every_n_epoch=2"],
+    ],
+)
+def test_trainer_values_lightning_applies_are_accepted(
+    tmp_path: Path, overrides: list[str]
+) -> None:
+    from posttrain.checks import check_run_config
+
+    check_run_config(compose_config(tmp_path, overrides))

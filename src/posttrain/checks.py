@@ -26,7 +26,11 @@ WHOLE_NUMBERS = {
     "trainer.num_sanity_val_steps": -1,
     "trainer.accumulate_grad_batches": 1,
     "trainer.num_nodes": 1,
+    "trainer.check_val_every_n_epoch": 1,  # 0 divided by zero at the first epoch's end
 }
+# The seeds numpy accepts (`seed_everything` failed with a traceback outside them).
+SEED_RANGE = (0, 2**32 - 1)
+CLIP_ALGORITHMS = ("norm", "value")
 
 
 def is_whole(value: Any) -> bool:
@@ -42,6 +46,45 @@ def check_whole_numbers(values: dict[str, Any]) -> None:
             is_whole(value) and value >= minimum,
             f"Config key `{key}` must be a whole number >= {minimum}, got {value!r}.",
         )
+
+
+def check_deterministic(trainer: dict[str, Any]) -> None:
+    """Lightning takes any value: another string (`no`, `off`) or a number was truthy and
+    switched on half of it (the cuDNN flags, not `torch.use_deterministic_algorithms`)."""
+    value = trainer.get("deterministic")
+    require(
+        value is None or isinstance(value, bool) or value == "warn",
+        f"Config key `trainer.deterministic` is {value!r}; valid: true (deterministic "
+        "algorithms, an error where one has none), warn (the same, a warning instead), false "
+        "or null (PyTorch's defaults).",
+    )
+
+
+def check_gradient_clipping(trainer: dict[str, Any]) -> None:
+    """Lightning skips clipping when `gradient_clip_val <= 0`, and when an algorithm is named
+    without a value: both were accepted and trained unclipped."""
+    value = trainer.get("gradient_clip_val")
+    algorithm = trainer.get("gradient_clip_algorithm")
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    require(
+        value is None or (number and value >= 0),
+        f"Config key `trainer.gradient_clip_val` must be a number > 0 (the largest gradient "
+        f"norm, or value with `+trainer.gradient_clip_algorithm=value`), or null or 0 for no "
+        f"clipping; got {value!r}.",
+    )
+    if algorithm is None:
+        return
+    require(
+        str(algorithm).lower() in CLIP_ALGORITHMS,
+        f"Config key `trainer.gradient_clip_algorithm` is {algorithm!r}; valid: "
+        f"{', '.join(CLIP_ALGORITHMS)}.",
+    )
+    require(
+        bool(value),
+        f"Config key `trainer.gradient_clip_algorithm={algorithm}` clips nothing without a "
+        f"clipping threshold (`trainer.gradient_clip_val` is {value!r}): set "
+        "`trainer.gradient_clip_val` to a number > 0, or drop the algorithm.",
+    )
 
 
 def check_batch_limits(trainer: dict[str, Any]) -> None:
@@ -199,10 +242,16 @@ def check_run_config(cfg: Any) -> None:
     from omegaconf import OmegaConf
 
     seed = cfg.get("seed")
-    require(is_whole(seed), f"Config key `seed` must be a whole number, got {seed!r}.")
+    low, high = SEED_RANGE
+    require(
+        is_whole(seed) and low <= seed <= high,
+        f"Config key `seed` must be a whole number from {low} to {high}, got {seed!r}.",
+    )
     trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
     assert isinstance(trainer, dict)
     check_whole_numbers({f"trainer.{key}": value for key, value in trainer.items()})
     check_batch_limits(trainer)
+    check_deterministic(trainer)
+    check_gradient_clipping(trainer)
     check_accelerator(trainer)
     check_precision(trainer)
