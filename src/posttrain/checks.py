@@ -237,16 +237,18 @@ def check_train_keys(cfg: Any) -> None:
     )
 
 
-def check_run_config(cfg: Any) -> None:
-    """`seed` and the `trainer.*` keys Lightning would take without checking."""
+def check_run_config(cfg: Any, *, seeded: bool = True) -> None:
+    """`seed` (a run that has one: `seeded`) and the `trainer.*` keys Lightning would take
+    without checking."""
     from omegaconf import OmegaConf
 
-    seed = cfg.get("seed")
-    low, high = SEED_RANGE
-    require(
-        is_whole(seed) and low <= seed <= high,
-        f"Config key `seed` must be a whole number from {low} to {high}, got {seed!r}.",
-    )
+    if seeded:
+        seed = cfg.get("seed")
+        low, high = SEED_RANGE
+        require(
+            is_whole(seed) and low <= seed <= high,
+            f"Config key `seed` must be a whole number from {low} to {high}, got {seed!r}.",
+        )
     trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
     assert isinstance(trainer, dict)
     check_whole_numbers({f"trainer.{key}": value for key, value in trainer.items()})
