@@ -93,6 +93,9 @@ def test_sweep_report_counts_the_diverged_job(tmp_path: Path) -> None:
         ("seed=-1", "`seed`"),
         ("seed=4294967296", "`seed`"),
         ("trainer.check_val_every_n_epoch=0", "trainer.check_val_every_n_epoch"),
+        # k checkpoints under one name: best.ckpt held the last epoch, tested as the best.
+        ("callbacks.model_checkpoint.save_top_k=3", "callbacks.model_checkpoint.save_top_k"),
+        ("callbacks.model_checkpoint.save_top_k=-1", "callbacks.model_checkpoint.save_top_k"),
     ],
 )
 def test_trainer_value_lightning_ignores_is_refused(
@@ -114,6 +117,11 @@ def test_trainer_value_lightning_ignores_is_refused(
         ["trainer.deterministic=null"],
         ["seed=4294967295"],
         ["trainer.check_val_every_n_epoch=2"],
+        [
+            "callbacks.model_checkpoint.save_top_k=3",
+            "callbacks.model_checkpoint.filename='b-{epoch}'",
+        ],
+        ["callbacks.last_checkpoint.save_top_k=-1"],  # unmonitored: one file, rewritten
     ],
 )
 def test_trainer_values_lightning_applies_are_accepted(

@@ -212,6 +212,25 @@ def check_precision(trainer: dict[str, Any]) -> None:
     )
 
 
+def check_checkpoint_names(callbacks: dict[str, Any]) -> None:
+    """A monitored checkpoint keeping `save_top_k` > 1 (or -1) under one file name (`best`)
+    wrote every kept epoch over the same file while Lightning counted k slots, so each epoch
+    was saved as if it ranked: `best.ckpt` held the last epoch and was tested as the best."""
+    for name, entry in callbacks.items():
+        if not isinstance(entry, dict) or entry.get("monitor") is None:
+            continue
+        top_k, filename = entry.get("save_top_k", 1), str(entry.get("filename") or "")
+        if top_k in (0, 1) or "{" in filename or entry.get("enable_version_counter", True):
+            continue
+        raise PosttrainError(
+            f"Config key `callbacks.{name}.save_top_k={top_k}` keeps several checkpoints under "
+            f"one file name (`callbacks.{name}.filename={filename}`): each would overwrite the "
+            f"last, and `{filename}.ckpt` would hold the latest epoch, tested as the best by "
+            f"`{entry.get('monitor')}`. Keep `save_top_k=1`, or give each kept epoch its own "
+            f"name, e.g. `\"callbacks.{name}.filename='{filename}-{{epoch}}'\"`."
+        )
+
+
 # The top-level keys of `python train.py`'s config (conf/train.yaml and its groups).
 TRAIN_KEYS = frozenset({"task_name", "seed", "ckpt_path", "optimized_metric", "data", "model",
                         "method", "optimizer", "scheduler", "reg", "trainer", "logger",
@@ -257,3 +276,5 @@ def check_run_config(cfg: Any, *, seeded: bool = True) -> None:
     check_gradient_clipping(trainer)
     check_accelerator(trainer)
     check_precision(trainer)
+    callbacks = OmegaConf.to_container(cfg.get("callbacks") or {}, resolve=True)
+    check_checkpoint_names(callbacks)  # type: ignore[arg-type]
