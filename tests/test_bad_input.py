@@ -96,6 +96,9 @@ def test_sweep_report_counts_the_diverged_job(tmp_path: Path) -> None:
         # k checkpoints under one name: best.ckpt held the last epoch, tested as the best.
         ("callbacks.model_checkpoint.save_top_k=3", "callbacks.model_checkpoint.save_top_k"),
         ("callbacks.model_checkpoint.save_top_k=-1", "callbacks.model_checkpoint.save_top_k"),
+        # Lightning's traceback at the end of the first epoch.
+        ("callbacks.model_checkpoint.monitor=val/accuracy", "callbacks.model_checkpoint.monitor"),
+        ("callbacks.model_checkpoint.monitor=test/acc", "callbacks.model_checkpoint.monitor"),
     ],
 )
 def test_trainer_value_lightning_ignores_is_refused(
@@ -122,6 +125,7 @@ def test_trainer_value_lightning_ignores_is_refused(
             "callbacks.model_checkpoint.filename='b-{epoch}'",
         ],
         ["callbacks.last_checkpoint.save_top_k=-1"],  # unmonitored: one file, rewritten
+        ["callbacks.model_checkpoint.monitor=val/loss", "callbacks.model_checkpoint.mode=min"],
     ],
 )
 def test_trainer_values_lightning_applies_are_accepted(

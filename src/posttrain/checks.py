@@ -212,13 +212,27 @@ def check_precision(trainer: dict[str, Any]) -> None:
     )
 
 
-def check_checkpoint_names(callbacks: dict[str, Any]) -> None:
-    """A monitored checkpoint keeping `save_top_k` > 1 (or -1) under one file name (`best`)
-    wrote every kept epoch over the same file while Lightning counted k slots, so each epoch
-    was saved as if it ranked: `best.ckpt` held the last epoch and was tested as the best."""
+def check_monitored_callbacks(callbacks: dict[str, Any]) -> None:
+    """What a `monitor` of `cfg.callbacks` watches, before any training.
+
+    A name no run logs (`val/accuracy`) failed with Lightning's traceback at the end of the
+    first epoch. A monitored checkpoint keeping `save_top_k` > 1 (or -1) under one file name
+    (`best`) wrote every kept epoch over the same file while Lightning counted k slots, so
+    each epoch was saved as if it ranked: `best.ckpt` held the last epoch, tested as the best.
+    """
+    from posttrain.methods.metrics import documented_metric
+
     for name, entry in callbacks.items():
         if not isinstance(entry, dict) or entry.get("monitor") is None:
             continue
+        monitor = entry["monitor"]
+        require(
+            documented_metric(str(monitor)) and not str(monitor).startswith("test/"),
+            f"Config key `callbacks.{name}.monitor` is {monitor!r}, a metric no run logs "
+            "during training. Valid: a `val/` or `train/` metric of the README's Metrics table "
+            "that the method logs, e.g. val/acc (the default), val/loss (with "
+            f"`callbacks.{name}.mode=min`), val/f1_macro.",
+        )
         top_k, filename = entry.get("save_top_k", 1), str(entry.get("filename") or "")
         if top_k in (0, 1) or "{" in filename or entry.get("enable_version_counter", True):
             continue
@@ -277,4 +291,4 @@ def check_run_config(cfg: Any, *, seeded: bool = True) -> None:
     check_accelerator(trainer)
     check_precision(trainer)
     callbacks = OmegaConf.to_container(cfg.get("callbacks") or {}, resolve=True)
-    check_checkpoint_names(callbacks)  # type: ignore[arg-type]
+    check_monitored_callbacks(callbacks)  # type: ignore[arg-type]
