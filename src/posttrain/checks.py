@@ -290,5 +290,6 @@ def check_run_config(cfg: Any, *, seeded: bool = True) -> None:
     check_gradient_clipping(trainer)
     check_accelerator(trainer)
     check_precision(trainer)
-    callbacks = OmegaConf.to_container(cfg.get("callbacks") or {}, resolve=True)
-    check_monitored_callbacks(callbacks)  # type: ignore[arg-type]
+    callbacks = cfg.get("callbacks")  # null or {} with callbacks=none
+    if callbacks:
+        check_monitored_callbacks(OmegaConf.to_container(callbacks, resolve=True))  # type: ignore[arg-type]
