@@ -79,3 +79,46 @@ def test_schedulers_drive_the_learning_rate() -> None:
     assert build_scheduler(optimizer, {"name": "none"}, 100, 10) is None
     with pytest.raises(PosttrainError, match=r"scheduler\.name"):
         build_scheduler(optimizer, {"name": "onecycle"}, 100, 10)
+
+
+def learning_rates(tmp_path, *overrides: str) -> list[float]:
+    """The learning rate at every training step of a tiny real run (5 batches an epoch)."""
+    from lightning.pytorch.callbacks import Callback
+
+    from posttrain.train import train
+    from tests.conftest import add_callbacks, compose_config
+
+    seen: list[float] = []
+
+    class Probe(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            seen.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    limits = ["trainer.limit_train_batches=5", "trainer.limit_val_batches=1"]
+    quiet = ["logger=none", "callbacks=none", "model.width=4", "trainer.limit_test_batches=1"]
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        add_callbacks(monkeypatch, Probe())
+        train(compose_config(tmp_path, [*quiet, *limits, *overrides]))
+    return seen
+
+
+@pytest.mark.parametrize("epochs", [-1, 30])
+def test_warmup_lasts_one_epoch_when_max_steps_ends_the_run(tmp_path, epochs: int) -> None:
+    """Observed: steps per epoch were the total over `max_epochs`, so a run ended by
+    `max_steps=20` warmed up for all 20 steps (max_epochs=-1) or for none (max_epochs=30)
+    of a one-epoch (5-step) warm-up. Its schedule is now that of the same 4 epochs."""
+    by_epochs = learning_rates(tmp_path / "epochs", "trainer.max_epochs=4")
+    by_steps = learning_rates(
+        tmp_path / "steps", f"trainer.max_epochs={epochs}", "trainer.max_steps=20"
+    )
+    assert len(by_steps) == 20 and by_steps == pytest.approx(by_epochs)
+    assert max(range(20), key=by_steps.__getitem__) == 4  # the peak ends the 5-step warm-up
+
+
+def test_cosine_without_a_run_length_is_refused(tmp_path) -> None:
+    """Observed: `max_epochs=-1 max_steps=-1` failed with OverflowError (inf steps)."""
+    from posttrain.runs import find_user_error
+
+    with pytest.raises(Exception) as refused:
+        learning_rates(tmp_path, "trainer.max_epochs=-1", "trainer.max_steps=-1")
+    assert "scheduler=cosine" in str(find_user_error(refused.value))

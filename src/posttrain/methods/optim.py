@@ -115,8 +115,19 @@ def build_scheduler(
 
 
 def schedule_lengths(trainer: Any) -> tuple[int, int]:
-    """(total optimizer steps, steps per epoch) of a Lightning trainer's planned run."""
-    total = int(trainer.estimated_stepping_batches)
+    """(total optimizer steps, steps per epoch) of a Lightning trainer's planned run.
+
+    An epoch's steps are its batches over `accumulate_grad_batches`, as Lightning counts
+    them; dividing the total by `max_epochs` was wrong whenever `trainer.max_steps` ended the
+    run first (`max_epochs=-1 max_steps=60`: a one-epoch warm-up lasted all 60 steps).
+    """
+    estimate = trainer.estimated_stepping_batches  # inf: max_epochs=-1 and max_steps=-1
+    total = int(estimate) if math.isfinite(estimate) else 0
+    if trainer.train_dataloader is None:  # not loaded by the estimate when max_epochs=-1
+        trainer.fit_loop.setup_data()
+    batches = trainer.num_training_batches
+    if math.isfinite(batches):
+        return total, max(1, math.ceil(batches / trainer.accumulate_grad_batches))
     epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else 1
     return total, max(1, total // epochs)
 
@@ -130,6 +141,14 @@ def configure_optimization(
     """What a LightningModule's `configure_optimizers` returns, for every method."""
     optimizer = build_optimizer(module.named_parameters(), optimizer_config, lr_scale)
     total_steps, steps_per_epoch = schedule_lengths(module.trainer)
+    name = scheduler_config.get("name", "none")
+    require(
+        total_steps > 0 or name != "cosine",
+        "`scheduler=cosine` anneals over the run's length, and this run has none: "
+        "`trainer.max_epochs=-1` with `trainer.max_steps=-1` trains until stopped (it failed "
+        "with a traceback). Set `trainer.max_epochs` or `trainer.max_steps`, or use "
+        "`scheduler=step` or `scheduler=none`.",
+    )
     scheduler = build_scheduler(optimizer, scheduler_config, total_steps, steps_per_epoch)
     if scheduler is None:
         return optimizer
