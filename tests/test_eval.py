@@ -74,6 +74,30 @@ def test_a_seed_is_refused_as_it_changes_nothing(protonet: Path, tmp_path: Path)
     assert "`seed`" in message and "data.seed" in message
 
 
+@pytest.mark.parametrize(
+    ("override", "refused"),
+    [
+        ("trainer.max_epochs=50", True),
+        ("trainer.gradient_clip_val=1.0", True),
+        ("trainer.limit_train_batches=2", True),
+        ("+trainer.min_epochs=3", True),
+        ("trainer.limit_val_batches=2", True),  # no calibration: nothing reads the val split
+        ("trainer.limit_test_batches=2", False),
+    ],
+)
+def test_trainer_keys_only_fitting_reads_are_refused(
+    protonet: Path, tmp_path: Path, override: str, refused: bool
+) -> None:
+    """Observed: `eval.py trainer.max_epochs=50` was accepted and measured what the default
+    did; a test reads none of the fitting keys."""
+    if refused:
+        assert f"`{override.split('=')[0].lstrip('+')}` changes nothing" in refusal(
+            tmp_path, protonet, override
+        )
+    else:
+        assert evaluated(tmp_path, protonet, override, "data.test_episodes=4")["test/acc"] >= 0
+
+
 @pytest.mark.slow
 def test_maml_test_time_steps_apply_and_ways_are_bounded(tmp_path: Path) -> None:
     maml = trained(tmp_path / "run", "experiment=digits_maml", "model.hidden=8", *EPISODES,

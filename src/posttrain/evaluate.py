@@ -19,6 +19,31 @@ EVAL_KEYS = {"task_name", "ckpt_path", "data", "method", "trainer", "logger",
              "callbacks", "paths", "hydra", "calibration", "tta"}  # fmt: skip
 # Method keys that act at test time; everything else was fixed by training.
 TEST_TIME_METHOD_KEYS = ("eval_inner_steps", "inner_lr")
+# Trainer keys that only fitting reads: `trainer.test` runs the same with any value.
+TRAINING_ONLY_TRAINER_KEYS = (
+    "max_epochs", "max_steps", "min_epochs", "min_steps", "max_time", "accumulate_grad_batches",
+    "gradient_clip_val", "gradient_clip_algorithm", "check_val_every_n_epoch",
+    "val_check_interval", "limit_train_batches", "num_sanity_val_steps",
+)  # fmt: skip
+
+
+def check_trainer_overrides(overrides: list[str], needs: dict[str, str]) -> None:
+    """`eval.py trainer.max_epochs=50` was accepted and changed nothing: eval composes the
+    training Trainer config, and a test reads none of the fitting keys (nor the validation
+    limit, unless calibration fits on the validation split: `needs`)."""
+    from posttrain.errors import PosttrainError
+
+    ignored = [*TRAINING_ONLY_TRAINER_KEYS, *([] if "val" in needs else ["limit_val_batches"])]
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key.startswith("trainer.") and key.removeprefix("trainer.") in ignored:
+            raise PosttrainError(
+                f"Config key `{key}` changes nothing in eval.py: it tests the checkpoint, and "
+                "only fitting reads it. Drop it. Test-time trainer keys: "
+                "`trainer.limit_test_batches`, `trainer.precision`, `trainer.accelerator`, "
+                "`trainer.devices`, `trainer.deterministic` (and `trainer.limit_val_batches` "
+                "with `calibration=temperature`, which fits on the validation split)."
+            )
 
 
 def evaluation_config(trained: DictConfig, cfg: DictConfig) -> DictConfig:
@@ -115,6 +140,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         build_components,
         build_trainer,
         epoch_metrics,
+        hydra_choices_and_overrides,
         record_run,
         record_start,
         resolved_config,
@@ -132,8 +158,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     check_resumable(checkpoint, method, cfg.ckpt_path)  # e.g. a 10-class head on 100 classes
     calibration = calibration_for(cfg, method)
     check_tta(cfg.tta, method)
-    record_start(cfg)  # a killed evaluation never reads as the folder's earlier record
     needs = {"test": "the evaluation is its test", **splits_needed(calibration)}
+    check_trainer_overrides(hydra_choices_and_overrides()[1], needs)
+    record_start(cfg)  # a killed evaluation never reads as the folder's earlier record
     trainer = build_trainer(cfg, extra_callbacks=[RefuseEmptySplits(("test",), needs)])
     metrics: dict[str, float] = {"test/tta_views": float(len(VIEWS[cfg.tta]))}
     with augmented_predictions(cfg.tta, method), warnings.catch_warnings():
