@@ -101,7 +101,7 @@ def test_sweep_report_counts_the_diverged_job(tmp_path: Path) -> None:
         ("callbacks.model_checkpoint.monitor=test/acc", "callbacks.model_checkpoint.monitor"),
     ],
 )
-def test_trainer_value_lightning_ignores_is_refused(
+def test_run_value_lightning_ignores_or_mishandles_is_refused(
     tmp_path: Path, override: str, named: str
 ) -> None:
     from posttrain.checks import check_run_config
@@ -128,9 +128,7 @@ def test_trainer_value_lightning_ignores_is_refused(
         ["callbacks.model_checkpoint.monitor=val/loss", "callbacks.model_checkpoint.mode=min"],
     ],
 )
-def test_trainer_values_lightning_applies_are_accepted(
-    tmp_path: Path, overrides: list[str]
-) -> None:
+def test_run_values_lightning_applies_are_accepted(tmp_path: Path, overrides: list[str]) -> None:
     from posttrain.checks import check_run_config
 
     check_run_config(compose_config(tmp_path, overrides))
