@@ -80,22 +80,56 @@ def test_sweep_report_counts_the_diverged_job(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("overrides", "named"),
+    ("override", "named"),
     [
-        # Lightning skips clipping at a value <= 0 or without a value: unclipped, no word.
-        (["trainer.gradient_clip_val=-1"], "trainer.gradient_clip_val"),
-        (["+trainer.gradient_clip_algorithm=value"], "trainer.gradient_clip_val` is None"),
-        # Lightning's traceback when the Trainer is built.
-        (["trainer.gradient_clip_val=abc"], "trainer.gradient_clip_val"),
-        (["+trainer.gradient_clip_algorithm=foo"], "trainer.gradient_clip_algorithm"),
+        # Lightning skips clipping at <= 0: the run trained unclipped.
+        ("trainer.gradient_clip_val=-1", "trainer.gradient_clip_val"),
+        ("+trainer.gradient_clip_algorithm=value", "trainer.gradient_clip_algorithm"),
+        ("+trainer.gradient_clip_algorithm=bogus", "trainer.gradient_clip_algorithm"),
+        ("trainer.gradient_clip_val=abc", "trainer.gradient_clip_val"),  # a traceback
+        # Truthy strings switched on the cuDNN half of `deterministic` only.
+        ("trainer.deterministic=no", "trainer.deterministic"),
+        ("trainer.deterministic=1", "trainer.deterministic"),
+        # Tracebacks: numpy's seed range, and a modulo by zero at the first epoch's end.
+        ("seed=-1", "`seed`"),
+        ("seed=4294967296", "`seed`"),
+        ("trainer.check_val_every_n_epoch=0", "trainer.check_val_every_n_epoch"),
+        # k checkpoints under one name: best.ckpt held the last epoch, tested as the best.
+        ("callbacks.model_checkpoint.save_top_k=3", "callbacks.model_checkpoint.save_top_k"),
+        ("callbacks.model_checkpoint.save_top_k=-1", "callbacks.model_checkpoint.save_top_k"),
+        # Lightning's traceback at the end of the first epoch.
+        ("callbacks.model_checkpoint.monitor=val/accuracy", "callbacks.model_checkpoint.monitor"),
+        ("callbacks.model_checkpoint.monitor=test/acc", "callbacks.model_checkpoint.monitor"),
     ],
 )
-def test_gradient_clipping_keys_are_checked(
-    tmp_path: Path, overrides: list[str], named: str
+def test_run_value_lightning_ignores_or_mishandles_is_refused(
+    tmp_path: Path, override: str, named: str
 ) -> None:
     from posttrain.checks import check_run_config
 
     with pytest.raises(PosttrainError, match=named.replace(".", r"\.")):
-        check_run_config(compose_config(tmp_path, overrides))
-    ok = ["trainer.gradient_clip_val=0.5", "+trainer.gradient_clip_algorithm=value"]
-    check_run_config(compose_config(tmp_path, ok))
+        check_run_config(compose_config(tmp_path, [override]))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["trainer.gradient_clip_val=0.5", "+trainer.gradient_clip_algorithm=value"],
+        ["trainer.gradient_clip_val=0"],
+        ["trainer.deterministic=true"],
+        ["trainer.deterministic=false"],
+        ["trainer.deterministic=null"],
+        ["seed=4294967295"],
+        ["trainer.check_val_every_n_epoch=2"],
+        [
+            "callbacks.model_checkpoint.save_top_k=3",
+            "callbacks.model_checkpoint.filename='b-{epoch}'",
+        ],
+        ["callbacks.last_checkpoint.save_top_k=-1"],  # unmonitored: one file, rewritten
+        ["callbacks.model_checkpoint.monitor=val/loss", "callbacks.model_checkpoint.mode=min"],
+    ],
+)
+def test_run_values_lightning_applies_are_accepted(tmp_path: Path, overrides: list[str]) -> None:
+    from posttrain.checks import check_run_config
+
+    check_run_config(compose_config(tmp_path, overrides))

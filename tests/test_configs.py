@@ -157,6 +157,31 @@ def test_model_option_builds_a_head_sized_to_the_data(tmp_path: Path, option: st
     assert first_conv.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize(
+    ("option", "override", "named"),
+    [
+        # Overridden by the data's sizes: a 10-way, 1-channel model trained all the same.
+        ("small_cnn", "+model.num_classes=5", "model.num_classes"),
+        ("small_cnn", "+model.in_channels=3", "model.in_channels"),
+        # Tracebacks from nn.Conv2d; a truthy string took the 3x3 stem.
+        ("small_cnn", "model.width=2.5", "model.width"),
+        ("convnet4", "model.hidden=0", "model.hidden"),
+        ("resnet18", "model.small_input=no", "model.small_input"),
+    ],
+)
+def test_model_knob_that_would_not_apply_is_refused(
+    tmp_path: Path, option: str, override: str, named: str
+) -> None:
+    from posttrain.errors import PosttrainError
+    from posttrain.runs import build_components, find_user_error
+
+    cfg = compose_config(tmp_path, [f"model={option}", override])
+    with pytest.raises(Exception) as refused:
+        build_components(cfg)
+    error = find_user_error(refused.value)
+    assert isinstance(error, PosttrainError) and f"`{named}" in str(error), refused.value
+
+
 # --- data: every option builds its DataModule offline, with the classes and channels it claims -
 
 # (classes a model head must predict, input channels); imagefolder options read a fixture.

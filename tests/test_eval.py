@@ -65,6 +65,39 @@ def test_keys_that_training_fixed_are_refused(protonet: Path, tmp_path: Path) ->
     assert "none" in refusal(tmp_path / "e", protonet, "method.eval_inner_steps=3")  # ProtoNet
 
 
+def test_a_seed_is_refused_as_it_changes_nothing(protonet: Path, tmp_path: Path) -> None:
+    """Observed: `eval.py seed=7` was accepted, printed `seed 7` in the start statement and
+    gave the `seed=0` numbers to the last digit: the test split and episodes are fixed by the
+    checkpoint's `data.seed`, and nothing else in an evaluation is random."""
+    assert open_overrides(["seed=7"]) == ["+seed=7"]  # eval's paragraph, not Hydra's
+    message = refusal(tmp_path / "s", protonet, "seed=7")
+    assert "`seed`" in message and "data.seed" in message
+
+
+@pytest.mark.parametrize(
+    ("override", "refused"),
+    [
+        ("trainer.max_epochs=50", True),
+        ("trainer.gradient_clip_val=1.0", True),
+        ("trainer.limit_train_batches=2", True),
+        ("+trainer.min_epochs=3", True),
+        ("trainer.limit_val_batches=2", True),  # no calibration: nothing reads the val split
+        ("trainer.limit_test_batches=2", False),
+    ],
+)
+def test_trainer_keys_only_fitting_reads_are_refused(
+    protonet: Path, tmp_path: Path, override: str, refused: bool
+) -> None:
+    """Observed: `eval.py trainer.max_epochs=50` was accepted and measured what the default
+    did; a test reads none of the fitting keys."""
+    if refused:
+        assert f"`{override.split('=')[0].lstrip('+')}` changes nothing" in refusal(
+            tmp_path, protonet, override
+        )
+    else:
+        assert evaluated(tmp_path, protonet, override, "data.test_episodes=4")["test/acc"] >= 0
+
+
 @pytest.mark.slow
 def test_maml_test_time_steps_apply_and_ways_are_bounded(tmp_path: Path) -> None:
     maml = trained(tmp_path / "run", "experiment=digits_maml", "model.hidden=8", *EPISODES,

@@ -26,7 +26,10 @@ WHOLE_NUMBERS = {
     "trainer.num_sanity_val_steps": -1,
     "trainer.accumulate_grad_batches": 1,
     "trainer.num_nodes": 1,
+    "trainer.check_val_every_n_epoch": 1,  # 0 divided by zero at the first epoch's end
 }
+# The seeds numpy accepts (`seed_everything` failed with a traceback outside them).
+SEED_RANGE = (0, 2**32 - 1)
 
 
 def is_whole(value: Any) -> bool:
@@ -42,6 +45,18 @@ def check_whole_numbers(values: dict[str, Any]) -> None:
             is_whole(value) and value >= minimum,
             f"Config key `{key}` must be a whole number >= {minimum}, got {value!r}.",
         )
+
+
+def check_deterministic(trainer: dict[str, Any]) -> None:
+    """Lightning takes any value: another string (`no`, `off`) or a number was truthy and
+    switched on half of it (the cuDNN flags, not `torch.use_deterministic_algorithms`)."""
+    value = trainer.get("deterministic")
+    require(
+        value is None or isinstance(value, bool) or value == "warn",
+        f"Config key `trainer.deterministic` is {value!r}; valid: true (deterministic "
+        "algorithms, an error where one has none), warn (the same, a warning instead), false "
+        "or null (PyTorch's defaults).",
+    )
 
 
 def check_batch_limits(trainer: dict[str, Any]) -> None:
@@ -192,6 +207,39 @@ def check_precision(trainer: dict[str, Any]) -> None:
     )
 
 
+def check_monitored_callbacks(callbacks: dict[str, Any]) -> None:
+    """What a `monitor` of `cfg.callbacks` watches, before any training.
+
+    A name no run logs (`val/accuracy`) failed with Lightning's traceback at the end of the
+    first epoch. A monitored checkpoint keeping `save_top_k` > 1 (or -1) under one file name
+    (`best`) wrote every kept epoch over the same file while Lightning counted k slots, so
+    each epoch was saved as if it ranked: `best.ckpt` held the last epoch, tested as the best.
+    """
+    from posttrain.methods.metrics import documented_metric
+
+    for name, entry in callbacks.items():
+        if not isinstance(entry, dict) or entry.get("monitor") is None:
+            continue
+        monitor = entry["monitor"]
+        require(
+            documented_metric(str(monitor)) and not str(monitor).startswith("test/"),
+            f"Config key `callbacks.{name}.monitor` is {monitor!r}, a metric no run logs "
+            "during training. Valid: a `val/` or `train/` metric of the README's Metrics table "
+            "that the method logs, e.g. val/acc (the default), val/loss (with "
+            f"`callbacks.{name}.mode=min`), val/f1_macro.",
+        )
+        top_k, filename = entry.get("save_top_k", 1), str(entry.get("filename") or "")
+        if top_k in (0, 1) or "{" in filename or entry.get("enable_version_counter", True):
+            continue
+        raise PosttrainError(
+            f"Config key `callbacks.{name}.save_top_k={top_k}` keeps several checkpoints under "
+            f"one file name (`callbacks.{name}.filename={filename}`): each would overwrite the "
+            f"last, and `{filename}.ckpt` would hold the latest epoch, tested as the best by "
+            f"`{entry.get('monitor')}`. Keep `save_top_k=1`, or give each kept epoch its own "
+            f"name, e.g. `\"callbacks.{name}.filename='{filename}-{{epoch}}'\"`."
+        )
+
+
 # The top-level keys of `python train.py`'s config (conf/train.yaml and its groups).
 TRAIN_KEYS = frozenset({"task_name", "seed", "ckpt_path", "optimized_metric", "data", "model",
                         "method", "optimizer", "scheduler", "reg", "trainer", "logger",
@@ -217,16 +265,26 @@ def check_train_keys(cfg: Any) -> None:
     )
 
 
-def check_run_config(cfg: Any) -> None:
-    """`seed` and the `trainer.*` keys Lightning would take without checking."""
+def check_run_config(cfg: Any, *, seeded: bool = True) -> None:
+    """`seed` (a run that has one: `seeded`) and the `trainer.*` keys Lightning would take
+    without checking."""
     from omegaconf import OmegaConf
 
-    seed = cfg.get("seed")
-    require(is_whole(seed), f"Config key `seed` must be a whole number, got {seed!r}.")
+    if seeded:
+        seed = cfg.get("seed")
+        low, high = SEED_RANGE
+        require(
+            is_whole(seed) and low <= seed <= high,
+            f"Config key `seed` must be a whole number from {low} to {high}, got {seed!r}.",
+        )
     trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
     assert isinstance(trainer, dict)
     check_whole_numbers({f"trainer.{key}": value for key, value in trainer.items()})
     check_batch_limits(trainer)
+    check_deterministic(trainer)
     check_gradient_clipping(trainer)
     check_accelerator(trainer)
     check_precision(trainer)
+    callbacks = cfg.get("callbacks")  # null or {} with callbacks=none
+    if callbacks:
+        check_monitored_callbacks(OmegaConf.to_container(callbacks, resolve=True))  # type: ignore[arg-type]

@@ -15,10 +15,35 @@ from omegaconf import DictConfig
 
 from posttrain.train import CONFIG_DIR
 
-EVAL_KEYS = {"task_name", "seed", "ckpt_path", "data", "method", "trainer", "logger",
+EVAL_KEYS = {"task_name", "ckpt_path", "data", "method", "trainer", "logger",
              "callbacks", "paths", "hydra", "calibration", "tta"}  # fmt: skip
 # Method keys that act at test time; everything else was fixed by training.
 TEST_TIME_METHOD_KEYS = ("eval_inner_steps", "inner_lr")
+# Trainer keys that only fitting reads: `trainer.test` runs the same with any value.
+TRAINING_ONLY_TRAINER_KEYS = (
+    "max_epochs", "max_steps", "min_epochs", "min_steps", "max_time", "accumulate_grad_batches",
+    "gradient_clip_val", "gradient_clip_algorithm", "check_val_every_n_epoch",
+    "val_check_interval", "limit_train_batches", "num_sanity_val_steps",
+)  # fmt: skip
+
+
+def check_trainer_overrides(overrides: list[str], needs: dict[str, str]) -> None:
+    """`eval.py trainer.max_epochs=50` was accepted and changed nothing: eval composes the
+    training Trainer config, and a test reads none of the fitting keys (nor the validation
+    limit, unless calibration fits on the validation split: `needs`)."""
+    from posttrain.errors import PosttrainError
+
+    ignored = [*TRAINING_ONLY_TRAINER_KEYS, *([] if "val" in needs else ["limit_val_batches"])]
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key.startswith("trainer.") and key.removeprefix("trainer.") in ignored:
+            raise PosttrainError(
+                f"Config key `{key}` changes nothing in eval.py: it tests the checkpoint, and "
+                "only fitting reads it. Drop it. Test-time trainer keys: "
+                "`trainer.limit_test_batches`, `trainer.precision`, `trainer.accelerator`, "
+                "`trainer.devices`, `trainer.deterministic` (and `trainer.limit_val_batches` "
+                "with `calibration=temperature`, which fits on the validation split)."
+            )
 
 
 def evaluation_config(trained: DictConfig, cfg: DictConfig) -> DictConfig:
@@ -33,11 +58,17 @@ def evaluation_config(trained: DictConfig, cfg: DictConfig) -> DictConfig:
     from posttrain.errors import require
 
     unknown = sorted(set(cfg) - EVAL_KEYS)
+    seed = (
+        " Nothing in an evaluation is random: the test split and test episodes are fixed by "
+        "the checkpoint's `data.seed`, so a `seed` would change no number."
+        if "seed" in unknown
+        else ""
+    )
     require(
         not unknown,
         f"`eval.py` does not take {', '.join(f'`{k}`' for k in unknown)}: the model, "
-        "optimizer and regularizers come from the checkpoint. It takes `data.*`, "
-        f"`method.{'`/`method.'.join(TEST_TIME_METHOD_KEYS)}` (MAML), `trainer.*`, `seed`, "
+        f"optimizer and regularizers come from the checkpoint.{seed} It takes `data.*`, "
+        f"`method.{'`/`method.'.join(TEST_TIME_METHOD_KEYS)}` (MAML), `trainer.*`, "
         "`calibration=`, `tta=`.",
     )
     applicable = [key for key in TEST_TIME_METHOD_KEYS if key in trained.method]
@@ -109,24 +140,27 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         build_components,
         build_trainer,
         epoch_metrics,
+        hydra_choices_and_overrides,
         record_run,
         record_start,
         resolved_config,
     )
     from posttrain.tta import VIEWS, augmented_predictions, check_tta
 
-    check_run_config(cfg)
+    check_run_config(cfg, seeded=False)
     check_not_a_training_folder(Path(cfg.paths.output_dir))
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
     checkpoint = load_checkpoint(cfg.ckpt_path, key="ckpt_path")
     trained = OmegaConf.create(stored_config(checkpoint, cfg.ckpt_path, key="ckpt_path"))
     evaluated = evaluation_config(trained, cfg)
+    # The trained run's seed: nothing here draws from it, and the start statement names it.
+    L.seed_everything(int(trained.get("seed") or 0), workers=True, verbose=False)
     datamodule, method = build_components(evaluated)
     check_resumable(checkpoint, method, cfg.ckpt_path)  # e.g. a 10-class head on 100 classes
     calibration = calibration_for(cfg, method)
     check_tta(cfg.tta, method)
-    record_start(cfg)  # a killed evaluation never reads as the folder's earlier record
     needs = {"test": "the evaluation is its test", **splits_needed(calibration)}
+    check_trainer_overrides(hydra_choices_and_overrides()[1], needs)
+    record_start(cfg)  # a killed evaluation never reads as the folder's earlier record
     trainer = build_trainer(cfg, extra_callbacks=[RefuseEmptySplits(("test",), needs)])
     metrics: dict[str, float] = {"test/tta_views": float(len(VIEWS[cfg.tta]))}
     with augmented_predictions(cfg.tta, method), warnings.catch_warnings():
@@ -157,9 +191,12 @@ def hydra_main(cfg: DictConfig) -> float | None:
 
 def open_overrides(argv: list[str]) -> list[str]:
     """`data.shots=5` as `+data.shots=5`: eval's `data`/`method` start empty (the trained
-    run's config fills them), so in Hydra every key there is an addition; `model.*` too, so
-    that eval's own paragraph refuses it rather than Hydra's bare "not in struct"."""
-    return [f"+{arg}" if arg.startswith(("data.", "method.", "model.")) else arg for arg in argv]
+    run's config fills them), so in Hydra every key there is an addition; `model.*` and `seed`
+    too, so that eval's own paragraph refuses them rather than Hydra's bare "not in struct"."""
+    return [
+        f"+{arg}" if arg.startswith(("data.", "method.", "model.", "seed=")) else arg
+        for arg in argv
+    ]
 
 
 def main() -> float | None:

@@ -267,14 +267,29 @@ def build_components(cfg: DictConfig) -> tuple[L.LightningDataModule, L.Lightnin
     from posttrain.regularizers import RegularizerSet
 
     datamodule = instantiate(cfg.data)
-    model = instantiate(
-        cfg.model, num_classes=datamodule.num_classes, in_channels=datamodule.in_channels
-    )
+    sized = {"num_classes": datamodule.num_classes, "in_channels": datamodule.in_channels}
+    check_model_not_sized(cfg.model, sized)
+    model = instantiate(cfg.model, **sized)
     regularizers = RegularizerSet(instantiate_named(cfg.get("reg")))
     method = instantiate(cfg.method, model=model, regularizers=regularizers, _convert_="all")
     check_targets_fit_method(datamodule, method)
     regularizers.attach(method, datamodule)
     return datamodule, method
+
+
+def check_model_not_sized(model: DictConfig, sized: dict[str, int]) -> None:
+    """`+model.num_classes=5` was accepted and overridden by the data's sizes: the run trained
+    a 10-way head. The data decides both; say which keys of the data change them."""
+    given = [key for key in sized if key in model]
+    if not given:
+        return
+    raise PosttrainError(
+        f"Config key {', '.join(f'`model.{key}`' for key in given)} cannot be set: the model "
+        f"is sized to the data ({sized['num_classes']} classes, {sized['in_channels']} input "
+        "channel(s)), and nothing would read it. To train on fewer classes keep some with "
+        "`data.classes=[0,1,2]`; the channels are the data's (`data.options.channels` for "
+        "data=fake and data=imagefolder). Drop the key, e.g. `~model.num_classes`."
+    )
 
 
 def check_targets_fit_method(datamodule: L.LightningDataModule, method: L.LightningModule) -> None:

@@ -17,8 +17,8 @@ from posttrain.errors import (
     require,
     require_bool,
     require_choice,
+    require_count,
     require_known_options,
-    require_positive,
 )
 
 
@@ -33,7 +33,7 @@ def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
 
 def small_cnn(in_channels: int, width: int = 32) -> tuple[nn.Module, int]:
     """A 5-conv VGG-style net with global pooling: any input size >= 4 pixels, trains in seconds."""
-    require_positive("model.width", width)
+    require_count("model.width", width, 1)  # 2.5 failed inside nn.Conv2d
     features = nn.Sequential(
         conv_block(in_channels, width),
         conv_block(width, width),
@@ -54,7 +54,7 @@ def convnet4(in_channels: int, hidden: int = 64) -> tuple[nn.Module, int]:
     Ends in global average pooling, which equals the usual flatten on 28x28 Omniglot (1x1
     maps) and keeps the feature size independent of the input size elsewhere.
     """
-    require_positive("model.hidden", hidden)
+    require_count("model.hidden", hidden, 1)
     blocks = [
         nn.Sequential(conv_block(c, hidden), nn.MaxPool2d(2))
         for c in (in_channels, hidden, hidden, hidden)
@@ -76,6 +76,7 @@ def torchvision_resnet(
     """
     from torchvision import models
 
+    require_bool("model.small_input", small_input)  # `no` is a truthy string: the 3x3 stem
     network = models.get_model(arch, weights=None)
     if small_input:
         network.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
