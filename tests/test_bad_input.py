@@ -100,6 +100,8 @@ def test_sweep_report_counts_the_diverged_job(tmp_path: Path) -> None:
         # Lightning's traceback at the end of the first epoch.
         ("callbacks.model_checkpoint.monitor=val/accuracy", "callbacks.model_checkpoint.monitor"),
         ("callbacks.model_checkpoint.monitor=test/acc", "callbacks.model_checkpoint.monitor"),
+        # The default mode=max on a loss kept the worst epoch as best.ckpt, then tested it.
+        ("callbacks.model_checkpoint.monitor=val/loss", "callbacks.model_checkpoint.mode=max"),
     ],
 )
 def test_run_value_lightning_ignores_or_mishandles_is_refused(

@@ -215,19 +215,12 @@ def check_monitored_callbacks(callbacks: dict[str, Any]) -> None:
     (`best`) wrote every kept epoch over the same file while Lightning counted k slots, so
     each epoch was saved as if it ranked: `best.ckpt` held the last epoch, tested as the best.
     """
-    from posttrain.methods.metrics import documented_metric
+    from posttrain.methods.metrics import check_monitor
 
     for name, entry in callbacks.items():
         if not isinstance(entry, dict) or entry.get("monitor") is None:
             continue
-        monitor = entry["monitor"]
-        require(
-            documented_metric(str(monitor)) and not str(monitor).startswith("test/"),
-            f"Config key `callbacks.{name}.monitor` is {monitor!r}, a metric no run logs "
-            "during training. Valid: a `val/` or `train/` metric of the README's Metrics table "
-            "that the method logs, e.g. val/acc (the default), val/loss (with "
-            f"`callbacks.{name}.mode=min`), val/f1_macro.",
-        )
+        check_monitor(f"callbacks.{name}", entry["monitor"], entry.get("mode", "min"))
         top_k, filename = entry.get("save_top_k", 1), str(entry.get("filename") or "")
         if top_k in (0, 1) or "{" in filename or entry.get("enable_version_counter", True):
             continue

@@ -73,6 +73,38 @@ def documented_metric(name: str) -> bool:
     return False
 
 
+# Which way each metric improves, for the `mode` of whatever monitors it.
+IMPROVES = {"acc": "max", "acc_best": "max", "f1_macro": "max", "loss": "min", "ece": "min",
+            "acc_gap": "min", "acc_ci95": "min", "penalty": "min"}  # fmt: skip
+
+
+def check_monitor(prefix: str, monitor: object, mode: object) -> None:
+    """`<prefix>.monitor` (checkpointing, early stopping) is an epoch metric of training or
+    validation, watched the way it improves. A typo was a traceback after the first epoch;
+    `monitor=val/loss` with `mode=max` kept the worst checkpoint as `best.ckpt` and stopped
+    training while the loss still fell."""
+    from posttrain.errors import require, require_choice
+
+    key = f"{prefix}.monitor"
+    require(
+        isinstance(monitor, str)
+        and monitor.startswith(("train/", "val/"))
+        and not monitor.endswith("_step")
+        and documented_metric(monitor),
+        f"Config key `{key}` is {monitor!r}, which is not an epoch metric of training or "
+        f"validation: use one such as `val/acc` (with `{prefix}.mode=max`) or `val/loss` (with "
+        f"`{prefix}.mode=min`); README 'Metrics' lists them.",
+    )
+    require_choice(f"{prefix}.mode", mode, ("min", "max"))
+    improves = IMPROVES.get(str(monitor).rsplit("/", 1)[-1])
+    require(
+        improves in (None, mode),
+        f"Config key `{prefix}.mode={mode}` does not fit `{key}={monitor}`, which improves as "
+        f"it {'rises' if improves == 'max' else 'falls'}: the run would keep and act on its "
+        f"worst epochs. Set `{prefix}.mode={improves}`.",
+    )
+
+
 def classification_metrics(num_classes: int, prefix: str) -> MetricCollection:
     """Top-1 accuracy, macro-F1 and expected calibration error, named `<split>/<metric>`."""
     return MetricCollection(
@@ -155,6 +187,7 @@ def to_floats(values: dict[str, Any]) -> dict[str, float]:
 __all__ = [
     "METRICS",
     "SplitMetrics",
+    "check_monitor",
     "classification_metrics",
     "confusion_figure",
     "documented_metric",

@@ -6,11 +6,7 @@ from typing import Any, ClassVar
 
 from lightning.pytorch.callbacks import EarlyStopping as LightningEarlyStopping
 
-from posttrain.errors import PosttrainError, require, require_choice, require_count
-
-# Which way an epoch metric improves, by the last part of its name (`val/loss`: down).
-IMPROVES = {"acc": "max", "acc_best": "max", "f1_macro": "max", "loss": "min", "ece": "min",
-            "acc_gap": "min", "acc_ci95": "min", "penalty": "min"}  # fmt: skip
+from posttrain.errors import PosttrainError, require, require_count
 
 
 class LabelSmoothing:
@@ -38,8 +34,9 @@ class EarlyStopping:
 
     def __init__(self, patience: int = 10, monitor: str = "val/acc", mode: str = "max") -> None:
         require_count("reg.early_stopping.patience", patience, 1)
-        require_choice("reg.early_stopping.mode", mode, ("min", "max"))
-        check_monitor(monitor, mode)
+        from posttrain.methods.metrics import check_monitor
+
+        check_monitor("reg.early_stopping", monitor, mode)
         self.patience, self.monitor, self.mode = patience, monitor, mode
 
     def callbacks(self) -> list[Any]:
@@ -47,32 +44,6 @@ class EarlyStopping:
 
     def describe(self) -> str:
         return f"early stopping on {self.monitor} ({self.mode}), patience {self.patience}"
-
-
-def check_monitor(monitor: object, mode: str) -> None:
-    """A metric runs log each epoch, improving the way `mode` says. A typo was a traceback
-    after the first epoch; `monitor=val/loss` with the default `mode=max` stopped training
-    `patience` epochs in, because the loss kept falling instead of rising."""
-    from posttrain.methods.metrics import documented_metric
-
-    key = "reg.early_stopping.monitor"
-    require(
-        isinstance(monitor, str)
-        and monitor.startswith(("train/", "val/"))
-        and not monitor.endswith("_step")
-        and documented_metric(monitor),
-        f"Config key `{key}` is {monitor!r}, which is not an epoch metric of training or "
-        "validation: use one such as `val/acc` (with `reg.early_stopping.mode=max`) or "
-        "`val/loss` (with `mode=min`); README 'Metrics' lists them.",
-    )
-    improves = IMPROVES.get(str(monitor).rsplit("/", 1)[-1])
-    require(
-        improves in (None, mode),
-        f"Config key `reg.early_stopping.mode={mode}` does not fit `{key}={monitor}`, which "
-        f"improves as it {'rises' if improves == 'max' else 'falls'}: training would stop "
-        f"when it stopped {'falling' if improves == 'max' else 'rising'}. Set "
-        f"`reg.early_stopping.mode={improves}`.",
-    )
 
 
 class StopWhenStalled(LightningEarlyStopping):
