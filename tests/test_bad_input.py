@@ -135,3 +135,23 @@ def test_run_values_lightning_applies_are_accepted(tmp_path: Path, overrides: li
     from posttrain.checks import check_run_config
 
     check_run_config(compose_config(tmp_path, overrides))
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("trainer.devices=0", "devices=0"),
+        ("trainer.accelerator=tpu", "torch_xla"),
+        ("+trainer.enable_checkpointing=false", "ModelCheckpoint"),
+    ],
+)
+def test_a_trainer_setting_lightning_refuses_is_one_paragraph(
+    tmp_path: Path, override: str, named: str
+) -> None:
+    """Observed: Lightning's refusal came through Hydra's InstantiationException with its
+    `full_key: trainer` wrapper and a traceback in metrics.json."""
+    from posttrain.runs import build_trainer
+
+    with pytest.raises(PosttrainError, match="refused by Lightning") as refused:
+        build_trainer(compose_config(tmp_path, [override]), extra_callbacks=[])
+    assert named in str(refused.value) and "Traceback" not in str(refused.value)

@@ -323,7 +323,34 @@ def build_trainer(cfg: DictConfig, extra_callbacks: list[Callback]) -> L.Trainer
         # The LR monitor writes only to loggers; with `logger=none` it has nowhere to write.
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     callbacks, flags = console_flags(cfg.trainer, callbacks)
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **flags)
+    try:
+        return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **flags)
+    except Exception as error:
+        refusal = lightning_refusal(error)
+        if refusal is None:
+            raise
+        raise PosttrainError(
+            f"The `trainer` settings were refused by Lightning: {refusal} Change the "
+            "setting it names: a `trainer.*` key, or the `callbacks.*` entry it conflicts "
+            "with (`python train.py --help` lists the trainer options: cpu, gpu, ddp, ...). "
+            "Nothing was trained."
+        ) from None
+
+
+def lightning_refusal(error: BaseException) -> str | None:
+    """Lightning's own message when it refuses a setting (`trainer.devices=0`,
+    `trainer.accelerator=tpu` without torch_xla, `+trainer.enable_checkpointing=false` with
+    a checkpoint callback), found under Hydra's InstantiationException; None for anything
+    else, which stays a traceback (a bug must not read as a config mistake)."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    current: BaseException | None = error
+    while current is not None:
+        if isinstance(current, MisconfigurationException | ModuleNotFoundError):
+            message = str(current).strip()
+            return message if message.endswith(".") else message + "."
+        current = current.__cause__ or current.__context__
+    return None
 
 
 # What a person compares between runs, in TensorBoard's HPARAMS tab and the run's hparams.yaml.
