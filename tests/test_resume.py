@@ -176,6 +176,8 @@ def test_resume_applies_the_changes_it_can(
     # No best checkpoint without the checkpoint callback: the record says test/* measured
     # the final weights, not the best epoch's.
     assert resumed["tested"].startswith("the final weights, after epoch 3")
+    # ... and none was written: Lightning's own `epoch=2-step=...ckpt` used to appear.
+    assert not list(tmp_path.rglob("*.ckpt"))
 
 
 def scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:

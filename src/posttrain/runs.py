@@ -18,7 +18,7 @@ from typing import Any
 
 import lightning as L
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import Callback, LearningRateMonitor
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
@@ -312,7 +312,9 @@ def check_targets_fit_method(datamodule: L.LightningDataModule, method: L.Lightn
 def build_trainer(cfg: DictConfig, extra_callbacks: list[Callback]) -> L.Trainer:
     """The Trainer from `cfg.trainer` with `cfg.callbacks` and `cfg.logger` attached.
 
-    The console shows only what `cfg.callbacks` configures (no tips, no duplicate lines).
+    The console shows only what `cfg.callbacks` configures (no tips, no duplicate lines), and
+    checkpoints are only those it configures: without one, Lightning wrote its own
+    `epoch=N-step=M.ckpt` of the last epoch, which `callbacks=console` says it does not.
     """
     from posttrain.console import console_flags, quiet_console
 
@@ -323,6 +325,10 @@ def build_trainer(cfg: DictConfig, extra_callbacks: list[Callback]) -> L.Trainer
         # The LR monitor writes only to loggers; with `logger=none` it has nowhere to write.
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     callbacks, flags = console_flags(cfg.trainer, callbacks)
+    if "enable_checkpointing" not in cfg.trainer and not any(
+        isinstance(callback, ModelCheckpoint) for callback in callbacks
+    ):  # `callbacks=console`/`none` mean no checkpoints, not Lightning's own epoch=N file
+        flags["enable_checkpointing"] = False
     try:
         return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **flags)
     except Exception as error:

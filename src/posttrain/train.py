@@ -125,9 +125,9 @@ def tested_weights(checkpointing: Any, best: str | None, epochs_completed: int) 
     score = getattr(checkpointing, "best_model_score", None)
     if best and monitor and score is not None:
         return f"{Path(best).name}: the epoch with the best {monitor} ({float(score):.4f})"
-    # Without callbacks.model_checkpoint, Lightning's own checkpoint (no monitor) keeps the
-    # last epoch, and its `best_model_path` is that file.
-    kept = f" ({Path(best).name}, Lightning's checkpoint of the last epoch)" if best else ""
+    # An unmonitored checkpoint (`+trainer.enable_checkpointing=true` without
+    # callbacks.model_checkpoint) keeps the last epoch: its `best_model_path` is that file.
+    kept = f" ({Path(best).name}, a checkpoint of the last epoch)" if best else ""
     return (
         f"the final weights, after epoch {epochs_completed}{kept}: no best checkpoint was "
         "kept (callbacks.model_checkpoint is off)"
