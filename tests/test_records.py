@@ -60,6 +60,35 @@ def test_a_run_refused_before_it_starts_keeps_the_folders_record(tmp_path: Path)
     assert (run_dir / "metrics.json").read_text() == completed
 
 
+def test_a_new_run_in_a_folder_holding_a_run_is_refused(tmp_path: Path) -> None:
+    """Observed: a second `train.py hydra.run.dir=<run>` replaced the first run's best.ckpt,
+    last.ckpt and metrics.json without a word. It is refused, and the first run stays as it
+    was; a folder holding only a config mistake's failure may be used again."""
+    from posttrain.errors import PosttrainError
+    from posttrain.evaluate import evaluate
+
+    run_dir = tmp_path / "run"
+    train(compose_config(run_dir, [*TINY, "trainer.max_epochs=1"]))
+    kept = {p: p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+    with pytest.raises(PosttrainError, match="holds a completed run") as refused:
+        train(compose_config(run_dir, [*TINY, "trainer.max_epochs=1", "seed=5"]))
+    assert "ckpt_path=last" in str(refused.value)
+    assert {p: p.read_bytes() for p in kept} == kept
+
+    evaluated = tmp_path / "eval"  # an evaluation's folder is kept the same way
+    best = f"ckpt_path={run_dir / 'checkpoints' / 'best.ckpt'}"
+    evaluate(compose_config(evaluated, ["logger=none", best], "eval"))
+    with pytest.raises(PosttrainError, match="holds a completed run") as refused:
+        evaluate(compose_config(evaluated, ["logger=none", best], "eval"))
+    assert "ckpt_path=last" not in str(refused.value)
+
+    mistaken = tmp_path / "mistaken"
+    mistaken.mkdir()
+    (mistaken / "metrics.json").write_text(json.dumps({"status": "failed", "error": "typo"}))
+    train(compose_config(mistaken, [*TINY, "trainer.max_epochs=1"]))
+    assert read_metrics(mistaken)["status"] == "completed"
+
+
 def sweep_job(sweep: Path, *overrides: str) -> DictConfig:
     """The config of job 0 of a sweep into `sweep`, as the job itself sees it."""
     multirun = ["hydra.mode=MULTIRUN", f"hydra.sweep.dir={sweep}"]

@@ -139,6 +139,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     from posttrain.runs import (
         build_components,
         build_trainer,
+        check_folder_is_free,
         epoch_metrics,
         hydra_choices_and_overrides,
         record_run,
@@ -149,6 +150,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
     check_run_config(cfg, seeded=False)
     check_not_a_training_folder(Path(cfg.paths.output_dir))
+    check_folder_is_free(Path(cfg.paths.output_dir), "this evaluation", resumable=False)
     checkpoint = load_checkpoint(cfg.ckpt_path, key="ckpt_path")
     trained = OmegaConf.create(stored_config(checkpoint, cfg.ckpt_path, key="ckpt_path"))
     evaluated = evaluation_config(trained, cfg)

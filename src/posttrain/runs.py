@@ -82,11 +82,43 @@ def may_replace_record(output_dir: Path) -> bool:
     """
     if output_dir in STARTED_HERE:
         return True
+    return earlier_status(output_dir) not in HOLDS_A_RUN
+
+
+# Records of a run that trained: its numbers, checkpoints and logs are in the folder.
+HOLDS_A_RUN = ("completed", "interrupted", "running", "diverged")
+
+
+def earlier_status(output_dir: Path) -> str | None:
+    """The status in the folder's metrics.json; None when there is nothing readable."""
     try:
-        earlier = json.loads((output_dir / "metrics.json").read_text())
-    except (OSError, ValueError):
-        return True  # nothing readable to keep
-    return earlier.get("status") not in ("completed", "interrupted", "running")
+        return json.loads((output_dir / "metrics.json").read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def check_folder_is_free(output_dir: Path, what: str, resumable: bool = True) -> None:
+    """No run overwrites another: `hydra.run.dir` naming a folder that holds a run (a record
+    of one that trained, or checkpoints) is refused unless the run is continued there
+    (`ckpt_path=last`). Observed: a second `train.py hydra.run.dir=<run>` replaced the first
+    run's best.ckpt, last.ckpt and metrics.json without a word. A folder holding only a
+    failure that wrote no checkpoint (a config mistake) may be used again."""
+    if not is_rank_zero():  # DDP's other processes join the run rank 0 started here
+        return
+    status = earlier_status(output_dir)
+    checkpoints = sorted(p.name for p in (output_dir / "checkpoints").glob("*.ckpt"))
+    if status not in HOLDS_A_RUN and not checkpoints:
+        return
+    held = f"a {status} run" if status in HOLDS_A_RUN else "a run's checkpoints"
+    files = f" ({', '.join(checkpoints)})" if checkpoints else ""
+    advice = (
+        "Continue that run with `ckpt_path=last` (same folder), leave" if resumable else "Leave"
+    )
+    raise PosttrainError(
+        f"Config key `hydra.run.dir`: {output_dir} holds {held}{files}, and {what} would "
+        f"overwrite its record. {advice} `hydra.run.dir` out (every run gets its own folder) "
+        "or name a new folder, or delete this one first."
+    )
 
 
 def record_start(cfg: DictConfig) -> None:

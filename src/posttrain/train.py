@@ -46,6 +46,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         ConfigInCheckpoint,
         build_components,
         build_trainer,
+        check_folder_is_free,
+        is_multirun,
         record_run,
         record_start,
         resolved_config,
@@ -67,6 +69,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     resumed = load_checkpoint(ckpt_path, key="ckpt_path") if ckpt_path else None
     if resumed is not None and isinstance(resumed.get(CONFIG_KEY), dict):
         refuse_unresumable_changes(resumed[CONFIG_KEY], config, ckpt_path)  # before any work
+    if resumed is None and not is_multirun():  # a sweep decides about its job folders
+        check_folder_is_free(Path(cfg.paths.output_dir), "a new run")
     remember_job_for_ddp_children(cfg.paths.output_dir)
     datamodule, method = build_components(cfg)
     calibration = calibration_for(cfg, method)  # refused here, before any training
