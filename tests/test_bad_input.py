@@ -49,6 +49,18 @@ def test_unwritable_run_folder_is_one_paragraph(tmp_path: Path) -> None:
     assert "hydra.run.dir" in result.stderr and "is not a folder" in result.stderr
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_a_folder_that_permission_bits_allow_but_mkdir_refuses_is_one_paragraph() -> None:
+    """Observed as root: `hydra.run.dir=/proc/nope/run` passed the permission check, then
+    Hydra's mkdir failed with a traceback and exit status 1."""
+    from posttrain.run_names import check_output_folders
+
+    problem = check_output_folders(["debug=fast", "hydra.run.dir=/proc/nope/run"])
+    assert problem is not None and "`hydra.run.dir`" in problem, problem
+    assert "/proc is not writable" in problem
+    assert check_output_folders(["hydra.run.dir=/tmp/posttrain-probe-test/run"]) is None
+
+
 def test_resuming_with_another_architecture_is_one_paragraph(tmp_path: Path) -> None:
     train(compose_config(tmp_path / "run", [*QUICK, "debug=limit"]))
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"

@@ -169,3 +169,14 @@ def test_a_sweep_rerun_with_another_data_root_leaves_the_completed_job_true(
     assert "data.root" in again.stderr and "hydra.sweep.dir" in again.stderr
     assert "Traceback" not in again.stderr
     assert {path: path.read_text() for path in kept} == kept
+
+
+def test_a_run_without_a_test_does_not_say_best_ckpt_was_tested(tmp_path: Path) -> None:
+    """Observed: `trainer.limit_test_batches=0` runs no test batch and records no `test/*`,
+    yet metrics.json and the summary said `tested: best.ckpt: the epoch with the best val/acc`."""
+    run_dir = tmp_path / "run"
+    train(compose_config(run_dir, [*TINY, "trainer.max_epochs=1", "trainer.limit_test_batches=0"]))
+    record = read_metrics(run_dir)
+    assert record["status"] == "completed" and not any(k.startswith("test/") for k in record)
+    assert record["tested"].startswith("nothing: no test batch ran"), record["tested"]
+    assert "limit_test_batches=0" in record["tested"] and "best.ckpt" not in record["tested"]

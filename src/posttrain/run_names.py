@@ -61,12 +61,27 @@ FOLDER_KEYS = ("hydra.run.dir", "hydra.sweep.dir", "paths.log_dir", "paths.root_
 
 
 def unwritable_folder(path: Path) -> Path | None:
-    """The first existing ancestor of `path` if it cannot hold a new folder, else None."""
+    """The first existing ancestor of `path` if it cannot hold a new folder, else None.
+
+    Permission bits alone said yes to root for /proc, where mkdir then failed inside Hydra
+    with a traceback: a folder is made and removed there to be sure.
+    """
     for candidate in (path, *path.parents):
         if candidate.exists():
             usable = candidate.is_dir() and os.access(candidate, os.W_OK | os.X_OK)
-            return None if usable else candidate
+            return None if usable and can_make_folder_in(candidate) else candidate
     return None
+
+
+def can_make_folder_in(folder: Path) -> bool:
+    """True when a folder can really be created (and is removed again) inside `folder`."""
+    import tempfile
+
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".posttrain-probe-", dir=folder))
+    except OSError:
+        return False
+    return True
 
 
 def check_output_folders(argv: list[str]) -> str | None:

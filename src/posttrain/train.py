@@ -107,7 +107,7 @@ def fit_and_test(
     trainer: Any, method: Any, datamodule: Any, ckpt_path: str | None, epochs: Any
 ) -> tuple[dict[str, float], str]:
     """Fit, then test the best checkpoint: the final epoch metrics and the test metrics, and
-    which weights the test measured (`tested_weights`)."""
+    which weights the test measured (`tested_weights`), or that it measured none."""
     from posttrain.runs import epoch_metrics
 
     trainer.fit(method, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -118,6 +118,8 @@ def fit_and_test(
     tested = tested_weights(trainer.checkpoint_callback, best, epochs.completed)
     for result in trainer.test(method, datamodule=datamodule, ckpt_path=best, verbose=False):
         metrics.update(epoch_metrics(result))
+    if not any(name.startswith("test/") for name in metrics):  # limit_test_batches=0
+        tested = "nothing: no test batch ran (`trainer.limit_test_batches=0`), so no test/*"
     return metrics, tested
 
 

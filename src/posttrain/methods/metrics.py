@@ -35,8 +35,8 @@ METRICS: dict[str, str] = {
     "teacher/val_acc_own_input": "the same teacher on the same images prepared its own way (its "
     "`data.image_size`, its statistics); a gap of more than 2 points is a warning (distill)",
     "{split}/acc": "top-1 accuracy (episodic methods: mean query accuracy per episode)",
-    "{split}/f1_macro": "macro-averaged F1 (supervised, finetune)",
-    "{split}/ece": "expected calibration error, 15 bins (supervised, finetune)",
+    "{split}/f1_macro": "macro-averaged F1 (supervised, finetune, distill)",
+    "{split}/ece": "expected calibration error, 15 bins (supervised, finetune, distill)",
     "val/acc_best": "best `val/acc` so far: the default sweep objective",
     "val/acc_gap": "train minus validation accuracy of the same epoch, the over-fitting signal "
     "(logged in epochs that validate, and only where both measure the same task: episodic "
