@@ -89,6 +89,47 @@ def test_a_new_run_in_a_folder_holding_a_run_is_refused(tmp_path: Path) -> None:
     assert read_metrics(mistaken)["status"] == "completed"
 
 
+@pytest.mark.parametrize(
+    ("record", "checkpoint", "refused"),
+    [
+        ({"status": "interrupted"}, False, None),  # stopped before its first checkpoint
+        ({"status": "interrupted"}, True, "ckpt_path=last"),
+        ({"status": "running", "pid": 0x3FFFFFFF}, False, None),  # kill -9'd: process gone
+        ({"status": "running", "pid": "own"}, False, "is writing it"),  # alive: this process
+        ({"status": "running", "pid": "own"}, True, "is writing it"),
+        ({"status": "diverged"}, False, "holds a diverged run"),
+        ({"status": "failed"}, True, "holds a run's checkpoints"),
+    ],
+)
+def test_a_folder_is_reused_only_when_nothing_in_it_would_be_lost(
+    tmp_path: Path, record: dict, checkpoint: bool, refused: str | None
+) -> None:
+    """What a new run may start over: nothing trained, or a dead process's first epoch; a
+    live run, results or checkpoints are refused (continue with ckpt_path=last where any)."""
+    import os
+    import socket
+
+    from posttrain.errors import PosttrainError
+    from posttrain.runs import check_folder_is_free
+
+    if record.get("pid") == "own":
+        record = {**record, "pid": os.getpid()}
+    if "pid" in record:
+        record = {**record, "host": socket.gethostname()}
+    (tmp_path / "metrics.json").write_text(json.dumps(record))
+    if checkpoint:
+        (tmp_path / "checkpoints").mkdir()
+        (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"")
+    if refused is None:
+        check_folder_is_free(tmp_path, "a new run")
+        return
+    with pytest.raises(PosttrainError) as error:
+        check_folder_is_free(tmp_path, "a new run")
+    message = str(error.value)
+    assert refused in message
+    assert ("ckpt_path=last" in message) == (checkpoint and record["status"] != "running")
+
+
 def sweep_job(sweep: Path, *overrides: str) -> DictConfig:
     """The config of job 0 of a sweep into `sweep`, as the job itself sees it."""
     multirun = ["hydra.mode=MULTIRUN", f"hydra.sweep.dir={sweep}"]

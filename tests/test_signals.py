@@ -118,6 +118,9 @@ def test_signal_stops_at_once_records_interrupted_and_resumes_exactly(
     assert record["status"] == "interrupted" and record["epochs_completed"] == 1
     assert signal.Signals(signum).name in record["reason"]
     assert "ckpt_path=last" in stderr and "Traceback" not in stderr
+    # The advice is the run's own command, continued: it said `<same overrides>` before.
+    advice = ["python", "train.py", *TINY, *stall, "ckpt_path=last", f"hydra.run.dir={run_dir}"]
+    assert shlex.split(record["resume"]) == advice
 
     resumed = start(run_dir, "ckpt_path=last")  # in place: same folder, no stall callback
     assert resumed.wait(timeout=1800) == 0, resumed.communicate()[1][-3000:]

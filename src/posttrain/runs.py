@@ -87,37 +87,68 @@ def may_replace_record(output_dir: Path) -> bool:
 
 # Records of a run that trained: its numbers, checkpoints and logs are in the folder.
 HOLDS_A_RUN = ("completed", "interrupted", "running", "diverged")
+# Records whose run produced results that stand without a checkpoint.
+FINISHED = ("completed", "diverged")
+
+
+def earlier_record(output_dir: Path) -> dict[str, Any]:
+    """The folder's metrics.json; empty when there is nothing readable."""
+    try:
+        record = json.loads((output_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def earlier_status(output_dir: Path) -> str | None:
-    """The status in the folder's metrics.json; None when there is nothing readable."""
+    return earlier_record(output_dir).get("status")
+
+
+def alive_here(record: dict[str, Any]) -> bool:
+    """Whether the process a `running` record names is alive on this machine: another
+    machine's run, or an older record without a pid, counts as alive (it cannot be told)."""
+    import os
+    import socket
+
+    pid, host = record.get("pid"), record.get("host")
+    if not isinstance(pid, int) or host != socket.gethostname():
+        return True
     try:
-        return json.loads((output_dir / "metrics.json").read_text()).get("status")
-    except (OSError, ValueError, AttributeError):
-        return None
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def check_folder_is_free(output_dir: Path, what: str, resumable: bool = True) -> None:
-    """No run overwrites another: `hydra.run.dir` naming a folder that holds a run (a record
-    of one that trained, or checkpoints) is refused unless the run is continued there
-    (`ckpt_path=last`). Observed: a second `train.py hydra.run.dir=<run>` replaced the first
-    run's best.ckpt, last.ckpt and metrics.json without a word. A folder holding only a
-    failure that wrote no checkpoint (a config mistake) may be used again."""
+    """No run overwrites another: `hydra.run.dir` naming a folder that holds a run's results
+    or checkpoints is refused unless the run is continued there (`ckpt_path=last`).
+    Observed: a second `train.py hydra.run.dir=<run>` replaced the first run's best.ckpt,
+    last.ckpt and metrics.json without a word. A folder may be used again when nothing in
+    it would be lost: a failure or an interruption before the first checkpoint (the
+    interruption's advice is to start again there), or a kill -9'd run's `running` record
+    whose process is gone and that wrote no checkpoint."""
     if not is_rank_zero():  # DDP's other processes join the run rank 0 started here
         return
-    status = earlier_status(output_dir)
+    record = earlier_record(output_dir)
+    status = record.get("status")
     checkpoints = sorted(p.name for p in (output_dir / "checkpoints").glob("*.ckpt"))
-    if status not in HOLDS_A_RUN and not checkpoints:
+    live = status == "running" and alive_here(record)
+    if status not in FINISHED and not live and not checkpoints:
         return
     held = f"a {status} run" if status in HOLDS_A_RUN else "a run's checkpoints"
     files = f" ({', '.join(checkpoints)})" if checkpoints else ""
-    advice = (
-        "Continue that run with `ckpt_path=last` (same folder), leave" if resumable else "Leave"
+    writing = (
+        f" (process {record.get('pid')} on {record.get('host')} is writing it)" if live else ""
     )
+    continue_it = "Continue that run with `ckpt_path=last` (same folder), leave"
+    advice = continue_it if resumable and checkpoints and not live else "Leave"
     raise PosttrainError(
-        f"Config key `hydra.run.dir`: {output_dir} holds {held}{files}, and {what} would "
-        f"overwrite its record. {advice} `hydra.run.dir` out (every run gets its own folder) "
-        "or name a new folder, or delete this one first."
+        f"Config key `hydra.run.dir`: {output_dir} holds {held}{files}{writing}, and {what} "
+        f"would overwrite its record. {advice} `hydra.run.dir` out (every run gets its own "
+        "folder) or name a new folder, or delete this one first."
     )
 
 
@@ -143,6 +174,8 @@ def record_start(cfg: DictConfig) -> None:
         {
             "status": "running",
             "started": started,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
             "reason": f"started {started} by {process}; if that process is gone, it was "
             "killed before it could record its end (kill -9, out of memory, a lost node)",
             # What a kill leaves to continue from: last.ckpt, once the first epoch is done.
@@ -164,7 +197,8 @@ def write_sweep_report_now() -> None:
 
 
 def resume_command(output_dir: Path, task_name: str, has_last: bool) -> str:
-    """How to continue a stopped run, as a command that can be pasted into a shell.
+    """How to continue a stopped run, as a command that can be pasted into a shell: the
+    run's own overrides (`typed_overrides`), quoted, and where to continue.
 
     A sweep job continues by running its sweep again in the same folder (completed jobs are
     kept, interrupted ones continue from their `last.ckpt`); an evaluation, or a run stopped
@@ -174,11 +208,42 @@ def resume_command(output_dir: Path, task_name: str, has_last: bool) -> str:
     sweep_dir = sweep_folder()
     if sweep_dir is not None:
         folder = shell_override("hydra.sweep.dir", sweep_dir)
-        return f"python {task_name}.py -m <same overrides> {folder}"
+        words = typed_overrides(sweep_overrides(sweep_dir), drop=("hydra.sweep.dir",))
+        return f"python {task_name}.py -m {words}{folder}"
     if task_name == "eval" or not has_last:
-        return f"python {task_name}.py <same overrides>"
+        return f"python {task_name}.py {typed_overrides(run_overrides(), drop=())}".rstrip()
     folder = shell_override("hydra.run.dir", output_dir)
-    return f"python train.py <same overrides> ckpt_path=last {folder}"
+    words = typed_overrides(run_overrides(), drop=("ckpt_path", "hydra.run.dir"))
+    return f"python train.py {words}ckpt_path=last {folder}"
+
+
+def run_overrides() -> list[str] | None:
+    """The overrides this process was started with; None outside a Hydra run (tests)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    return list(HydraConfig.get().overrides.task)
+
+
+def sweep_overrides(sweep_dir: Path) -> list[str] | None:
+    """The sweep's own command-line overrides (with their comma lists), from the
+    `multirun.yaml` Hydra writes in the sweep folder; None when it cannot be read."""
+    try:
+        return list(OmegaConf.load(sweep_dir / "multirun.yaml").hydra.overrides.task)
+    except Exception:  # advice only: a missing or odd file must not hide the interruption
+        return None
+
+
+def typed_overrides(overrides: list[str] | None, drop: tuple[str, ...]) -> str:
+    """`overrides` as shell words with a trailing space, keys in `drop` left out (the
+    command adds its own); `<same overrides> ` when they are not known."""
+    import shlex
+
+    if overrides is None:
+        return "<same overrides> "
+    kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in drop]
+    return "".join(f"{shlex.quote(o)} " for o in kept)
 
 
 def record_interruption(output_dir: Path, stop: Any, task_name: str) -> None:
