@@ -98,6 +98,19 @@ def test_trainer_keys_only_fitting_reads_are_refused(
         assert evaluated(tmp_path, protonet, override, "data.test_episodes=4")["test/acc"] >= 0
 
 
+@pytest.mark.parametrize(
+    "override",
+    ["data.samples_per_class=5", "data.train_episodes=7", "+data.targets.parity.missing=0.5"],
+)
+def test_data_keys_that_only_choose_training_images_are_refused(
+    protonet: Path, tmp_path: Path, override: str
+) -> None:
+    """Observed: `eval.py data.samples_per_class=5` was accepted and gave the same numbers:
+    the subset is drawn from the training pool, and the test split is the checkpoint's."""
+    key = override.split("=")[0].lstrip("+")
+    assert f"`{key}` changes nothing in eval.py" in refusal(tmp_path, protonet, override)
+
+
 @pytest.mark.slow
 def test_maml_test_time_steps_apply_and_ways_are_bounded(tmp_path: Path) -> None:
     maml = trained(tmp_path / "run", "experiment=digits_maml", "model.hidden=8", *EPISODES,

@@ -134,9 +134,10 @@ def splits_needed(calibration: TemperatureScaling | None) -> dict[str, str]:
 
 def check_calibrated_method(method: L.LightningModule) -> None:
     """Temperature scaling rescales the class logits of each image, and its "before" is the
-    `test/ece` the method logs: supervised and fine-tuned classifiers have both. Multi-task
-    runs predict one vector per task head and log no ECE (each head would need its own T);
-    MAML and ProtoNet predict episode-relative classes from each episode's support set."""
+    `test/ece` the method logs: supervised, fine-tuned and distilled classifiers have both.
+    Multi-task runs predict one vector per task head and log no ECE (each head would need its
+    own T); MAML and ProtoNet predict episode-relative classes from each episode's support
+    set."""
     from posttrain.methods.supervised import SupervisedClassifier
 
     name = getattr(method, "method_name", type(method).__name__)
@@ -144,7 +145,8 @@ def check_calibrated_method(method: L.LightningModule) -> None:
         isinstance(method, SupervisedClassifier),
         f"`calibration=temperature` cannot be used with `method={name}`: temperature scaling "
         "fits one temperature to one vector of class logits per image, which supervised and "
-        "fine-tuned classifiers (`method=supervised`, `method=finetune`) predict; multi-task "
+        "fine-tuned and distilled classifiers (`method=supervised`, `finetune`, `distill`) "
+        "predict; multi-task "
         "runs predict one vector per task head, and MAML/ProtoNet predict classes that mean "
         "something else in every episode. Use `calibration=none` with this method.",
     )

@@ -27,6 +27,28 @@ TRAINING_ONLY_TRAINER_KEYS = (
 )  # fmt: skip
 
 
+# Data keys that only choose training images or episodes: a test reads none of them.
+TRAINING_ONLY_DATA_KEYS = ("samples_per_class", "train_episodes")
+
+
+def check_data_overrides(data: DictConfig) -> None:
+    """`eval.py data.samples_per_class=5` was accepted and changed nothing: the per-class
+    subset is drawn from the training pool only (as are training episodes, and the targets
+    a multi-task run hides with `missing`), and the test split stays the checkpoint's."""
+    from posttrain.errors import PosttrainError
+
+    hidden = [f"targets.{task}.missing" for task, spec in (data.get("targets") or {}).items()
+              if isinstance(spec, DictConfig) and "missing" in spec]  # fmt: skip
+    for key in [*(k for k in TRAINING_ONLY_DATA_KEYS if k in data), *hidden]:
+        raise PosttrainError(
+            f"Config key `data.{key}` changes nothing in eval.py: it chooses training images "
+            "(or episodes), and eval.py tests the checkpoint on its test split. Drop it. "
+            "Test-time data keys: `data.batch_size`, `data.num_workers`, and for episodes "
+            "`data.ways`, `data.shots`, `data.queries`, `data.test_episodes`; another "
+            "`data.dataset` or image folder's `data.root` tests on other data."
+        )
+
+
 def check_trainer_overrides(overrides: list[str], needs: dict[str, str]) -> None:
     """`eval.py trainer.max_epochs=50` was accepted and changed nothing: eval composes the
     training Trainer config, and a test reads none of the fitting keys (nor the validation
@@ -78,6 +100,7 @@ def evaluation_config(trained: DictConfig, cfg: DictConfig) -> DictConfig:
             f"Config key `method.{key}` cannot change at evaluation: training fixed it. "
             f"Test-time keys of this checkpoint's method: {', '.join(applicable) or 'none'}.",
         )
+    check_data_overrides(cfg.data)
     evaluated = OmegaConf.merge(trained, {"data": cfg.data, "method": cfg.method})
     check_same_test_split(trained.data, evaluated.data)
     with open_dict(evaluated):

@@ -319,7 +319,7 @@ def guarded(task: Callable[[DictConfig], dict[str, float]], cfg: DictConfig) -> 
         else:
             log.info("kept %s: this run stopped before it started", output_dir / "metrics.json")
         if is_multirun():
-            log.error("job failed (the sweep continues): %s", detail)
+            log.error("job %s (the sweep continues): %s", status, detail)
             return float("nan")
         if user_error is None:
             raise
