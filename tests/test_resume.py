@@ -98,6 +98,20 @@ def test_resume_after_an_interruption_matches_the_uninterrupted_run(
     assert resumed == uninterrupted
 
 
+# Features whose resumed run differed from the uninterrupted one, each with what did.
+FEATURES = {
+    # Lightning resumes every checkpoint of a `max_steps` run as if written mid-epoch: it
+    # replayed the finished epoch's end on no batches (`ValueError: No samples to concatenate`).
+    "max_steps": ["model.width=8", "trainer.max_epochs=-1", "trainer.max_steps=14"],
+}
+
+
+@pytest.mark.parametrize("feature", list(FEATURES))
+def test_resume_of_a_feature_matches_the_uninterrupted_run(feature: str, tmp_path: Path) -> None:
+    uninterrupted, resumed, _ = whole_cut_and_resumed(tmp_path, [*SMALL, *FEATURES[feature]])
+    assert resumed == uninterrupted
+
+
 def test_last_checkpoint_is_the_last_epoch_even_when_best_did_not_improve(tmp_path: Path) -> None:
     """Observed: `last.ckpt` was written only when `best.ckpt` improved (epoch 5 of 10)."""
     overrides = [*SMALL, "model.width=4", "trainer.max_epochs=4", "optimizer.lr=1e-9"]
