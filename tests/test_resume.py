@@ -98,6 +98,32 @@ def test_resume_after_an_interruption_matches_the_uninterrupted_run(
     assert resumed == uninterrupted
 
 
+# Features whose resumed run differed from the uninterrupted one, each with what did.
+FEATURES = {
+    # Lightning resumes every checkpoint of a `max_steps` run as if written mid-epoch: it
+    # replayed the finished epoch's end on no batches (`ValueError: No samples to concatenate`).
+    "max_steps": ["model.width=8", "trainer.max_epochs=-1", "trainer.max_steps=14"],
+    # Persistent loader workers: the resumed run's first iterator drew the workers' base seed
+    # from the batch-order generator a second time, so every later batch order differed.
+    "num_workers": ["model.width=8", "trainer.max_epochs=4", "data.num_workers=1", "reg=augment"],
+}
+
+
+@pytest.mark.parametrize("feature", list(FEATURES))
+def test_resume_of_a_feature_matches_the_uninterrupted_run(feature: str, tmp_path: Path) -> None:
+    uninterrupted, resumed, _ = whole_cut_and_resumed(tmp_path, [*SMALL, *FEATURES[feature]])
+    assert resumed == uninterrupted
+
+
+def test_resume_may_change_the_number_of_loader_workers(tmp_path: Path) -> None:
+    """`data.num_workers` is a resumable key: it must not change which batches are drawn."""
+    overrides = [*SMALL, "model.width=8", "trainer.max_epochs=4", "reg=[augment,dropout]"]
+    uninterrupted, _, _ = whole_cut_and_resumed(tmp_path, overrides)
+    last = tmp_path / "cut" / "checkpoints" / "last.ckpt"
+    resumed = run(tmp_path / "workers", [*overrides, f"ckpt_path={last}", "data.num_workers=2"])
+    assert resumed == uninterrupted
+
+
 def test_last_checkpoint_is_the_last_epoch_even_when_best_did_not_improve(tmp_path: Path) -> None:
     """Observed: `last.ckpt` was written only when `best.ckpt` improved (epoch 5 of 10)."""
     overrides = [*SMALL, "model.width=4", "trainer.max_epochs=4", "optimizer.lr=1e-9"]

@@ -110,3 +110,44 @@ class CompletedEpochs(Callback):
         would otherwise go back to the best epoch's)."""
         if self.fitting:
             self.completed = state_dict["completed"]
+
+    def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        if self.fitting and trainer.max_steps != -1:
+            resume_at_next_epoch(checkpoint)
+
+
+def resume_at_next_epoch(checkpoint: dict[str, Any]) -> None:
+    """Loop counters of a checkpoint written at the end of a complete epoch (`last.ckpt`),
+    as Lightning's epoch-based resume makes them: that epoch completed, the next one starts
+    with fresh per-epoch counters.
+
+    Under `trainer.max_steps` Lightning resumes every checkpoint as if written mid-epoch
+    (`_FitLoop.restarting` is forced on for iteration-based training): it replayed the
+    finished epoch's end on no batches, which failed with `ValueError: No samples to
+    concatenate` (Lightning issue #19617). Checkpoints written mid-epoch (a `max_steps` stop)
+    are left alone. Runs in `on_load_checkpoint`, before Lightning restores the loops.
+    """
+    loop = (checkpoint.get("loops") or {}).get("fit_loop") or {}
+    epochs, batches = loop.get("epoch_progress"), loop.get("epoch_loop.batch_progress")
+    if not epochs or not batches or not batches.get("is_last_batch"):
+        return
+    counters = (epochs["total"], epochs["current"])
+    ended = all(c["started"] == c["processed"] == c["completed"] + 1 for c in counters)
+    if not ended:
+        return  # not written between an epoch's last batch and its completion
+    for counter in counters:
+        counter["completed"] = counter["processed"]
+    for key, progress in loop.items():
+        if key.startswith("epoch_loop."):
+            zero_counts(progress, "current")
+    batches["is_last_batch"] = False
+    zero_counts(loop.get("epoch_loop.val_loop.batch_progress") or {}, "total")  # per epoch
+
+
+def zero_counts(progress: dict[str, Any], which: str) -> None:
+    """Sets every `which` ("current"/"total") counter in a Lightning progress state to 0."""
+    for key, value in progress.items():
+        if key == which and isinstance(value, dict):
+            progress[key] = dict.fromkeys(value, 0)
+        elif isinstance(value, dict):
+            zero_counts(value, which)

@@ -424,7 +424,12 @@ class ImageClassificationDataModule(SourceDataModule):
             generator=self.train_generator() if split == "train" else None,
             collate_fn=keep_batch,
             num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            # Not persistent: a persistent iterator draws its workers' base seed from the
+            # training generator once, at the first epoch, and a resumed run's first epoch
+            # drew it again, so every later batch order differed from the uninterrupted run's.
+            # A new iterator each epoch draws what `num_workers=0` draws, so the batches are
+            # the same for any `data.num_workers` (which a resume may change).
+            persistent_workers=False,
         )
 
     def train_dataloader(self) -> DataLoader:
