@@ -111,9 +111,11 @@ def test_resume_continues_from_last_checkpoint(tmp_path: Path) -> None:
 
 
 def test_same_seed_same_metrics(tmp_path: Path) -> None:
+    """Across processes: a few batches show it as well as whole epochs would."""
     runs = [tmp_path / name for name in ("a", "b", "c")]
     for run_dir, seed in zip(runs, (7, 7, 8), strict=True):
-        result = run_cli("train.py", *SHORT, f"seed={seed}", f"hydra.run.dir={run_dir}")
+        limited = [*SHORT, "debug=limit", f"seed={seed}", f"hydra.run.dir={run_dir}"]
+        result = run_cli("train.py", *limited)
         assert result.returncode == 0, result.stderr[-3000:]
     a, b, c = (read_metrics(run_dir) for run_dir in runs)
     assert a["test/loss"] == b["test/loss"] and epoch_loss(a) == epoch_loss(b)
