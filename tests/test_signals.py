@@ -230,13 +230,18 @@ def test_a_signal_after_training_stops_the_sweep_and_is_recorded(tmp_path: Path)
 
 @pytest.mark.parametrize("has_last", [False, True])
 def test_the_resume_advice_matches_what_the_run_left(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], has_last: bool
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    has_last: bool,
 ) -> None:
     """Stopped before its first checkpoint, a run must start again (`ckpt_path=last` would be
     refused: there is no last.ckpt); with one, it continues exactly from it."""
     from types import SimpleNamespace
 
     from posttrain.runs import record_interruption
+
+    monkeypatch.setattr("posttrain.runs.run_overrides", lambda: None)  # not a Hydra run
 
     if has_last:
         (tmp_path / "checkpoints").mkdir()
@@ -269,8 +274,9 @@ def test_the_resume_advice_can_be_pasted_for_any_job_folder(
     tmp_path: Path, folder: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Observed: a sweep job's folder (`0_seed=1,lr=0.1`) printed unquoted in the advice made
-    Hydra fail (`mismatched input '='`); and a sweep job continues by running its sweep
-    again in the same folder, which the advice must name."""
+    Hydra fail (`mismatched input '='`); the advice said `<same overrides>`, which a shell reads
+    as a redirect; and a sweep job continues by running its sweep again in the same folder,
+    which the advice must name. Pasted, the advice gives Hydra the run's own overrides."""
     from types import SimpleNamespace
 
     from posttrain.runs import record_interruption
@@ -279,18 +285,25 @@ def test_the_resume_advice_can_be_pasted_for_any_job_folder(
     (run / "checkpoints").mkdir(parents=True)
     (run / "checkpoints" / "last.ckpt").write_bytes(b"")
     stop = SimpleNamespace(signal_name="SIGTERM", epochs_completed=1, global_step=4)
+    typed = ["seed=1", "model.pretrained='/w/0_seed=1,lr=0.1/best.ckpt'", "ckpt_path=old"]
+    monkeypatch.setattr("posttrain.runs.run_overrides", lambda: [*typed, "hydra.run.dir=/x"])
     record_interruption(run, stop, "train")
     single = json.loads((run / "metrics.json").read_text())["resume"]
-    assert hydra_receives(single.split("<same overrides>")[1]) == {
+    assert single.startswith("python train.py ")
+    assert hydra_receives(single.removeprefix("python train.py ")) == {
+        "seed": 1,
+        "model.pretrained": "/w/0_seed=1,lr=0.1/best.ckpt",
         "ckpt_path": "last",
         "hydra.run.dir": str(run),
     }
     monkeypatch.setattr("posttrain.runs.sweep_folder", lambda: run.parent)  # a sweep job
+    monkeypatch.setattr("posttrain.runs.sweep_overrides", lambda sweep: ["seed=1"])
     record_interruption(run, stop, "train")
     sweep = json.loads((run / "metrics.json").read_text())["resume"]
-    assert sweep.startswith("python train.py -m <same overrides> ")
-    assert hydra_receives(sweep.split("<same overrides>")[1]) == {
-        "hydra.sweep.dir": str(run.parent)
+    assert sweep.startswith("python train.py -m ")
+    assert hydra_receives(sweep.removeprefix("python train.py -m ")) == {
+        "seed": 1,
+        "hydra.sweep.dir": str(run.parent),
     }
 
 
