@@ -92,13 +92,15 @@ SHORT = ["trainer.max_epochs=2", "logger=csv", "callbacks.progress_bar=null"]
 
 
 def test_resume_continues_from_last_checkpoint(tmp_path: Path) -> None:
+    """The real CLI continues from last.ckpt (a few batches an epoch: counting is the point)."""
     first = tmp_path / "first"
-    assert run_cli("train.py", *SHORT, f"hydra.run.dir={first}").returncode == 0
+    assert run_cli("train.py", *SHORT, "debug=limit", f"hydra.run.dir={first}").returncode == 0
     steps_per_epoch = read_metrics(first)["global_step"] / 2
     resumed = tmp_path / "resumed"
     result = run_cli(
         "train.py",
         *SHORT,
+        "debug=limit",
         "trainer.max_epochs=4",
         f"ckpt_path={first / 'checkpoints' / 'last.ckpt'}",
         f"hydra.run.dir={resumed}",
