@@ -167,3 +167,23 @@ def test_a_trainer_setting_lightning_refuses_is_one_paragraph(
     with pytest.raises(PosttrainError, match="refused by Lightning") as refused:
         build_trainer(compose_config(tmp_path, [override]), extra_callbacks=[])
     assert named in str(refused.value) and "Traceback" not in str(refused.value)
+
+
+def test_a_monitor_the_method_does_not_log_is_one_paragraph(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Observed: `experiment=digits_protonet callbacks.model_checkpoint.monitor=val/f1_macro`
+    (a documented metric ProtoNet does not log) ended in Lightning's traceback at the first
+    validation, and metrics.json held the traceback."""
+    from posttrain.runs import guarded
+    from posttrain.train import train
+
+    overrides = ["experiment=digits_protonet", "debug=limit", "model.hidden=8", "logger=none",
+                 "callbacks.model_checkpoint.monitor=val/f1_macro"]  # fmt: skip
+    with pytest.raises(SystemExit) as stopped:
+        guarded(train, compose_config(tmp_path, overrides))
+    assert stopped.value.code == 2
+    said = capsys.readouterr().err
+    assert "Lightning refused a setting" in said and "val/f1_macro" in said
+    record = json.loads((tmp_path / "metrics.json").read_text())
+    assert record["status"] == "failed" and "Traceback" not in record["error"]

@@ -308,7 +308,7 @@ def guarded(task: Callable[[DictConfig], dict[str, float]], cfg: DictConfig) -> 
         finally:  # whatever the record met (a closed pipe, a full disk), the sweep stops here
             raise SystemExit(stop.exit_status) from None
     except Exception as error:
-        user_error = find_user_error(error)
+        user_error = find_user_error(error) or refused_during_the_run(error)
         if isinstance(user_error, SweepJobChanged):  # the folder holds another job's record
             print(f"\nposttrain: error: {user_error}\n", file=sys.stderr)
             raise SystemExit(2) from None
@@ -438,6 +438,25 @@ def build_trainer(cfg: DictConfig, extra_callbacks: list[Callback]) -> L.Trainer
             "with (`python train.py --help` lists the trainer options: cpu, gpu, ddp, ...). "
             "Nothing was trained."
         ) from None
+
+
+def refused_during_the_run(error: BaseException) -> PosttrainError | None:
+    """Lightning's refusal of a setting it can only check while running (a checkpoint
+    `monitor` the method does not log: ProtoNet has no `val/f1_macro`), as posttrain's
+    paragraph instead of a traceback; only MisconfigurationException, Lightning's type for
+    a user's setting, so a bug stays a traceback."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    current: BaseException | None = error
+    while current is not None and not isinstance(current, MisconfigurationException):
+        current = current.__cause__ or current.__context__
+    if current is None:
+        return None
+    return PosttrainError(
+        f"Lightning refused a setting while the run was going: {str(current).strip()} Change "
+        "the config key it names (a `callbacks.*` entry's `monitor`: README 'Metrics' says "
+        "which method logs which metric); the checkpoints and logs written so far are kept."
+    )
 
 
 def lightning_refusal(error: BaseException) -> str | None:
