@@ -95,8 +95,9 @@ def test_a_new_run_in_a_folder_holding_a_run_is_refused(tmp_path: Path) -> None:
         ({"status": "interrupted"}, False, None),  # stopped before its first checkpoint
         ({"status": "interrupted"}, True, "ckpt_path=last"),
         ({"status": "running", "pid": 0x3FFFFFFF}, False, None),  # kill -9'd: process gone
-        ({"status": "running", "pid": "own"}, False, "is writing it"),  # alive: this process
-        ({"status": "running", "pid": "own"}, True, "is writing it"),
+        ({"status": "running", "pid": "own"}, False, "may be writing it"),  # alive: this one
+        ({"status": "running", "pid": "own"}, True, "may be writing it"),
+        ({"status": "running"}, False, "a process may be writing it"),  # an older record
         ({"status": "diverged"}, False, "holds a diverged run"),
         ({"status": "failed"}, True, "holds a run's checkpoints"),
     ],

@@ -140,11 +140,10 @@ def check_folder_is_free(output_dir: Path, what: str, resumable: bool = True) ->
         return
     held = f"a {status} run" if status in HOLDS_A_RUN else "a run's checkpoints"
     files = f" ({', '.join(checkpoints)})" if checkpoints else ""
-    writing = (
-        f" (process {record.get('pid')} on {record.get('host')} is writing it)" if live else ""
-    )
+    writer = f"process {record['pid']} on {record.get('host')}" if "pid" in record else "a process"
+    writing = f" ({writer} may be writing it)" if live else ""
     continue_it = "Continue that run with `ckpt_path=last` (same folder), leave"
-    advice = continue_it if resumable and checkpoints and not live else "Leave"
+    advice = continue_it if resumable and "last.ckpt" in checkpoints and not live else "Leave"
     raise PosttrainError(
         f"Config key `hydra.run.dir`: {output_dir} holds {held}{files}{writing}, and {what} "
         f"would overwrite its record. {advice} `hydra.run.dir` out (every run gets its own "
