@@ -13,7 +13,7 @@ from typing import Any
 
 from lightning.pytorch.callbacks import Callback
 
-from posttrain.errors import PosttrainError, require, require_choice
+from posttrain.errors import PosttrainError, is_number, require, require_choice
 
 # Precisions posttrain runs (Lightning's names); the data pipeline makes float32 batches,
 # which the mixed and float32 modes take as they are.
@@ -151,8 +151,7 @@ def check_gradient_clipping(trainer: dict[str, Any]) -> None:
     value = trainer.get("gradient_clip_val")
     algorithm = trainer.get("gradient_clip_algorithm")
     require(
-        value is None
-        or (isinstance(value, int | float) and not isinstance(value, bool) and value >= 0),
+        value is None or (is_number(value) and value >= 0),
         f"Config key `trainer.gradient_clip_val` must be a number > 0 (the largest gradient norm, "
         f"or value with `trainer.gradient_clip_algorithm=value`), or 0/null for no clipping, "
         f"got {value!r}.",

@@ -24,6 +24,11 @@ class RunDiverged(PosttrainError):
     status = "diverged"
 
 
+def is_number(value: object) -> bool:
+    """A real number from a config: `true` is a bool (an int to Python), not 1."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def require(condition: bool, message: str) -> None:
     """Raise `PosttrainError(message)` unless `condition` holds."""
     if not condition:
@@ -35,7 +40,7 @@ def require_positive(key: str, value: float | int | None, *, allow_none: bool = 
     if value is None and allow_none:
         return
     require(
-        isinstance(value, int | float) and not isinstance(value, bool) and value > 0,
+        is_number(value) and value > 0,
         f"Config key `{key}` must be a positive number, got {value!r}.",
     )
 

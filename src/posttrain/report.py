@@ -26,6 +26,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from posttrain.errors import is_number
+
 log = logging.getLogger("posttrain")
 
 COLUMNS = ("val/acc_best", "test/acc", "val/acc_gap", "train/acc", "test/f1_macro", "test/ece")
@@ -51,11 +53,7 @@ def read_overrides(job_dir: Path) -> dict[str, str]:
 
 def numbers_of(record: dict[str, Any]) -> dict[str, float]:
     """The numeric entries of a metrics.json (flags such as `true` are not numbers)."""
-    return {
-        k: float(v)
-        for k, v in record.items()
-        if isinstance(v, int | float) and not isinstance(v, bool)
-    }
+    return {k: float(v) for k, v in record.items() if is_number(v)}
 
 
 def why_not_completed(record: dict[str, Any]) -> str:

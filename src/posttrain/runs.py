@@ -29,14 +29,19 @@ from posttrain.run_names import shell_override
 log = logging.getLogger("posttrain")
 
 
+def find_in_chain(error: BaseException, kinds: type | tuple[type, ...]) -> BaseException | None:
+    """The first exception of `kinds` in `error`'s cause chain (Hydra wraps what a `_target_`
+    raised in an InstantiationException), or None."""
+    current: BaseException | None = error
+    while current is not None and not isinstance(current, kinds):
+        current = current.__cause__ or current.__context__
+    return current
+
+
 def find_user_error(error: BaseException) -> PosttrainError | None:
     """The PosttrainError behind `error`, unwrapping Hydra's InstantiationException chain."""
-    current: BaseException | None = error
-    while current is not None:
-        if isinstance(current, PosttrainError):
-            return current
-        current = current.__cause__ or current.__context__
-    return None
+    found = find_in_chain(error, PosttrainError)
+    return found if isinstance(found, PosttrainError) else None
 
 
 def is_multirun() -> bool:
@@ -446,9 +451,7 @@ def refused_during_the_run(error: BaseException) -> PosttrainError | None:
     a user's setting, so a bug stays a traceback."""
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-    current: BaseException | None = error
-    while current is not None and not isinstance(current, MisconfigurationException):
-        current = current.__cause__ or current.__context__
+    current = find_in_chain(error, MisconfigurationException)
     if current is None:
         return None
     return PosttrainError(
@@ -465,13 +468,11 @@ def lightning_refusal(error: BaseException) -> str | None:
     else, which stays a traceback (a bug must not read as a config mistake)."""
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-    current: BaseException | None = error
-    while current is not None:
-        if isinstance(current, MisconfigurationException | ModuleNotFoundError):
-            message = str(current).strip()
-            return message if message.endswith(".") else message + "."
-        current = current.__cause__ or current.__context__
-    return None
+    found = find_in_chain(error, (MisconfigurationException, ModuleNotFoundError))
+    if found is None:
+        return None
+    message = str(found).strip()
+    return message if message.endswith(".") else message + "."
 
 
 # What a person compares between runs, in TensorBoard's HPARAMS tab and the run's hparams.yaml.

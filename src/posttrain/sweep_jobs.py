@@ -20,6 +20,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from posttrain.errors import SweepJobChanged
+from posttrain.report import numbers_of
 from posttrain.resume import flat_leaves
 from posttrain.runs import is_multirun, resolved_config, write_json
 
@@ -69,11 +70,7 @@ def completed_sweep_job(cfg: DictConfig) -> dict[str, float] | None:
     check_same_job(cfg, "completed")
     restore_files(job_copies(cfg))  # Hydra rewrote them for this (identical) job
     log.info("job already completed in %s: kept, not re-run", cfg.paths.output_dir)
-    return {
-        k: float(v)
-        for k, v in previous.items()
-        if isinstance(v, int | float) and not isinstance(v, bool)
-    }
+    return numbers_of(previous)
 
 
 def unfinished_sweep_job(cfg: DictConfig) -> str | None:

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from posttrain.errors import require
+from posttrain.errors import is_number, require
 from posttrain.methods.core import StepOutput
 from posttrain.methods.metrics import EpochMeans
 from posttrain.methods.supervised import SupervisedClassifier
@@ -75,7 +75,7 @@ def check_settings(teacher: str | None, temperature: float, alpha: float, unlabe
         f"positive number, got {temperature!r}; Hinton et al. use 1-20, 4 is common.",
     )
     require(
-        isinstance(alpha, int | float) and not isinstance(alpha, bool) and 0 < alpha <= 1,
+        is_number(alpha) and 0 < alpha <= 1,
         f"Config key `method.alpha` (the teacher's share of the loss) must be in (0, 1], got "
         f"{alpha!r}: 1 learns from the teacher alone; 0 would ignore it (that is "
         "`method=supervised`).",

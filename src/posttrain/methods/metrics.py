@@ -15,6 +15,8 @@ from torchmetrics.classification import (
     MulticlassF1Score,
 )
 
+from posttrain.errors import is_number
+
 SPLITS = ("train", "val", "test")
 
 # Every name a run logs, documented once (README "Metrics" renders this list; a test keeps
@@ -179,7 +181,7 @@ def to_floats(values: dict[str, Any]) -> dict[str, float]:
     for key, value in values.items():
         if isinstance(value, Tensor) and value.numel() == 1:
             out[key] = float(value.item())
-        elif isinstance(value, int | float) and not isinstance(value, bool):
+        elif is_number(value):
             out[key] = float(value)
     return out
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from posttrain.errors import (
     PosttrainError,
+    is_number,
     require,
     require_bool,
     require_choice,
@@ -89,10 +90,6 @@ def build_optimizer(
         return OPTIMIZERS[name](groups, **settings)
     except (TypeError, ValueError) as error:
         raise PosttrainError(f"Config group `optimizer` ({name}) is invalid: {error}.") from error
-
-
-def is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def check_own_keys(name: str, settings: dict[str, Any]) -> None:

@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 from lightning.pytorch.callbacks import EMAWeightAveraging, WeightAveraging
 from lightning.pytorch.trainer.states import TrainerFn
 
-from posttrain.errors import require
+from posttrain.errors import is_number, require
 
 log = logging.getLogger("posttrain")
 
@@ -212,7 +212,7 @@ class EMA:
 
     def __init__(self, decay: float = 0.95) -> None:
         require(
-            isinstance(decay, int | float) and not isinstance(decay, bool) and 0 < decay < 1,
+            is_number(decay) and 0 < decay < 1,
             f"Config key `reg.ema.decay` must be a number in (0, 1), got {decay!r} "
             "(0.95 averages over about the last 20 optimizer steps, 0.99 over 100).",
         )

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from posttrain.errors import PosttrainError, require, require_bool
+from posttrain.errors import PosttrainError, is_number, require, require_bool
 from posttrain.regularizers.base import ModelParts
 
 
@@ -29,7 +29,7 @@ def summed(terms: list[Tensor], like: Tensor) -> Tensor:
 
 def check_weight(key: str, weight: float) -> float:
     require(
-        isinstance(weight, int | float) and not isinstance(weight, bool) and weight >= 0,
+        is_number(weight) and weight >= 0,
         f"Config key `{key}` must be a number >= 0, got {weight!r}.",
     )
     return float(weight)
