@@ -4,6 +4,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
+# One pytest-xdist worker per core (at most 4: each holds torch in memory); a file's tests stay
+# on one worker so its module fixtures (a trained run several tests read) are built once.
+TEST_WORKERS ?= -n auto --maxprocesses=4 --dist loadfile
 
 .PHONY: install train eval test test-fast lint format tensorboard bench readme clean
 
@@ -23,10 +26,10 @@ eval: install  ## make eval ARGS="ckpt_path=outputs/train/runs/<run>/checkpoints
 	$(PY) eval.py $(ARGS)
 
 test: install  ## the whole suite, slow CLI tests included
-	$(PY) -m pytest --durations=15 $(ARGS)
+	$(PY) -m pytest $(TEST_WORKERS) --durations=15 $(ARGS)
 
 test-fast: install
-	$(PY) -m pytest -m "not slow" $(ARGS)
+	$(PY) -m pytest $(TEST_WORKERS) -m "not slow" $(ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -21,6 +21,14 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 register_resolvers()  # the run folder names in conf/hydra use `${run_id:}`
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs one xdist worker per core: a worker (and the CLI runs it starts) that
+    # also spread torch over every core would have the workers thrash each other.
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 
 def read_metrics(run_dir: Path) -> dict:
     """A run folder's record: its metrics.json."""
