@@ -111,6 +111,17 @@ def test_data_keys_that_only_choose_training_images_are_refused(
     assert f"`{key}` changes nothing in eval.py" in refusal(tmp_path, protonet, override)
 
 
+def test_too_few_test_classes_advises_only_what_eval_may_change(
+    protonet: Path, tmp_path: Path
+) -> None:
+    """Observed: the advice was `data.rotations=true` or other class fractions, which eval.py
+    then refused: the test split is the checkpoint's own."""
+    message = refusal(tmp_path, protonet, "data.ways=20")
+    assert "The meta-test split has" in message
+    assert "Lower `data.ways`, `data.shots` or `data.queries`" in message
+    assert "rotations" not in message and "fractions" not in message
+
+
 @pytest.mark.slow
 def test_maml_test_time_steps_apply_and_ways_are_bounded(tmp_path: Path) -> None:
     maml = trained(tmp_path / "run", "experiment=digits_maml", "model.hidden=8", *EPISODES,

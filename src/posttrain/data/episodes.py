@@ -142,6 +142,17 @@ def stack_episodes(episodes: list[Episode]) -> Episode:
     return tuple(torch.stack(parts) for parts in zip(*episodes, strict=True))  # type: ignore[return-value]
 
 
+def too_few_classes_advice(stage: str | None) -> str:
+    """What may change: an evaluation tests on its checkpoint's own class split (eval.py
+    refuses `data.rotations` and the class fractions), so only the episode shape is left."""
+    if stage == "test":
+        return (
+            "Lower `data.ways`, `data.shots` or `data.queries`: the class split is the "
+            "checkpoint's own and cannot change at evaluation."
+        )
+    return "Lower them, use `data.rotations=true`, or change the class fractions."
+
+
 class EpisodicDataModule(SourceDataModule):
     """N-way K-shot episodes (`ways`, `shots`, `queries`) from any registered source."""
 
@@ -242,7 +253,7 @@ class EpisodicDataModule(SourceDataModule):
                 f"The meta-{split} split has {len(split_pool)} classes (fewest images per class: "
                 f"{smallest}); a {ways}-way episode with `data.shots`+`data.queries`="
                 f"{self.shots + self.queries} needs at least {ways} classes with that many "
-                "images. Lower them, use `data.rotations=true`, or change the class fractions.",
+                f"images. {too_few_classes_advice(stage)}",
             )
 
     def build_pools(self, loaded: SourceData, generator: torch.Generator) -> LabelledImages:
