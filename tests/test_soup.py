@@ -227,6 +227,30 @@ def test_the_soup_is_scored_with_the_jobs_batch_limits_and_precision(
     }  # fmt: skip
 
 
+def test_jobs_without_a_test_give_a_soup_without_one(
+    trained_job: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """`trainer.limit_test_batches=0` jobs report no test/*: the soup, scored as they were,
+    used to end in an IndexError after all its work, writing nothing."""
+    for name, val in (("0_best", 0.9), ("1_same", 0.8)):
+        copy_job(trained_job, tmp_path, name, val=val)
+        file = tmp_path / name / "checkpoints" / "best.ckpt"
+        checkpoint = torch.load(file, weights_only=True)
+        checkpoint[CONFIG_KEY]["trainer"]["limit_test_batches"] = 0
+        torch.save(checkpoint, file)
+    record = make_soup(tmp_path, "uniform")
+    assert "val/acc" in record and not any(key.startswith("test/") for key in record)
+    assert "limit_test_batches=0" in record["tested"]
+    assert "no test (its jobs ran with trainer.limit_test_batches=0)" in capsys.readouterr().out
+    written = json.loads((tmp_path / "soup_uniform" / "metrics.json").read_text())
+    assert written["status"] == "completed" and "test/acc" not in written
+    with (tmp_path / "report.csv").open() as handle:
+        header, *rows = list(csv.reader(handle))
+    soup_row = dict(zip(header[1:], rows[-1][1:], strict=True))  # fake jobs sweep a `job` key
+    assert rows[-1][0] == "soup_uniform" and soup_row["test/acc"] == ""
+    assert soup_row["val/acc_best"] == f"{record['val/acc']:.4f}"
+
+
 def test_greedy_skips_a_job_that_lowers_validation_accuracy(
     soups: tuple[Path, dict, dict],
 ) -> None:

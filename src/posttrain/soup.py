@@ -18,7 +18,8 @@ re-estimated on the training images (torch's `update_bn`, without augmentation) 
 every validation and the test, unless the recipe kept them frozen. The soup is scored with
 the data, method, batch limits (`trainer.limit_val_batches`, `limit_test_batches`) and
 precision of the best job's stored config, so its numbers count the images the jobs' did:
-validation accuracy to choose ingredients, the test split once at the end.
+validation accuracy to choose ingredients, the test split once at the end (not at all when
+the jobs ran no test: `trainer.limit_test_batches=0`).
 
 Writes `<multirun>/soup_<recipe>/checkpoints/soup.ckpt` (loadable by `eval.py ckpt_path=...`
 and `model.pretrained=...`) and `metrics.json`, and rewrites the sweep report with the soup
@@ -57,6 +58,11 @@ TRAINING_ONLY_KEYS = (
     "posttrain_divergence",
 )
 SOUP_KEY = "posttrain_soup"
+# The soup is scored as its jobs were: where they ran no test, neither does it.
+NOT_TESTED = (
+    "nothing: the jobs ran with `trainer.limit_test_batches=0`, so they have no test/* and "
+    "neither has the soup; validation alone chose it"
+)
 
 
 @dataclass
@@ -398,11 +404,14 @@ class SoupJudge:
                 update_bn(self.training_inputs(), self.method)
 
     def score(self, split: str) -> dict[str, float]:
-        """`val/*` or `test/*` metrics of the loaded weights."""
+        """`val/*` or `test/*` metrics of the loaded weights; none where the jobs' limit runs
+        no batch of the split (`trainer.limit_test_batches=0`: they reported no `test/*`)."""
         from posttrain.runs import epoch_metrics
 
         run = self.trainer.validate if split == "val" else self.trainer.test
         results = run(self.method, datamodule=self.datamodule, verbose=False)
+        if not results:
+            return {}
         metrics = epoch_metrics(results[0])
         return {k: v for k, v in metrics.items() if k.startswith(f"{split}/") and "best" not in k}
 
@@ -482,6 +491,11 @@ def summary(record: dict[str, Any], folder: Path, best: Candidate) -> str:
     chosen = ", ".join(job_name(job) for job in record["ingredients"])
     reference = job_name(best.folder)
     limits = ", ".join(f"{k}={v}" for k, v in record["scored_with_trainer"].items())
+    test = (
+        f"test/acc {record['test/acc']:.4f}"
+        if "test/acc" in record
+        else "no test (its jobs ran with trainer.limit_test_batches=0)"
+    )
     statistics = (
         "BatchNorm statistics re-estimated on the training images"
         if record["bn_reestimated"]
@@ -490,7 +504,7 @@ def summary(record: dict[str, Any], folder: Path, best: Candidate) -> str:
     return (
         f"posttrain.soup: {record['recipe']} soup of {len(record['ingredients'])} of "
         f"{record['candidates']} compatible jobs ({chosen}): val/acc {record['val/acc']:.4f}, "
-        f"test/acc {record['test/acc']:.4f}; the best single job ({reference}) had val/acc_best "
+        f"{test}; the best single job ({reference}) had val/acc_best "
         f"{best.val_acc_best:.4f}. {len(record['refused'])} job(s) refused. {statistics}; "
         f"scored with {reference}'s data, method, batch limits and precision ({limits}) in "
         f"{record['seconds']:.1f} s. Wrote "
@@ -523,6 +537,7 @@ def make_soup(sweep_dir: str | Path, recipe: str = "greedy") -> dict[str, Any]:
         "status": "completed",
         "recipe": recipe,
         **metrics,
+        **({} if "test/acc" in metrics else {"tested": NOT_TESTED}),
         "ingredients": ingredients,
         "candidates": len(selection.candidates),
         "steps": [vars(step) for step in steps],
