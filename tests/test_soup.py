@@ -285,6 +285,43 @@ def test_the_soup_checkpoint_has_reestimated_batchnorm_statistics(
     assert "optimizer_states" not in soup and soup["posttrain_soup"]["recipe"] == "greedy"
 
 
+def with_frozen_statistics(job: Path) -> None:
+    """The job's stored config as a `method=finetune` run with `freeze_bn_stats=true` (from
+    the same random start: `weights` null, as the judge loads the job's own checkpoint)."""
+    file = job / "checkpoints" / "best.ckpt"
+    checkpoint = torch.load(file, weights_only=True)
+    checkpoint[CONFIG_KEY]["method"]["finetune"] = {
+        "policy": "full", "unfreeze_at_epoch": 2, "unfreeze_groups": 1, "backbone_lr_factor": 0.1,
+        "freeze_bn_stats": True, "reinit_top_layers": 0, "weights": None,
+    }  # fmt: skip
+    torch.save(checkpoint, file)
+
+
+def test_batchnorm_is_reestimated_unless_every_ingredient_froze_it(
+    trained_job: Path, tmp_path: Path
+) -> None:
+    """The choice followed the best job alone: a `freeze_bn_stats` job beside one that trained
+    its statistics kept their average ("the recipe froze them"), which describes no model."""
+    name = "model.features.0.1.running_var"
+    trained = torch.load(trained_job / "checkpoints" / "best.ckpt", weights_only=True)
+    cases = {"mixed": ("0_frozen",), "frozen": ("0_frozen", "1_other")}
+    for sweep, frozen in ((tmp_path / case, jobs) for case, jobs in cases.items()):
+        for job, val in (("0_frozen", 0.9), ("1_other", 0.8)):
+            copy_job(trained_job, sweep, job, val=val)
+            if job in frozen:
+                with_frozen_statistics(sweep / job)
+        record = make_soup(sweep, "uniform")
+        soup = torch.load(sweep / "soup_uniform/checkpoints/soup.ckpt", weights_only=True)
+        statistics = soup["state_dict"][name]
+        if len(frozen) == 2:  # every ingredient kept them: their average is the model's own
+            assert record["bn_reestimated"] is False
+            assert torch.equal(statistics, trained["state_dict"][name])
+        else:  # from the training images, on every BatchNorm (none left at its reset value)
+            assert record["bn_reestimated"] is True
+            assert not torch.allclose(statistics, trained["state_dict"][name])
+            assert not torch.allclose(statistics, torch.ones_like(statistics))
+
+
 @pytest.mark.slow
 def test_the_soup_checkpoint_loads_in_eval_and_as_pretrained_weights(
     soups: tuple[Path, dict, dict], tmp_path: Path

@@ -15,9 +15,10 @@ Floating-point tensors are averaged; integer buffers (BatchNorm's `num_batches_t
 are counts, taken from the first ingredient. The averaged BatchNorm statistics describe no
 model (the mean of variances is not the variance of the averaged network), so they are
 re-estimated on the training images (torch's `update_bn`, without augmentation) before
-every validation and the test, unless the recipe kept them frozen. The soup is scored with
-the data, method, batch limits (`trainer.limit_val_batches`, `limit_test_batches`) and
-precision of the best job's stored config, so its numbers count the images the jobs' did:
+every validation and the test, unless every ingredient's recipe kept them frozen. The soup
+is scored with the data, method, batch limits (`trainer.limit_val_batches`,
+`limit_test_batches`) and precision of the best job's stored config, so its numbers count
+the images the jobs' did:
 validation accuracy to choose ingredients, the test split once at the end (not at all when
 the jobs ran no test: `trainer.limit_test_batches=0`).
 
@@ -96,6 +97,9 @@ class Candidate:
 
     def method(self) -> str:
         return str(self.config["method"].get("_target_"))
+
+    def trains_statistics(self) -> bool:
+        return statistics_are_trained(self.config)
 
     def data(self) -> dict[str, Any]:
         return self.config.get("data") or {}
@@ -325,6 +329,13 @@ def statistics_are_trained(config: dict[str, Any]) -> bool:
     return finetune.get("policy", "full") != "linear_probe" and not finetune.get("freeze_bn_stats")
 
 
+def reestimates(ingredients: Iterable[Candidate]) -> bool:
+    """Whether a mix's BatchNorm statistics must be re-estimated: unless every ingredient kept
+    the same frozen (pretrained) ones. One that trained them (a `policy=full` job beside a
+    `linear_probe` one) makes the averaged statistics describe no model."""
+    return any(ingredient.trains_statistics() for ingredient in ingredients)
+
+
 # What the jobs' own validation and test were run with, so the soup is scored on the same
 # images at the same precision (a bare Trainer scored all 359 test images of jobs that had
 # reported `trainer.limit_test_batches=1`: 32).
@@ -370,7 +381,6 @@ class SoupJudge:
         L.seed_everything(int(config.get("seed", 0)), verbose=False)
         self.datamodule, self.method = build_components(config)
         self.datamodule.setup("fit")
-        self.reestimate = statistics_are_trained(reference.config)
         quiet_console()
         self.settings = scoring_settings(reference)
         self.trainer = L.Trainer(
@@ -395,13 +405,17 @@ class SoupJudge:
         for batch in ordered:
             yield self.datamodule.on_after_batch_transfer(batch, 0)[0]
 
-    def load(self, state: dict[str, Tensor]) -> None:
+    def load(self, state: dict[str, Tensor], reestimate: bool) -> None:
+        """The weights; with `reestimate`, BatchNorm statistics from the training images. On
+        the network itself, whose `train()` puts every BatchNorm in training mode: the
+        method's keeps `freeze_bn_stats` ones in eval mode, whose statistics `update_bn`
+        would reset and never re-estimate."""
         from torch.optim.swa_utils import update_bn
 
         self.method.load_state_dict(state)
-        if self.reestimate:
+        if reestimate:
             with torch.no_grad():
-                update_bn(self.training_inputs(), self.method)
+                update_bn(self.training_inputs(), self.method.model)
 
     def score(self, split: str) -> dict[str, float]:
         """`val/*` or `test/*` metrics of the loaded weights; none where the jobs' limit runs
@@ -415,8 +429,8 @@ class SoupJudge:
         metrics = epoch_metrics(results[0])
         return {k: v for k, v in metrics.items() if k.startswith(f"{split}/") and "best" not in k}
 
-    def val_acc(self, state: dict[str, Tensor]) -> float:
-        self.load(state)
+    def val_acc(self, state: dict[str, Tensor], reestimate: bool) -> float:
+        self.load(state, reestimate)
         return self.score("val")["val/acc"]
 
 
@@ -433,14 +447,16 @@ def greedy_soup(judge: SoupJudge, candidates: list[Candidate]) -> tuple[StateSum
     """Best job first; each next one stays only if validation accuracy does not drop."""
     soup = StateSum()
     soup.add(candidates[0].state())
-    best = judge.val_acc(soup.mean())
+    kept_so_far = [candidates[0]]
+    best = judge.val_acc(soup.mean(), reestimates(kept_so_far))
     steps = [Step(candidates[0].folder, best, kept=True)]
     for candidate in candidates[1:]:
         state = candidate.state()
-        accuracy = judge.val_acc(soup.mean(extra=state))
+        accuracy = judge.val_acc(soup.mean(extra=state), reestimates([*kept_so_far, candidate]))
         kept = accuracy >= best
         if kept:
             soup.add(state)
+            kept_so_far.append(candidate)
             best = accuracy
         steps.append(Step(candidate.folder, accuracy, kept))
     return soup, steps
@@ -450,7 +466,7 @@ def uniform_soup(judge: SoupJudge, candidates: list[Candidate]) -> tuple[StateSu
     soup = StateSum()
     for candidate in candidates:
         soup.add(candidate.state())
-    accuracy = judge.val_acc(soup.mean())
+    accuracy = judge.val_acc(soup.mean(), reestimates(candidates))
     return soup, [Step(c.folder, accuracy, kept=True) for c in candidates]
 
 
@@ -499,7 +515,7 @@ def summary(record: dict[str, Any], folder: Path, best: Candidate) -> str:
     statistics = (
         "BatchNorm statistics re-estimated on the training images"
         if record["bn_reestimated"]
-        else "BatchNorm statistics kept (the recipe froze them)"
+        else "BatchNorm statistics kept (every ingredient's recipe froze them)"
     )
     return (
         f"posttrain.soup: {record['recipe']} soup of {len(record['ingredients'])} of "
@@ -529,10 +545,11 @@ def make_soup(sweep_dir: str | Path, recipe: str = "greedy") -> dict[str, Any]:
     judge = SoupJudge(reference, folder)
     cook = greedy_soup if recipe == "greedy" else uniform_soup
     soup, steps = cook(judge, selection.candidates)
-    judge.load(soup.mean())
+    ingredients = [step.job for step in steps if step.kept]
+    reestimated = reestimates(c for c in selection.candidates if c.folder in ingredients)
+    judge.load(soup.mean(), reestimated)
     state = {k: v.detach().clone() for k, v in judge.method.state_dict().items()}
     metrics = {**judge.score("val"), **judge.score("test")}
-    ingredients = [step.job for step in steps if step.kept]
     record = {
         "status": "completed",
         "recipe": recipe,
@@ -544,7 +561,7 @@ def make_soup(sweep_dir: str | Path, recipe: str = "greedy") -> dict[str, Any]:
         "refused": selection.refused,
         "scored_with": reference.folder,
         "scored_with_trainer": {k: judge.settings[k] for k in SCORING_KEYS},
-        "bn_reestimated": judge.reestimate,
+        "bn_reestimated": reestimated,
         "seconds": round(time.time() - started, 2),
     }
     info = {"recipe": recipe, "ingredients": ingredients, "sweep": str(sweep)}
