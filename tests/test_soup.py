@@ -322,6 +322,28 @@ def test_batchnorm_is_reestimated_unless_every_ingredient_froze_it(
             assert not torch.allclose(statistics, torch.ones_like(statistics))
 
 
+def test_resuming_from_a_soup_is_refused_in_one_paragraph(
+    soups: tuple[Path, dict, dict], tmp_path: Path
+) -> None:
+    """`train.py ckpt_path=<soup.ckpt>` matched the soup's config, started the run and ended
+    in Lightning's `KeyError: 'Trying to restore optimizer state ...'` traceback."""
+    from posttrain.errors import PosttrainError
+    from posttrain.train import train
+
+    soup_file = soups[0] / "soup_greedy" / "checkpoints" / "soup.ckpt"
+    weights_only = tmp_path / "weights.ckpt"
+    soup = torch.load(soup_file, weights_only=True)
+    torch.save({k: v for k, v in soup.items() if k != "posttrain_soup"}, weights_only)
+    cases = ((soup_file, "is a model soup"), (weights_only, "is no training run's checkpoint"))
+    for file, what in cases:
+        overrides = ["trainer=cpu", "logger=none", "callbacks.progress_bar=null", "model.width=8",
+                     "debug=limit", f"ckpt_path={file}"]  # fmt: skip
+        with pytest.raises(PosttrainError, match=f"`ckpt_path`: .* {what}") as refused:
+            train(compose_config(tmp_path / file.stem, overrides))
+        assert "no training to resume" in str(refused.value)
+        assert "model.pretrained=<file>" in str(refused.value)
+
+
 @pytest.mark.slow
 def test_the_soup_checkpoint_loads_in_eval_and_as_pretrained_weights(
     soups: tuple[Path, dict, dict], tmp_path: Path

@@ -58,7 +58,6 @@ TRAINING_ONLY_KEYS = (
     "posttrain_random_state",
     "posttrain_divergence",
 )
-SOUP_KEY = "posttrain_soup"
 # The soup is scored as its jobs were: where they ran no test, neither does it.
 NOT_TESTED = (
     "nothing: the jobs ran with `trainer.limit_test_batches=0`, so they have no test/* and "
@@ -476,7 +475,7 @@ def uniform_soup(judge: SoupJudge, candidates: list[Candidate]) -> tuple[StateSu
 def soup_checkpoint(reference: Candidate, state: dict[str, Tensor], info: dict) -> dict:
     """The best job's checkpoint (config, data statistics, versions) with the soup's weights
     and without that job's training state, which belongs to no soup."""
-    from posttrain.checkpoints import load_checkpoint
+    from posttrain.checkpoints import SOUP_KEY, load_checkpoint
 
     checkpoint = load_checkpoint(reference.checkpoint, key="checkpoint")
     for key in TRAINING_ONLY_KEYS:

@@ -28,6 +28,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         CONFIG_KEY,
         RandomStateInCheckpoint,
         check_resumable,
+        check_training_state,
         load_checkpoint,
         resume_path,
     )
@@ -67,6 +68,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     config = resolved_config(cfg)
     ckpt_path = resume_path(ckpt_path, cfg.paths.output_dir)
     resumed = load_checkpoint(ckpt_path, key="ckpt_path") if ckpt_path else None
+    if resumed is not None:
+        check_training_state(resumed, ckpt_path)  # a soup holds weights, not a run
     if resumed is not None and isinstance(resumed.get(CONFIG_KEY), dict):
         refuse_unresumable_changes(resumed[CONFIG_KEY], config, ckpt_path)  # before any work
     if resumed is None and not is_multirun():  # a sweep decides about its job folders
