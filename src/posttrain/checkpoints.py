@@ -353,6 +353,14 @@ def check_training_state(checkpoint: dict[str, Any], path: str | Path) -> None:
     )
 
 
+def check_resumed_method(checkpoint: dict[str, Any], method: Any) -> None:
+    """What only the method knows a resume depends on, before any work (`check_resume`:
+    distillation's teacher file). Not for `eval.py`, which needs none of it."""
+    check = getattr(method, "check_resume", None)
+    if callable(check):
+        check(checkpoint)
+
+
 def check_resumable(checkpoint: dict[str, Any], method: Any, path: str | Path) -> None:
     """The checkpoint's weights fit the model this config builds (same names and shapes),
     so a changed architecture or class count is one paragraph, not a size-mismatch trace."""

@@ -28,6 +28,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         CONFIG_KEY,
         RandomStateInCheckpoint,
         check_resumable,
+        check_resumed_method,
         check_training_state,
         load_checkpoint,
         resume_path,
@@ -79,6 +80,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     calibration = calibration_for(cfg, method)  # refused here, before any training
     if resumed is not None:
         check_resumable(resumed, method, ckpt_path)  # before any work is done
+        check_resumed_method(resumed, method)
     # Refusals above leave the folder's record alone (`runs.may_replace_record`); from here a
     # kill leaves `running`, never the folder's earlier record.
     record_start(cfg)
