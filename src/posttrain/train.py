@@ -125,7 +125,17 @@ def fit_and_test(
         metrics.update(epoch_metrics(result))
     if not any(name.startswith("test/") for name in metrics):  # limit_test_batches=0
         tested = "nothing: no test batch ran (`trainer.limit_test_batches=0`), so no test/*"
+    else:
+        tested = "; ".join([tested, *weights_notes(trainer)])
     return metrics, tested
+
+
+def weights_notes(trainer: Any) -> list[str]:
+    """What callbacks say the tested weights were (`reg=ema|swa`: their average, or the raw
+    weights where none had been made: SWA's best epoch before `start_epoch`, early stopping
+    before it), so a test of raw weights never reads as one of the average."""
+    notes = (getattr(c, "tested_weights", lambda: None)() for c in trainer.callbacks)
+    return [note for note in notes if note]
 
 
 def tested_weights(checkpointing: Any, best: str | None, epochs_completed: int) -> str:
