@@ -167,8 +167,11 @@ def trained_job(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def copy_job(trained: Path, sweep: Path, name: str, val: float, scale: float = 1.0) -> None:
-    """The trained job under another name, its float weights multiplied by `scale`."""
+def copy_job(
+    trained: Path, sweep: Path, name: str, val: float, scale: float = 1.0, **extra: object
+) -> None:
+    """The trained job under another name, its float weights multiplied by `scale`, with
+    `extra` checkpoint entries."""
     checkpointed_job(sweep, name, completed(val), None)
     shutil.copytree(trained / "checkpoints", sweep / name / "checkpoints")
     file = sweep / name / "checkpoints" / "best.ckpt"
@@ -177,16 +180,24 @@ def copy_job(trained: Path, sweep: Path, name: str, val: float, scale: float = 1
     checkpoint["state_dict"] = {
         k: v * scale if v.is_floating_point() else v for k, v in state.items()
     }
-    torch.save(checkpoint, file)
+    torch.save({**checkpoint, **extra}, file)
+
+
+# What a `reg=ema` job's checkpoint carries beside its averaged `state_dict`.
+AVERAGING_ENTRIES = {
+    "current_model_state": {"model.head.bias": torch.zeros(10)},
+    "averaging_state": {"n_averaged": torch.tensor(8)},
+    "posttrain_weights": "the reg=ema average of the weights, over 8 optimizer steps",
+}
 
 
 @pytest.fixture(scope="module")
 def soups(trained_job: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, dict]:
-    """A sweep of three copies of the trained job, ranked by val/acc_best: the best; one whose
-    weights cancel the best job's (any soup with it is all zeros and predicts one class);
-    the best job again. Its greedy and uniform soups."""
+    """A sweep of three copies of the trained job, ranked by val/acc_best: the best (as a
+    `reg=ema` job's checkpoint); one whose weights cancel the best job's (any soup with it is
+    all zeros and predicts one class); the best job again. Its greedy and uniform soups."""
     sweep = tmp_path_factory.mktemp("sweep")
-    copy_job(trained_job, sweep, "0_best", val=0.9)
+    copy_job(trained_job, sweep, "0_best", val=0.9, **AVERAGING_ENTRIES)
     copy_job(trained_job, sweep, "1_garbage", val=0.8, scale=-1.0)
     copy_job(trained_job, sweep, "2_same", val=0.7)
     return sweep, make_soup(sweep, "greedy"), make_soup(sweep, "uniform")
@@ -283,6 +294,8 @@ def test_the_soup_checkpoint_has_reestimated_batchnorm_statistics(
     name = "model.features.0.1.running_var"
     assert not torch.allclose(weights[name], trained[name])
     assert "optimizer_states" not in soup and soup["posttrain_soup"]["recipe"] == "greedy"
+    # the best job's raw EMA-run weights and the words for its own weights are not the soup's
+    assert not set(AVERAGING_ENTRIES) & set(soup)
 
 
 def with_frozen_statistics(job: Path) -> None:

@@ -49,7 +49,9 @@ if TYPE_CHECKING:
 RECIPES = ("greedy", "uniform")
 # Model keys that do not change the weights' layout (the starting point is compared apart).
 NOT_ARCHITECTURE = frozenset({"pretrained", "pretrained_head", "channels_last", "compile"})
-# Checkpoint entries that belong to one job's training (resume state), not to the soup.
+# Checkpoint entries that belong to one job's training (resume state), not to the soup:
+# `reg=ema|swa` jobs also carry their raw weights, the average's count and what their
+# `state_dict` holds (`posttrain.regularizers.averaging.WEIGHTS_KEY`).
 TRAINING_ONLY_KEYS = (
     "loops",
     "callbacks",
@@ -57,6 +59,9 @@ TRAINING_ONLY_KEYS = (
     "lr_schedulers",
     "posttrain_random_state",
     "posttrain_divergence",
+    "current_model_state",
+    "averaging_state",
+    "posttrain_weights",
 )
 # The soup is scored as its jobs were: where they ran no test, neither does it.
 NOT_TESTED = (
