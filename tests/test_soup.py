@@ -178,7 +178,8 @@ def copy_job(
     checkpoint = torch.load(file, weights_only=True)
     state = checkpoint["state_dict"]
     checkpoint["state_dict"] = {
-        k: v * scale if v.is_floating_point() else v for k, v in state.items()
+        k: v * scale if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+        for k, v in state.items()
     }
     torch.save({**checkpoint, **extra}, file)
 
@@ -355,6 +356,28 @@ def test_resuming_from_a_soup_is_refused_in_one_paragraph(
             train(compose_config(tmp_path / file.stem, overrides))
         assert "no training to resume" in str(refused.value)
         assert "model.pretrained=<file>" in str(refused.value)
+
+
+def test_a_soup_of_multitask_jobs_keeps_their_extra_state_and_evaluates(tmp_path: Path) -> None:
+    """Multi-task checkpoints hold an extra state (DWA's loss history, a dict): averaging
+    stopped at it with `AttributeError: 'dict' object has no attribute 'is_floating_point'`."""
+    from posttrain.train import train
+    from tests.test_eval import evaluated
+
+    job = tmp_path / "job"
+    overrides = ["trainer=cpu", "logger=none", "callbacks.progress_bar=null", "model.width=8",
+                 "debug=limit", "experiment=digits_multitask", "method.weighting=dwa"]  # fmt: skip
+    train(compose_config(job, overrides))
+    for name, val in (("0_a", 0.9), ("1_b", 0.8)):
+        copy_job(job, tmp_path / "sweep", name, val=val)
+    record = make_soup(tmp_path / "sweep", "uniform")
+    soup_file = tmp_path / "sweep" / "soup_uniform" / "checkpoints" / "soup.ckpt"
+    extra = "weighting._extra_state"
+    trained = torch.load(job / "checkpoints" / "best.ckpt", weights_only=True)["state_dict"]
+    assert torch.load(soup_file, weights_only=True)["state_dict"][extra] == trained[extra]
+    assert "test/digit/acc" in record  # every task scored
+    again = evaluated(tmp_path / "eval", soup_file, "trainer.limit_test_batches=2")
+    assert again["test/acc"] == record["test/acc"]  # the jobs' limit: the same images
 
 
 @pytest.mark.slow

@@ -12,7 +12,8 @@ with one line saying why.
   if the soup's validation accuracy does not drop with it.
 
 Floating-point tensors are averaged; integer buffers (BatchNorm's `num_batches_tracked`)
-are counts, taken from the first ingredient. The averaged BatchNorm statistics describe no
+are counts and extra states (multi-task DWA's loss history) are bookkeeping, both taken from
+the first ingredient. The averaged BatchNorm statistics describe no
 model (the mean of variances is not the variance of the averaged network), so they are
 re-estimated on the training images (torch's `update_bn`, without augmentation) before
 every validation and the test, unless every ingredient's recipe kept them frozen. The soup
@@ -30,6 +31,7 @@ beside the jobs.
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import sys
 import time
@@ -80,7 +82,7 @@ class Candidate:
     shapes: dict[str, tuple[int, ...]]
     val_acc_best: float
 
-    def state(self) -> dict[str, Tensor]:
+    def state(self) -> dict[str, Any]:
         """The weights, read again when needed: a sweep of big models does not fit in memory."""
         from posttrain.checkpoints import load_checkpoint
 
@@ -134,13 +136,13 @@ class StateSum:
     def __init__(self) -> None:
         self.sums: dict[str, Tensor] = {}  # float tensors, summed in float64
         self.dtypes: dict[str, torch.dtype] = {}
-        self.kept: dict[str, Tensor] = {}  # integer buffers: counts, not weights
+        self.kept: dict[str, Any] = {}  # integer buffers and extra states: not weights
         self.count = 0
 
-    def add(self, state: dict[str, Tensor]) -> None:
+    def add(self, state: dict[str, Any]) -> None:
         for name, tensor in state.items():
-            if not tensor.is_floating_point():
-                self.kept.setdefault(name, tensor.clone())
+            if not isinstance(tensor, Tensor) or not tensor.is_floating_point():
+                self.kept.setdefault(name, copy.deepcopy(tensor))
             elif name in self.sums:
                 self.sums[name] += tensor.double()
             else:
@@ -148,7 +150,7 @@ class StateSum:
                 self.dtypes[name] = tensor.dtype
         self.count += 1
 
-    def mean(self, extra: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+    def mean(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """The mean of what was added (and of `extra`, which is not added), in stored dtypes."""
         count = self.count + (extra is not None)
         averaged = {
@@ -160,8 +162,9 @@ class StateSum:
         return {**self.kept, **averaged}
 
 
-def average_state_dicts(states: Iterable[dict[str, Tensor]]) -> dict[str, Tensor]:
-    """The uniform soup: float tensors averaged, integer buffers from the first state."""
+def average_state_dicts(states: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """The uniform soup: float tensors averaged, integer buffers and extra states from the
+    first state."""
     total = StateSum()
     for state in states:
         total.add(state)
@@ -409,7 +412,7 @@ class SoupJudge:
         for batch in ordered:
             yield self.datamodule.on_after_batch_transfer(batch, 0)[0]
 
-    def load(self, state: dict[str, Tensor], reestimate: bool) -> None:
+    def load(self, state: dict[str, Any], reestimate: bool) -> None:
         """The weights; with `reestimate`, BatchNorm statistics from the training images. On
         the network itself, whose `train()` puts every BatchNorm in training mode: the
         method's keeps `freeze_bn_stats` ones in eval mode, whose statistics `update_bn`
@@ -433,7 +436,7 @@ class SoupJudge:
         metrics = epoch_metrics(results[0])
         return {k: v for k, v in metrics.items() if k.startswith(f"{split}/") and "best" not in k}
 
-    def val_acc(self, state: dict[str, Tensor], reestimate: bool) -> float:
+    def val_acc(self, state: dict[str, Any], reestimate: bool) -> float:
         self.load(state, reestimate)
         return self.score("val")["val/acc"]
 
@@ -477,7 +480,7 @@ def uniform_soup(judge: SoupJudge, candidates: list[Candidate]) -> tuple[StateSu
 # Writing it -----------------------------------------------------------------------------------
 
 
-def soup_checkpoint(reference: Candidate, state: dict[str, Tensor], info: dict) -> dict:
+def soup_checkpoint(reference: Candidate, state: dict[str, Any], info: dict) -> dict:
     """The best job's checkpoint (config, data statistics, versions) with the soup's weights
     and without that job's training state, which belongs to no soup."""
     from posttrain.checkpoints import SOUP_KEY, load_checkpoint
@@ -552,7 +555,7 @@ def make_soup(sweep_dir: str | Path, recipe: str = "greedy") -> dict[str, Any]:
     ingredients = [step.job for step in steps if step.kept]
     reestimated = reestimates(c for c in selection.candidates if c.folder in ingredients)
     judge.load(soup.mean(), reestimated)
-    state = {k: v.detach().clone() for k, v in judge.method.state_dict().items()}
+    state = copy.deepcopy(judge.method.state_dict())  # extra states (`*._extra_state`) too
     metrics = {**judge.score("val"), **judge.score("test")}
     record = {
         "status": "completed",
