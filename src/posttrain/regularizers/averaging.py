@@ -112,7 +112,8 @@ class AveragedEverywhere(WeightAveraging):
     def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
         """Resuming training restores raw and averaged weights; testing or evaluating a
         checkpoint keeps its `state_dict`, the averaged weights (Lightning would load the
-        raw ones into the model whenever an average exists)."""
+        raw ones into the model whenever an average exists), and remembers what they are
+        for `tested_weights`."""
         if trainer.state.fn != TrainerFn.FITTING:
             self._tested = str(checkpoint.get(WEIGHTS_KEY, ""))  # what the test scores
             return
