@@ -388,6 +388,9 @@ def test_a_resume_refuses_a_teacher_file_that_changed_since_the_start(
     assert message.startswith("Config key `method.teacher`:") and "\n" not in message
     assert "is not the teacher this run started with" in message
     assert torch.load(last, weights_only=True)["global_step"] == 4  # not one step more
+    teacher.unlink()  # gone: refused before any work too, not when fitting sets up
+    message = user_error(lambda: train(compose_config(run, resume)))
+    assert "does not exist (or is not a file), and this run started distilling" in message
     shutil.copy(teacher_file, teacher)  # the original back: the run resumes
     assert train(compose_config(run, resume))["epoch"] == 2
 

@@ -263,11 +263,17 @@ def file_digest(file: Path) -> str:
 def check_same_teacher(saved: Any, path: str | Path) -> None:
     """A resumed student distills from the teacher its run started with (`saved`: what its
     checkpoint recorded, None in checkpoints written before it did). Refused before any work
-    when the file at `method.teacher` now holds other contents; a missing file is refused
-    when the teacher is loaded."""
-    file = Path(str(path))
-    if not isinstance(saved, dict) or not file.is_file():
+    (the folder keeps its record) when the file at `method.teacher` is gone or now holds other
+    contents."""
+    if not isinstance(saved, dict):
         return
+    file = Path(str(path))
+    require(
+        file.is_file(),
+        f"Config key `{KEY}`: {file} does not exist (or is not a file), and this run started "
+        f"distilling from it (sha256 {str(saved.get('sha256'))[:12]}...). Put the teacher's "
+        "file back at that path to resume, or start a new run with another teacher.",
+    )
     now = file_digest(file)
     require(
         now == saved.get("sha256"),
