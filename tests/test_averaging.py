@@ -4,6 +4,7 @@ exactly like the uninterrupted one. Knobs out of range are refused naming the ke
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +98,9 @@ def test_ema_is_validated_checkpointed_and_tested(
     # best.ckpt is the epoch whose *averaged* weights scored val/acc_best, and holds them
     assert same(saved(best), seen.validated[best["epoch"]])
     assert same(seen.tested, saved(best))  # the test scored them
+    steps = 4 * (best["epoch"] + 1)  # and metrics.json says so
+    average = f"; the reg=ema average of the weights, over {steps} optimizer steps"
+    assert json.loads((folder / "metrics.json").read_text())["tested"].endswith(average)
     tracker = "tracker.best.max_value"  # not the stale copy made when averaging began
     assert float(best["state_dict"][tracker]) == pytest.approx(metrics["val/acc_best"])
     again = evaluated(
@@ -121,6 +125,33 @@ def test_swa_averages_epoch_ends_from_start_epoch_and_validates_the_average(
     assert int(last["averaging_state"]["n_averaged"]) == 2
     assert same(saved(last), validated[2]) and same(saved(best), validated[best["epoch"]])
     assert same(seen.tested, saved(best))
+    tested = json.loads((folder / "metrics.json").read_text())["tested"]
+    if best["epoch"] == 0:  # before start_epoch: raw weights, and metrics.json says so
+        raw = "; the raw weights: reg=swa had averaged nothing (it averages from the end of epoch 1"
+        assert raw in tested
+    else:
+        over = "1 epoch end" if best["epoch"] == 1 else "2 epoch ends"
+        assert tested.endswith(f"; the reg=swa average of the weights, over {over}")
+
+
+def test_a_test_of_raw_weights_says_so_when_early_stopping_ends_before_swa_starts(
+    tmp_path: Path,
+) -> None:
+    """Early stopping (patience 1, no progress at this learning rate) ends training after
+    epoch 1, before `reg.swa.start_epoch=6`: the test scored raw weights, while metrics.json
+    said only "best.ckpt" and the run statement "validated, checkpointed and tested"."""
+    folder = tmp_path / "stopped"
+    overrides = [*TINY, "reg=[swa,early_stopping]", "reg.early_stopping.patience=1",
+                 "reg.swa.start_epoch=6", "trainer.max_epochs=8", "optimizer.lr=1e-7"]  # fmt: skip
+    metrics = train(compose_config(folder, overrides))
+    assert metrics["epoch"] < 6
+    best, _ = checkpoints(folder)
+    assert "averaging_state" not in best
+    record = json.loads((folder / "metrics.json").read_text())
+    assert record["status"] == "completed"
+    assert record["tested"].startswith("best.ckpt: the epoch with the best val/acc")
+    raw = "; the raw weights: reg=swa had averaged nothing (it averages from the end of epoch 6 on"
+    assert raw in record["tested"]
 
 
 @pytest.mark.slow

@@ -366,6 +366,35 @@ def test_distilling_on_unlabelled_images_resumes_exactly(
     assert resumed == uninterrupted
 
 
+def test_a_resume_refuses_a_teacher_file_that_changed_since_the_start(
+    teacher_file: Path, tmp_path: Path
+) -> None:
+    """The teacher is read again when a run resumes: a teacher run trained on in its folder
+    rewrites `best.ckpt`, and the resumed student silently learned from that other teacher."""
+    from posttrain.models.teacher import file_digest
+
+    teacher, run = tmp_path / "teacher.ckpt", tmp_path / "run"
+    shutil.copy(teacher_file, teacher)
+    overrides = [*CPU, *STUDENT, f"method.teacher={teacher}"]
+    train(compose_config(run, [*overrides, "trainer.max_epochs=1"]))
+    last = run / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, weights_only=True)["posttrain_teacher"]
+    assert saved == {"file": str(teacher), "sha256": file_digest(teacher_file)}
+    retrained = torch.load(teacher_file, weights_only=True)
+    retrained["state_dict"] = {k: v * 0.5 for k, v in retrained["state_dict"].items()}
+    torch.save(retrained, teacher)
+    resume = [*overrides, "trainer.max_epochs=2", "ckpt_path=last"]
+    message = user_error(lambda: train(compose_config(run, resume)))
+    assert message.startswith("Config key `method.teacher`:") and "\n" not in message
+    assert "is not the teacher this run started with" in message
+    assert torch.load(last, weights_only=True)["global_step"] == 4  # not one step more
+    teacher.unlink()  # gone: refused before any work too, not when fitting sets up
+    message = user_error(lambda: train(compose_config(run, resume)))
+    assert "does not exist (or is not a file), and this run started distilling" in message
+    shutil.copy(teacher_file, teacher)  # the original back: the run resumes
+    assert train(compose_config(run, resume))["epoch"] == 2
+
+
 # --- refusals, each one paragraph naming its key -----------------------------------------------
 
 

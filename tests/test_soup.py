@@ -167,26 +167,38 @@ def trained_job(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def copy_job(trained: Path, sweep: Path, name: str, val: float, scale: float = 1.0) -> None:
-    """The trained job under another name, its float weights multiplied by `scale`."""
+def copy_job(
+    trained: Path, sweep: Path, name: str, val: float, scale: float = 1.0, **extra: object
+) -> None:
+    """The trained job under another name, its float weights multiplied by `scale`, with
+    `extra` checkpoint entries."""
     checkpointed_job(sweep, name, completed(val), None)
     shutil.copytree(trained / "checkpoints", sweep / name / "checkpoints")
     file = sweep / name / "checkpoints" / "best.ckpt"
     checkpoint = torch.load(file, weights_only=True)
     state = checkpoint["state_dict"]
     checkpoint["state_dict"] = {
-        k: v * scale if v.is_floating_point() else v for k, v in state.items()
+        k: v * scale if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+        for k, v in state.items()
     }
-    torch.save(checkpoint, file)
+    torch.save({**checkpoint, **extra}, file)
+
+
+# What a `reg=ema` job's checkpoint carries beside its averaged `state_dict`.
+AVERAGING_ENTRIES = {
+    "current_model_state": {"model.head.bias": torch.zeros(10)},
+    "averaging_state": {"n_averaged": torch.tensor(8)},
+    "posttrain_weights": "the reg=ema average of the weights, over 8 optimizer steps",
+}
 
 
 @pytest.fixture(scope="module")
 def soups(trained_job: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, dict]:
-    """A sweep of three copies of the trained job, ranked by val/acc_best: the best; one whose
-    weights cancel the best job's (any soup with it is all zeros and predicts one class);
-    the best job again. Its greedy and uniform soups."""
+    """A sweep of three copies of the trained job, ranked by val/acc_best: the best (as a
+    `reg=ema` job's checkpoint); one whose weights cancel the best job's (any soup with it is
+    all zeros and predicts one class); the best job again. Its greedy and uniform soups."""
     sweep = tmp_path_factory.mktemp("sweep")
-    copy_job(trained_job, sweep, "0_best", val=0.9)
+    copy_job(trained_job, sweep, "0_best", val=0.9, **AVERAGING_ENTRIES)
     copy_job(trained_job, sweep, "1_garbage", val=0.8, scale=-1.0)
     copy_job(trained_job, sweep, "2_same", val=0.7)
     return sweep, make_soup(sweep, "greedy"), make_soup(sweep, "uniform")
@@ -227,6 +239,30 @@ def test_the_soup_is_scored_with_the_jobs_batch_limits_and_precision(
     }  # fmt: skip
 
 
+def test_jobs_without_a_test_give_a_soup_without_one(
+    trained_job: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """`trainer.limit_test_batches=0` jobs report no test/*: the soup, scored as they were,
+    used to end in an IndexError after all its work, writing nothing."""
+    for name, val in (("0_best", 0.9), ("1_same", 0.8)):
+        copy_job(trained_job, tmp_path, name, val=val)
+        file = tmp_path / name / "checkpoints" / "best.ckpt"
+        checkpoint = torch.load(file, weights_only=True)
+        checkpoint[CONFIG_KEY]["trainer"]["limit_test_batches"] = 0
+        torch.save(checkpoint, file)
+    record = make_soup(tmp_path, "uniform")
+    assert "val/acc" in record and not any(key.startswith("test/") for key in record)
+    assert "limit_test_batches=0" in record["tested"]
+    assert "no test (its jobs ran with trainer.limit_test_batches=0)" in capsys.readouterr().out
+    written = json.loads((tmp_path / "soup_uniform" / "metrics.json").read_text())
+    assert written["status"] == "completed" and "test/acc" not in written
+    with (tmp_path / "report.csv").open() as handle:
+        header, *rows = list(csv.reader(handle))
+    soup_row = dict(zip(header[1:], rows[-1][1:], strict=True))  # fake jobs sweep a `job` key
+    assert rows[-1][0] == "soup_uniform" and soup_row["test/acc"] == ""
+    assert soup_row["val/acc_best"] == f"{record['val/acc']:.4f}"
+
+
 def test_greedy_skips_a_job_that_lowers_validation_accuracy(
     soups: tuple[Path, dict, dict],
 ) -> None:
@@ -259,6 +295,89 @@ def test_the_soup_checkpoint_has_reestimated_batchnorm_statistics(
     name = "model.features.0.1.running_var"
     assert not torch.allclose(weights[name], trained[name])
     assert "optimizer_states" not in soup and soup["posttrain_soup"]["recipe"] == "greedy"
+    # the best job's raw EMA-run weights and the words for its own weights are not the soup's
+    assert not set(AVERAGING_ENTRIES) & set(soup)
+
+
+def with_frozen_statistics(job: Path) -> None:
+    """The job's stored config as a `method=finetune` run with `freeze_bn_stats=true` (from
+    the same random start: `weights` null, as the judge loads the job's own checkpoint)."""
+    file = job / "checkpoints" / "best.ckpt"
+    checkpoint = torch.load(file, weights_only=True)
+    checkpoint[CONFIG_KEY]["method"]["finetune"] = {
+        "policy": "full", "unfreeze_at_epoch": 2, "unfreeze_groups": 1, "backbone_lr_factor": 0.1,
+        "freeze_bn_stats": True, "reinit_top_layers": 0, "weights": None,
+    }  # fmt: skip
+    torch.save(checkpoint, file)
+
+
+def test_batchnorm_is_reestimated_unless_every_ingredient_froze_it(
+    trained_job: Path, tmp_path: Path
+) -> None:
+    """The choice followed the best job alone: a `freeze_bn_stats` job beside one that trained
+    its statistics kept their average ("the recipe froze them"), which describes no model."""
+    name = "model.features.0.1.running_var"
+    trained = torch.load(trained_job / "checkpoints" / "best.ckpt", weights_only=True)
+    cases = {"mixed": ("0_frozen",), "frozen": ("0_frozen", "1_other")}
+    for sweep, frozen in ((tmp_path / case, jobs) for case, jobs in cases.items()):
+        for job, val in (("0_frozen", 0.9), ("1_other", 0.8)):
+            copy_job(trained_job, sweep, job, val=val)
+            if job in frozen:
+                with_frozen_statistics(sweep / job)
+        record = make_soup(sweep, "uniform")
+        soup = torch.load(sweep / "soup_uniform/checkpoints/soup.ckpt", weights_only=True)
+        statistics = soup["state_dict"][name]
+        if len(frozen) == 2:  # every ingredient kept them: their average is the model's own
+            assert record["bn_reestimated"] is False
+            assert torch.equal(statistics, trained["state_dict"][name])
+        else:  # from the training images, on every BatchNorm (none left at its reset value)
+            assert record["bn_reestimated"] is True
+            assert not torch.allclose(statistics, trained["state_dict"][name])
+            assert not torch.allclose(statistics, torch.ones_like(statistics))
+
+
+def test_resuming_from_a_soup_is_refused_in_one_paragraph(
+    soups: tuple[Path, dict, dict], tmp_path: Path
+) -> None:
+    """`train.py ckpt_path=<soup.ckpt>` matched the soup's config, started the run and ended
+    in Lightning's `KeyError: 'Trying to restore optimizer state ...'` traceback."""
+    from posttrain.errors import PosttrainError
+    from posttrain.train import train
+
+    soup_file = soups[0] / "soup_greedy" / "checkpoints" / "soup.ckpt"
+    weights_only = tmp_path / "weights.ckpt"
+    soup = torch.load(soup_file, weights_only=True)
+    torch.save({k: v for k, v in soup.items() if k != "posttrain_soup"}, weights_only)
+    cases = ((soup_file, "is a model soup"), (weights_only, "is no training run's checkpoint"))
+    for file, what in cases:
+        overrides = ["trainer=cpu", "logger=none", "callbacks.progress_bar=null", "model.width=8",
+                     "debug=limit", f"ckpt_path={file}"]  # fmt: skip
+        with pytest.raises(PosttrainError, match=f"`ckpt_path`: .* {what}") as refused:
+            train(compose_config(tmp_path / file.stem, overrides))
+        assert "no training to resume" in str(refused.value)
+        assert "model.pretrained=<file>" in str(refused.value)
+
+
+def test_a_soup_of_multitask_jobs_keeps_their_extra_state_and_evaluates(tmp_path: Path) -> None:
+    """Multi-task checkpoints hold an extra state (DWA's loss history, a dict): averaging
+    stopped at it with `AttributeError: 'dict' object has no attribute 'is_floating_point'`."""
+    from posttrain.train import train
+    from tests.test_eval import evaluated
+
+    job = tmp_path / "job"
+    overrides = ["trainer=cpu", "logger=none", "callbacks.progress_bar=null", "model.width=8",
+                 "debug=limit", "experiment=digits_multitask", "method.weighting=dwa"]  # fmt: skip
+    train(compose_config(job, overrides))
+    for name, val in (("0_a", 0.9), ("1_b", 0.8)):
+        copy_job(job, tmp_path / "sweep", name, val=val)
+    record = make_soup(tmp_path / "sweep", "uniform")
+    soup_file = tmp_path / "sweep" / "soup_uniform" / "checkpoints" / "soup.ckpt"
+    extra = "weighting._extra_state"
+    trained = torch.load(job / "checkpoints" / "best.ckpt", weights_only=True)["state_dict"]
+    assert torch.load(soup_file, weights_only=True)["state_dict"][extra] == trained[extra]
+    assert "test/digit/acc" in record  # every task scored
+    again = evaluated(tmp_path / "eval", soup_file, "trainer.limit_test_batches=2")
+    assert again["test/acc"] == record["test/acc"]  # the jobs' limit: the same images
 
 
 @pytest.mark.slow

@@ -329,6 +329,38 @@ def resume_path(value: str | None, output_dir: str | Path) -> str | None:
     return str(last)
 
 
+# What a soup (`posttrain.soup.SOUP_KEY`) stores about itself: weights, no training state.
+SOUP_KEY = "posttrain_soup"
+
+
+def check_training_state(checkpoint: dict[str, Any], path: str | Path) -> None:
+    """A resume continues a run's training, so the file must hold it: a model soup (written
+    by `python -m posttrain.soup`) or a weights-only checkpoint has none, and Lightning
+    stopped with `KeyError: 'Trying to restore optimizer state but checkpoint contains only
+    the model'` after the run had started."""
+    if "optimizer_states" in checkpoint and "loops" in checkpoint:
+        return
+    what = (
+        "a model soup (written by `python -m posttrain.soup`): the average of a sweep's weights"
+        if SOUP_KEY in checkpoint
+        else "no training run's checkpoint (at most weights: `save_weights_only`, a state dict)"
+    )
+    raise PosttrainError(
+        f"Config key `ckpt_path`: {path} is {what}, with no optimizer, scheduler or loop "
+        "state, so there is no training to resume. To train on from its weights, start a new "
+        "run with `model.pretrained=<file>` (and `model.pretrained_head=true` to keep its "
+        "head); to test it, use `python eval.py ckpt_path=<file>`."
+    )
+
+
+def check_resumed_method(checkpoint: dict[str, Any], method: Any) -> None:
+    """What only the method knows a resume depends on, before any work (`check_resume`:
+    distillation's teacher file). Not for `eval.py`, which needs none of it."""
+    check = getattr(method, "check_resume", None)
+    if callable(check):
+        check(checkpoint)
+
+
 def check_resumable(checkpoint: dict[str, Any], method: Any, path: str | Path) -> None:
     """The checkpoint's weights fit the model this config builds (same names and shapes),
     so a changed architecture or class count is one paragraph, not a size-mismatch trace."""

@@ -12,13 +12,16 @@ with one line saying why.
   if the soup's validation accuracy does not drop with it.
 
 Floating-point tensors are averaged; integer buffers (BatchNorm's `num_batches_tracked`)
-are counts, taken from the first ingredient. The averaged BatchNorm statistics describe no
+are counts and extra states (multi-task DWA's loss history) are bookkeeping, both taken from
+the first ingredient. The averaged BatchNorm statistics describe no
 model (the mean of variances is not the variance of the averaged network), so they are
 re-estimated on the training images (torch's `update_bn`, without augmentation) before
-every validation and the test, unless the recipe kept them frozen. The soup is scored with
-the data, method, batch limits (`trainer.limit_val_batches`, `limit_test_batches`) and
-precision of the best job's stored config, so its numbers count the images the jobs' did:
-validation accuracy to choose ingredients, the test split once at the end.
+every validation and the test, unless every ingredient's recipe kept them frozen. The soup
+is scored with the data, method, batch limits (`trainer.limit_val_batches`,
+`limit_test_batches`) and precision of the best job's stored config, so its numbers count
+the images the jobs' did:
+validation accuracy to choose ingredients, the test split once at the end (not at all when
+the jobs ran no test: `trainer.limit_test_batches=0`).
 
 Writes `<multirun>/soup_<recipe>/checkpoints/soup.ckpt` (loadable by `eval.py ckpt_path=...`
 and `model.pretrained=...`) and `metrics.json`, and rewrites the sweep report with the soup
@@ -28,6 +31,7 @@ beside the jobs.
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import sys
 import time
@@ -47,7 +51,9 @@ if TYPE_CHECKING:
 RECIPES = ("greedy", "uniform")
 # Model keys that do not change the weights' layout (the starting point is compared apart).
 NOT_ARCHITECTURE = frozenset({"pretrained", "pretrained_head", "channels_last", "compile"})
-# Checkpoint entries that belong to one job's training (resume state), not to the soup.
+# Checkpoint entries that belong to one job's training (resume state), not to the soup:
+# `reg=ema|swa` jobs also carry their raw weights, the average's count and what their
+# `state_dict` holds (`posttrain.regularizers.averaging.WEIGHTS_KEY`).
 TRAINING_ONLY_KEYS = (
     "loops",
     "callbacks",
@@ -55,8 +61,15 @@ TRAINING_ONLY_KEYS = (
     "lr_schedulers",
     "posttrain_random_state",
     "posttrain_divergence",
+    "current_model_state",
+    "averaging_state",
+    "posttrain_weights",
 )
-SOUP_KEY = "posttrain_soup"
+# The soup is scored as its jobs were: where they ran no test, neither does it.
+NOT_TESTED = (
+    "nothing: the jobs ran with `trainer.limit_test_batches=0`, so they have no test/* and "
+    "neither has the soup; validation alone chose it"
+)
 
 
 @dataclass
@@ -69,7 +82,7 @@ class Candidate:
     shapes: dict[str, tuple[int, ...]]
     val_acc_best: float
 
-    def state(self) -> dict[str, Tensor]:
+    def state(self) -> dict[str, Any]:
         """The weights, read again when needed: a sweep of big models does not fit in memory."""
         from posttrain.checkpoints import load_checkpoint
 
@@ -90,6 +103,9 @@ class Candidate:
 
     def method(self) -> str:
         return str(self.config["method"].get("_target_"))
+
+    def trains_statistics(self) -> bool:
+        return statistics_are_trained(self.config)
 
     def data(self) -> dict[str, Any]:
         return self.config.get("data") or {}
@@ -120,13 +136,13 @@ class StateSum:
     def __init__(self) -> None:
         self.sums: dict[str, Tensor] = {}  # float tensors, summed in float64
         self.dtypes: dict[str, torch.dtype] = {}
-        self.kept: dict[str, Tensor] = {}  # integer buffers: counts, not weights
+        self.kept: dict[str, Any] = {}  # integer buffers and extra states: not weights
         self.count = 0
 
-    def add(self, state: dict[str, Tensor]) -> None:
+    def add(self, state: dict[str, Any]) -> None:
         for name, tensor in state.items():
-            if not tensor.is_floating_point():
-                self.kept.setdefault(name, tensor.clone())
+            if not isinstance(tensor, Tensor) or not tensor.is_floating_point():
+                self.kept.setdefault(name, copy.deepcopy(tensor))
             elif name in self.sums:
                 self.sums[name] += tensor.double()
             else:
@@ -134,7 +150,7 @@ class StateSum:
                 self.dtypes[name] = tensor.dtype
         self.count += 1
 
-    def mean(self, extra: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+    def mean(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """The mean of what was added (and of `extra`, which is not added), in stored dtypes."""
         count = self.count + (extra is not None)
         averaged = {
@@ -146,8 +162,9 @@ class StateSum:
         return {**self.kept, **averaged}
 
 
-def average_state_dicts(states: Iterable[dict[str, Tensor]]) -> dict[str, Tensor]:
-    """The uniform soup: float tensors averaged, integer buffers from the first state."""
+def average_state_dicts(states: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """The uniform soup: float tensors averaged, integer buffers and extra states from the
+    first state."""
     total = StateSum()
     for state in states:
         total.add(state)
@@ -319,6 +336,13 @@ def statistics_are_trained(config: dict[str, Any]) -> bool:
     return finetune.get("policy", "full") != "linear_probe" and not finetune.get("freeze_bn_stats")
 
 
+def reestimates(ingredients: Iterable[Candidate]) -> bool:
+    """Whether a mix's BatchNorm statistics must be re-estimated: unless every ingredient kept
+    the same frozen (pretrained) ones. One that trained them (a `policy=full` job beside a
+    `linear_probe` one) makes the averaged statistics describe no model."""
+    return any(ingredient.trains_statistics() for ingredient in ingredients)
+
+
 # What the jobs' own validation and test were run with, so the soup is scored on the same
 # images at the same precision (a bare Trainer scored all 359 test images of jobs that had
 # reported `trainer.limit_test_batches=1`: 32).
@@ -364,7 +388,6 @@ class SoupJudge:
         L.seed_everything(int(config.get("seed", 0)), verbose=False)
         self.datamodule, self.method = build_components(config)
         self.datamodule.setup("fit")
-        self.reestimate = statistics_are_trained(reference.config)
         quiet_console()
         self.settings = scoring_settings(reference)
         self.trainer = L.Trainer(
@@ -389,25 +412,32 @@ class SoupJudge:
         for batch in ordered:
             yield self.datamodule.on_after_batch_transfer(batch, 0)[0]
 
-    def load(self, state: dict[str, Tensor]) -> None:
+    def load(self, state: dict[str, Any], reestimate: bool) -> None:
+        """The weights; with `reestimate`, BatchNorm statistics from the training images. On
+        the network itself, whose `train()` puts every BatchNorm in training mode: the
+        method's keeps `freeze_bn_stats` ones in eval mode, whose statistics `update_bn`
+        would reset and never re-estimate."""
         from torch.optim.swa_utils import update_bn
 
         self.method.load_state_dict(state)
-        if self.reestimate:
+        if reestimate:
             with torch.no_grad():
-                update_bn(self.training_inputs(), self.method)
+                update_bn(self.training_inputs(), self.method.model)
 
     def score(self, split: str) -> dict[str, float]:
-        """`val/*` or `test/*` metrics of the loaded weights."""
+        """`val/*` or `test/*` metrics of the loaded weights; none where the jobs' limit runs
+        no batch of the split (`trainer.limit_test_batches=0`: they reported no `test/*`)."""
         from posttrain.runs import epoch_metrics
 
         run = self.trainer.validate if split == "val" else self.trainer.test
         results = run(self.method, datamodule=self.datamodule, verbose=False)
+        if not results:
+            return {}
         metrics = epoch_metrics(results[0])
         return {k: v for k, v in metrics.items() if k.startswith(f"{split}/") and "best" not in k}
 
-    def val_acc(self, state: dict[str, Tensor]) -> float:
-        self.load(state)
+    def val_acc(self, state: dict[str, Any], reestimate: bool) -> float:
+        self.load(state, reestimate)
         return self.score("val")["val/acc"]
 
 
@@ -424,14 +454,16 @@ def greedy_soup(judge: SoupJudge, candidates: list[Candidate]) -> tuple[StateSum
     """Best job first; each next one stays only if validation accuracy does not drop."""
     soup = StateSum()
     soup.add(candidates[0].state())
-    best = judge.val_acc(soup.mean())
+    kept_so_far = [candidates[0]]
+    best = judge.val_acc(soup.mean(), reestimates(kept_so_far))
     steps = [Step(candidates[0].folder, best, kept=True)]
     for candidate in candidates[1:]:
         state = candidate.state()
-        accuracy = judge.val_acc(soup.mean(extra=state))
+        accuracy = judge.val_acc(soup.mean(extra=state), reestimates([*kept_so_far, candidate]))
         kept = accuracy >= best
         if kept:
             soup.add(state)
+            kept_so_far.append(candidate)
             best = accuracy
         steps.append(Step(candidate.folder, accuracy, kept))
     return soup, steps
@@ -441,17 +473,17 @@ def uniform_soup(judge: SoupJudge, candidates: list[Candidate]) -> tuple[StateSu
     soup = StateSum()
     for candidate in candidates:
         soup.add(candidate.state())
-    accuracy = judge.val_acc(soup.mean())
+    accuracy = judge.val_acc(soup.mean(), reestimates(candidates))
     return soup, [Step(c.folder, accuracy, kept=True) for c in candidates]
 
 
 # Writing it -----------------------------------------------------------------------------------
 
 
-def soup_checkpoint(reference: Candidate, state: dict[str, Tensor], info: dict) -> dict:
+def soup_checkpoint(reference: Candidate, state: dict[str, Any], info: dict) -> dict:
     """The best job's checkpoint (config, data statistics, versions) with the soup's weights
     and without that job's training state, which belongs to no soup."""
-    from posttrain.checkpoints import load_checkpoint
+    from posttrain.checkpoints import SOUP_KEY, load_checkpoint
 
     checkpoint = load_checkpoint(reference.checkpoint, key="checkpoint")
     for key in TRAINING_ONLY_KEYS:
@@ -482,15 +514,20 @@ def summary(record: dict[str, Any], folder: Path, best: Candidate) -> str:
     chosen = ", ".join(job_name(job) for job in record["ingredients"])
     reference = job_name(best.folder)
     limits = ", ".join(f"{k}={v}" for k, v in record["scored_with_trainer"].items())
+    test = (
+        f"test/acc {record['test/acc']:.4f}"
+        if "test/acc" in record
+        else "no test (its jobs ran with trainer.limit_test_batches=0)"
+    )
     statistics = (
         "BatchNorm statistics re-estimated on the training images"
         if record["bn_reestimated"]
-        else "BatchNorm statistics kept (the recipe froze them)"
+        else "BatchNorm statistics kept (every ingredient's recipe froze them)"
     )
     return (
         f"posttrain.soup: {record['recipe']} soup of {len(record['ingredients'])} of "
         f"{record['candidates']} compatible jobs ({chosen}): val/acc {record['val/acc']:.4f}, "
-        f"test/acc {record['test/acc']:.4f}; the best single job ({reference}) had val/acc_best "
+        f"{test}; the best single job ({reference}) had val/acc_best "
         f"{best.val_acc_best:.4f}. {len(record['refused'])} job(s) refused. {statistics}; "
         f"scored with {reference}'s data, method, batch limits and precision ({limits}) in "
         f"{record['seconds']:.1f} s. Wrote "
@@ -515,21 +552,23 @@ def make_soup(sweep_dir: str | Path, recipe: str = "greedy") -> dict[str, Any]:
     judge = SoupJudge(reference, folder)
     cook = greedy_soup if recipe == "greedy" else uniform_soup
     soup, steps = cook(judge, selection.candidates)
-    judge.load(soup.mean())
-    state = {k: v.detach().clone() for k, v in judge.method.state_dict().items()}
-    metrics = {**judge.score("val"), **judge.score("test")}
     ingredients = [step.job for step in steps if step.kept]
+    reestimated = reestimates(c for c in selection.candidates if c.folder in ingredients)
+    judge.load(soup.mean(), reestimated)
+    state = copy.deepcopy(judge.method.state_dict())  # extra states (`*._extra_state`) too
+    metrics = {**judge.score("val"), **judge.score("test")}
     record = {
         "status": "completed",
         "recipe": recipe,
         **metrics,
+        **({} if "test/acc" in metrics else {"tested": NOT_TESTED}),
         "ingredients": ingredients,
         "candidates": len(selection.candidates),
         "steps": [vars(step) for step in steps],
         "refused": selection.refused,
         "scored_with": reference.folder,
         "scored_with_trainer": {k: judge.settings[k] for k in SCORING_KEYS},
-        "bn_reestimated": judge.reestimate,
+        "bn_reestimated": reestimated,
         "seconds": round(time.time() - started, 2),
     }
     info = {"recipe": recipe, "ingredients": ingredients, "sweep": str(sweep)}

@@ -28,6 +28,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         CONFIG_KEY,
         RandomStateInCheckpoint,
         check_resumable,
+        check_resumed_method,
+        check_training_state,
         load_checkpoint,
         resume_path,
     )
@@ -67,6 +69,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     config = resolved_config(cfg)
     ckpt_path = resume_path(ckpt_path, cfg.paths.output_dir)
     resumed = load_checkpoint(ckpt_path, key="ckpt_path") if ckpt_path else None
+    if resumed is not None:
+        check_training_state(resumed, ckpt_path)  # a soup holds weights, not a run
     if resumed is not None and isinstance(resumed.get(CONFIG_KEY), dict):
         refuse_unresumable_changes(resumed[CONFIG_KEY], config, ckpt_path)  # before any work
     if resumed is None and not is_multirun():  # a sweep decides about its job folders
@@ -76,6 +80,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     calibration = calibration_for(cfg, method)  # refused here, before any training
     if resumed is not None:
         check_resumable(resumed, method, ckpt_path)  # before any work is done
+        check_resumed_method(resumed, method)
     # Refusals above leave the folder's record alone (`runs.may_replace_record`); from here a
     # kill leaves `running`, never the folder's earlier record.
     record_start(cfg)
@@ -120,7 +125,17 @@ def fit_and_test(
         metrics.update(epoch_metrics(result))
     if not any(name.startswith("test/") for name in metrics):  # limit_test_batches=0
         tested = "nothing: no test batch ran (`trainer.limit_test_batches=0`), so no test/*"
+    else:
+        tested = "; ".join([tested, *weights_notes(trainer)])
     return metrics, tested
+
+
+def weights_notes(trainer: Any) -> list[str]:
+    """What callbacks say the tested weights were (`reg=ema|swa`: their average, or the raw
+    weights where none had been made: SWA's best epoch before `start_epoch`, early stopping
+    before it), so a test of raw weights never reads as one of the average."""
+    notes = (getattr(c, "tested_weights", lambda: None)() for c in trainer.callbacks)
+    return [note for note in notes if note]
 
 
 def tested_weights(checkpointing: Any, best: str | None, epochs_completed: int) -> str:

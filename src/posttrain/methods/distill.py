@@ -40,6 +40,7 @@ from posttrain.models.teacher import (
     Teacher,
     accuracy_on_student_inputs,
     adapter_warning,
+    check_same_teacher,
     load_teacher,
 )
 from posttrain.regularizers import RegularizerSet
@@ -48,6 +49,7 @@ log = logging.getLogger("posttrain")
 
 LOSS_PARTS = ("distill_loss", "label_loss")
 DRAWS_KEY = "posttrain_unlabelled_draws"
+TEACHER_KEY = "posttrain_teacher"  # the teacher file a checkpoint's run distilled from
 
 
 def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
@@ -206,6 +208,13 @@ class Distillation(SupervisedClassifier):
         super().on_save_checkpoint(checkpoint)
         if self.transfer_set is not None:
             checkpoint[DRAWS_KEY] = self.transfer_set.draws.get_state()
+        if self.teacher is not None:
+            checkpoint[TEACHER_KEY] = {"file": self.teacher_path, "sha256": self.teacher.digest}
+
+    def check_resume(self, checkpoint: dict[str, Any]) -> None:
+        """Before a resume does any work (`checkpoints.check_resumed_method`): the teacher
+        file holds the teacher the run started with, not a retrained one under its name."""
+        check_same_teacher(checkpoint.get(TEACHER_KEY), self.teacher_path)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Resume draws the transfer-set images the uninterrupted run would have drawn (set-up,

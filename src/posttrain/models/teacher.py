@@ -15,6 +15,7 @@ statistics the teacher's checkpoint carries.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 from dataclasses import dataclass
@@ -73,10 +74,16 @@ class Teacher:
     """A frozen classifier in eval mode that turns student batches into teacher logits."""
 
     def __init__(
-        self, network: nn.Module, stats: Stats | None, size: int | None, source: str
+        self,
+        network: nn.Module,
+        stats: Stats | None,
+        size: int | None,
+        source: str,
+        digest: str = "",
     ) -> None:
         self.network = network.eval().requires_grad_(False)
         self.stats, self.size, self.source = stats, size, source
+        self.digest = digest  # the file's sha256: what a resume checks it distills from
         self.adapter: InputAdapter | None = None
 
     def adapt_to(self, student_stats: Stats, native_size: tuple[int, int]) -> None:
@@ -246,6 +253,40 @@ def input_stats(checkpoint: dict[str, Any]) -> Stats | None:
     return torch.tensor(state["mean"]), torch.tensor(state["std"])
 
 
+def file_digest(file: Path) -> str:
+    """The teacher file's sha256: a teacher run that trained on (or was re-run) rewrites its
+    `best.ckpt` under the same name, and only the contents tell the two teachers apart."""
+    with file.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def check_same_teacher(saved: Any, path: str | Path) -> None:
+    """A resumed student distills from the teacher its run started with (`saved`: what its
+    checkpoint recorded, None in checkpoints written before it did). Refused before any work
+    (the folder keeps its record) when the file at `method.teacher` is gone or now holds other
+    contents."""
+    if not isinstance(saved, dict):
+        return
+    file = Path(str(path))
+    require(
+        file.is_file(),
+        f"Config key `{KEY}`: {file} does not exist (or is not a file), and this run started "
+        f"distilling from it (sha256 {str(saved.get('sha256'))[:12]}...). Put the teacher's "
+        "file back at that path to resume, or start a new run with another teacher.",
+    )
+    now = file_digest(file)
+    require(
+        now == saved.get("sha256"),
+        f"Config key `{KEY}`: {file} is not the teacher this run started with: the run read "
+        f"{saved.get('file')} with sha256 {str(saved.get('sha256'))[:12]}..., the file now "
+        f"has {now[:12]}... (a teacher run trained on or re-run in its folder rewrites its "
+        "checkpoints under the same names). The resumed student would learn from another "
+        "teacher from here on, and its numbers would describe neither. Put the original "
+        "teacher's file back at that path to resume, or start a new run to distill from "
+        "this one.",
+    )
+
+
 def load_teacher(
     path: str | Path, num_classes: int, in_channels: int, data: dict[str, Any]
 ) -> Teacher:
@@ -271,10 +312,17 @@ def load_teacher(
     network = build_network(config, weights, file)
     size = (config.get("data") or {}).get("image_size")
     arch = config["model"].get("arch", "model")
-    teacher = Teacher(network, input_stats(checkpoint), size, f"{arch} from {file}")
+    source = f"{arch} from {file}"
+    teacher = Teacher(network, input_stats(checkpoint), size, source, file_digest(file))
     if teacher.stats is None:
         log.warning("%s carries no normalization statistics: the student's are used", file)
     return teacher
 
 
-__all__ = ["InputAdapter", "Teacher", "accuracy_on_student_inputs", "load_teacher"]
+__all__ = [
+    "InputAdapter",
+    "Teacher",
+    "accuracy_on_student_inputs",
+    "check_same_teacher",
+    "load_teacher",
+]

@@ -33,6 +33,9 @@ log = logging.getLogger("posttrain")
 SWA_DEFAULT_START = 0.75
 # The share of the first step's weights an EMA may still hold when training ends.
 STALE_SHARE = 0.01
+# What a checkpoint's `state_dict` holds (the average, or the raw weights before one exists),
+# in words: the test of that checkpoint says it in metrics.json's `tested`.
+WEIGHTS_KEY = "posttrain_weights"
 
 
 class AveragedEverywhere(WeightAveraging):
@@ -44,12 +47,35 @@ class AveragedEverywhere(WeightAveraging):
     """
 
     _swapped = False
+    _tested: str | None = None  # what the tested checkpoint said it holds ("": it says not)
+    option = "reg=averaging"
+    unit = "update"  # what `n_averaged` counts
 
     @property
     def averaging(self) -> bool:
         """True once at least one set of weights went into the average."""
         average = self._average_model
         return average is not None and int(average.n_averaged) > 0
+
+    def not_yet(self) -> str:
+        """Why nothing is averaged yet."""
+        return "no optimizer step had been taken"
+
+    def weights_in_model(self) -> str:
+        """What the model (and a checkpoint saved now) holds: the average or the raw weights."""
+        if self.averaging:
+            count = int(self._average_model.n_averaged)  # type: ignore[union-attr]
+            units = self.unit if count == 1 else f"{self.unit}s"
+            return f"the {self.option} average of the weights, over {count} {units}"
+        return f"the raw weights: {self.option} had averaged nothing ({self.not_yet()})"
+
+    def tested_weights(self) -> str | None:
+        """For metrics.json's `tested`: what the tested checkpoint held (SWA's `best.ckpt`
+        may be of an epoch before `start_epoch`; early stopping may end training before
+        any average), or the model's own weights when the test loaded no checkpoint."""
+        if self._tested is not None:
+            return self._tested or None
+        return self.weights_in_model()
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         others = [c for c in trainer.callbacks if isinstance(c, WeightAveraging) and c is not self]
@@ -74,6 +100,7 @@ class AveragedEverywhere(WeightAveraging):
     def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
         """The averaged parameters and buffers; every other entry (`val/acc_best`'s tracker,
         extra states) is the run's current one, not the copy made when averaging began."""
+        checkpoint[WEIGHTS_KEY] = self.weights_in_model()
         if not self.averaging:
             return
         super().on_save_checkpoint(trainer, pl_module, checkpoint)
@@ -85,8 +112,12 @@ class AveragedEverywhere(WeightAveraging):
     def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
         """Resuming training restores raw and averaged weights; testing or evaluating a
         checkpoint keeps its `state_dict`, the averaged weights (Lightning would load the
-        raw ones into the model whenever an average exists)."""
-        if trainer.state.fn != TrainerFn.FITTING or self._average_model is None:
+        raw ones into the model whenever an average exists), and remembers what they are
+        for `tested_weights`."""
+        if trainer.state.fn != TrainerFn.FITTING:
+            self._tested = str(checkpoint.get(WEIGHTS_KEY, ""))  # what the test scores
+            return
+        if self._average_model is None:
             return
         if "current_model_state" in checkpoint:
             super().on_load_checkpoint(trainer, pl_module, checkpoint)
@@ -105,6 +136,8 @@ class EMACallback(AveragedEverywhere, EMAWeightAveraging):
     of the first step's weights (0.99 over a 200-step run: 13%, which scored 26% instead of
     95% on `digits_lowdata`), so a decay too slow for the run's length is said at the start.
     """
+
+    option, unit = "reg=ema", "optimizer step"
 
     def __init__(self, decay: float) -> None:
         super().__init__(decay=decay)
@@ -133,11 +166,19 @@ class SWACallback(AveragedEverywhere):
     would be validated an epoch late while the checkpoint already held the newer average.
     """
 
+    option, unit = "reg=swa", "epoch end"
+
     def __init__(self, start_epoch: int | None) -> None:
         super().__init__()  # no avg_fn: AveragedModel's equal (SWA) average
         self.configured_start = start_epoch
         self.start_epoch = start_epoch
         self._epoch_closing = False
+
+    def not_yet(self) -> str:
+        return (
+            f"it averages from the end of epoch {self.start_epoch} on, `reg.swa.start_epoch` "
+            "numbered from 0"
+        )
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         # Null under `max_epochs=-1` is 75% of the epochs `max_steps` allows: on_train_start.
