@@ -72,7 +72,9 @@ def run_seed(name: str, epochs: int, seed: int, folder: Path) -> dict:
     if metrics.get("status") != "completed":
         raise SystemExit(f"[{name} seed {seed}] run did not complete: {metrics}")
     wall = float((folder / "wall_seconds.txt").read_text())
-    return {"seed": seed, "wall_seconds": wall, **{f: metrics[k] for k, f in FIELDS.items()}}
+    numbers = {f: metrics[k] for k, f in FIELDS.items()}
+    # The validation the temperature was fitted on: it tells why a T = 1 was kept.
+    return {"seed": seed, "wall_seconds": wall, "val_acc": metrics["val/acc_best"], **numbers}
 
 
 def summarize(name: str, epochs: int, runs: list[dict]) -> dict:
@@ -122,16 +124,27 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+KEPT_T1_REASONS = (
+    (True, "every validation image was already right"),
+    (False, "its validation predictions were no better than chance"),
+)
+
+
 def kept_t1_notes(rows: list[dict]) -> list[str]:
-    """Which seeds fitted no temperature (T = 1 exactly: no validation mistake to fit on)."""
+    """Which seeds fitted no temperature (T = 1 exactly), and why: no validation mistake to
+    fit on, or validation predictions no better than chance (`why_no_temperature_fits`).
+    Results written before `val_acc` was kept only had the first case: the second fitted an
+    arbitrary huge T then."""
     notes = []
     for row in rows:
-        kept = [r["seed"] for r in row["per_seed"] if r["temperature"] == 1.0]
-        if kept:
-            notes.append(
-                f"{row['label']}: T = 1 kept for seed(s) {', '.join(map(str, kept))}: every "
-                "validation image was already right, so no temperature minimizes the NLL."
-            )
+        kept = [r for r in row["per_seed"] if r["temperature"] == 1.0]
+        for right, why in KEPT_T1_REASONS:
+            seeds = [str(r["seed"]) for r in kept if (r.get("val_acc", 1.0) == 1.0) == right]
+            if seeds:
+                notes.append(
+                    f"{row['label']}: T = 1 kept for seed(s) {', '.join(seeds)}: {why}, so no "
+                    "temperature minimizes the NLL."
+                )
     return notes
 
 

@@ -74,6 +74,14 @@ def test_validation_without_a_mistake_keeps_t_1(caplog: pytest.LogCaptureFixture
     assert TemperatureScaling().fit(one_wrong.logits, one_wrong.targets) != 1.0
 
 
+def test_validation_no_better_than_chance_keeps_t_1(caplog: pytest.LogCaptureFixture) -> None:
+    """Its NLL falls as T -> infinity: LBFGS stopped at T ~ 2e7, recorded as the fit."""
+    sample = over_confident(calibrated_sample(400, seed=4))
+    worst = Predictions(sample.logits, sample.logits.argmin(-1))  # the true class scores lowest
+    assert TemperatureScaling().fit(worst.logits, worst.targets) == 1.0
+    assert "no better than chance" in caplog.text
+
+
 def test_ece_is_the_logged_test_ece() -> None:
     """Same bins and definition as `SplitMetrics`, accumulated over several batches."""
     sample = over_confident(calibrated_sample(1000, seed=2))
@@ -195,3 +203,18 @@ def test_benchmark_table_shows_before_after_and_cost() -> None:
     assert "5.0 s (5.0% of the run)" in table and "T = 1 kept" not in table
     row["per_seed"][1]["temperature"] = 1.0
     assert "T = 1 kept for seed(s) 1:" in markdown_table({"rows": [row]})
+
+
+def test_the_benchmark_says_why_each_seed_kept_t_1() -> None:
+    """The README note said 'every validation image was already right' for any T = 1."""
+    from benchmarks.calibration import kept_t1_notes
+
+    seeds = [
+        {"seed": 0, "temperature": 1.0, "val_acc": 1.0},
+        {"seed": 1, "temperature": 1.0, "val_acc": 0.08},
+        {"seed": 2, "temperature": 1.7, "val_acc": 0.9},
+        {"seed": 3, "temperature": 1.0},  # written before val_acc was kept
+    ]
+    right, chance = kept_t1_notes([{"label": "run", "per_seed": seeds}])
+    assert "seed(s) 0, 3: every validation image was already right" in right
+    assert "seed(s) 1: its validation predictions were no better than chance" in chance

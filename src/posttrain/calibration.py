@@ -56,6 +56,30 @@ def negative_log_likelihood(logits: Tensor, targets: Tensor) -> float:
     return float(F.cross_entropy(logits.float(), targets))
 
 
+def why_no_temperature_fits(logits: Tensor, targets: Tensor) -> str | None:
+    """Why the validation NLL has no minimum at a finite T > 0, or None when it has one.
+
+    The NLL is convex in 1/T. When every image is classified correctly it keeps falling as
+    T -> 0 (LBFGS returned T ~ 0.003, which made every test mistake cost ~100 nats). When the
+    true class's logit is on average no higher than the mean logit, it falls as T -> infinity
+    (LBFGS stopped at T ~ 2e7, an arbitrary number recorded as the fit).
+    """
+    count = len(targets)
+    if bool((logits.argmax(dim=-1) == targets).all()):
+        return (
+            f"all {count} validation images are classified correctly (a larger validation "
+            "split, `data.val_fraction`, gives it mistakes to fit on)"
+        )
+    true_logit = logits.gather(1, targets[:, None]).squeeze(1)
+    if float((true_logit - logits.mean(dim=-1)).mean()) <= 0:
+        return (
+            f"on the {count} validation images the true class scores on average no higher "
+            "than the mean class (predictions no better than chance; the best fit is "
+            "T -> infinity, every class equally likely)"
+        )
+    return None
+
+
 class TemperatureScaling:
     """`calibration=temperature`: one temperature for all classes, fitted on validation."""
 
@@ -64,19 +88,15 @@ class TemperatureScaling:
         self.max_iter = max_iter
 
     def fit(self, logits: Tensor, targets: Tensor) -> float:
-        """The T minimizing the NLL of `logits / T` (LBFGS on log T, from T = 1).
-
-        When every validation image is already classified correctly, the NLL keeps falling
-        as T -> 0 and no temperature minimizes it (LBFGS returned T ~ 0.003, which made every
-        test mistake cost ~100 nats): T = 1 is kept then, with a warning.
-        """
+        """The T minimizing the NLL of `logits / T` (LBFGS on log T, from T = 1), or T = 1
+        with a warning where no finite T > 0 minimizes it (`why_no_temperature_fits`)."""
         logits, targets = logits.detach().float(), targets.detach()
-        if bool((logits.argmax(dim=-1) == targets).all()):
+        reason = why_no_temperature_fits(logits, targets)
+        if reason is not None:
             log.warning(
-                "temperature scaling: all %d validation images are classified correctly, so "
-                "no temperature minimizes their NLL; T = 1 kept (test logits unchanged). A "
-                "larger validation split (`data.val_fraction`) gives it mistakes to fit on.",
-                len(targets),
+                "temperature scaling: %s, so no temperature minimizes their NLL; T = 1 kept "
+                "(test logits unchanged).",
+                reason,
             )
             return 1.0
         log_t = torch.zeros((), device=logits.device, requires_grad=True)
