@@ -75,7 +75,7 @@ def best_single(sweep: Path) -> dict:
 
 def make_soup(sweep: Path, recipe: str) -> dict:
     """`python -m posttrain.soup <sweep> --recipe <recipe>` in a fresh process; its record."""
-    command = [sys.executable, "-m", "posttrain.soup", str(sweep), "--recipe", recipe]
+    command = [sys.executable, "-m", "posttrain.soup", str(sweep), "--recipe", recipe, "--replace"]
     started = time.time()
     run_command(command, f"soup {recipe}")
     record = json.loads((sweep / f"soup_{recipe}" / "metrics.json").read_text())

@@ -336,6 +336,28 @@ def test_batchnorm_is_reestimated_unless_every_ingredient_froze_it(
             assert not torch.allclose(statistics, torch.ones_like(statistics))
 
 
+def test_a_soup_made_before_is_replaced_only_when_asked(
+    trained_job: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Running the soup again replaced soup.ckpt and metrics.json without a word, under
+    evaluations that named that file."""
+    for job, val in (("0_a", 0.9), ("1_b", 0.8)):
+        copy_job(trained_job, tmp_path, job, val=val)
+    first = make_soup(tmp_path, "uniform")
+    soup_file = tmp_path / "soup_uniform" / "checkpoints" / "soup.ckpt"
+    made = soup_file.read_bytes()
+    with pytest.raises(SystemExit) as refused:
+        main([str(tmp_path), "--recipe", "uniform"])
+    assert refused.value.code == 2
+    message = capsys.readouterr().err
+    assert "already holds a soup of 2 job(s)" in message and "--replace" in message
+    assert soup_file.read_bytes() == made
+    again = make_soup(tmp_path, "uniform", replace=True)
+    assert again["ingredients"] == first["ingredients"]
+    (tmp_path / "soup_uniform" / "metrics.json").unlink()  # a soup stopped before its record
+    assert make_soup(tmp_path, "uniform")["ingredients"] == first["ingredients"]
+
+
 def test_resuming_from_a_soup_is_refused_in_one_paragraph(
     soups: tuple[Path, dict, dict], tmp_path: Path
 ) -> None:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import sys
 import time
@@ -499,8 +500,30 @@ def write_soup(folder: Path, checkpoint: dict, record: dict[str, Any]) -> None:
 
     buffer = io.BytesIO()
     torch.save(checkpoint, buffer)
+    # The record goes first and comes back last: a kill in between leaves a soup.ckpt without
+    # a metrics.json (an unfinished soup), never a record describing another soup.ckpt.
+    (folder / "metrics.json").unlink(missing_ok=True)
     write_atomically(buffer.getbuffer(), folder / "checkpoints" / "soup.ckpt")
     write_json(folder / "metrics.json", record)
+
+
+def check_soup_folder_is_free(folder: Path, replace: bool) -> None:
+    """A made soup is kept: evaluations and runs started from its soup.ckpt name that file,
+    and a second soup of a sweep that has changed since would replace it without a word."""
+    record = folder / "metrics.json"
+    if replace or not record.is_file():
+        return  # nothing there, or a soup stopped before its record (it holds no result)
+    try:
+        made = json.loads(record.read_text())
+        what = f"of {len(made['ingredients'])} job(s), val/acc {made['val/acc']:.4f}"
+    except (OSError, ValueError, KeyError, TypeError):
+        what = "(its metrics.json is unreadable)"
+    raise PosttrainError(
+        f"{folder} already holds a soup {what}; making it again would replace its soup.ckpt "
+        "and metrics.json, which evaluations and runs started from that file name. Pass "
+        "`--replace` to make it again from the sweep as it is now, or copy the folder away "
+        "first to keep both."
+    )
 
 
 def job_name(folder: str) -> str:
@@ -535,8 +558,11 @@ def summary(record: dict[str, Any], folder: Path, best: Candidate) -> str:
     )
 
 
-def make_soup(sweep_dir: str | Path, recipe: str = "greedy") -> dict[str, Any]:
-    """Choose, average, score and write the soup of the multirun in `sweep_dir`."""
+def make_soup(
+    sweep_dir: str | Path, recipe: str = "greedy", replace: bool = False
+) -> dict[str, Any]:
+    """Choose, average, score and write the soup of the multirun in `sweep_dir`; a soup
+    already made there is replaced only when asked (`replace`)."""
     from posttrain.errors import require_choice
     from posttrain.report import write_report
 
@@ -548,6 +574,7 @@ def make_soup(sweep_dir: str | Path, recipe: str = "greedy") -> dict[str, Any]:
     for line in selection.refused:
         print(f"refused {line}", flush=True)
     folder = sweep / f"soup_{recipe}"
+    check_soup_folder_is_free(folder, replace)
     reference = selection.candidates[0]
     judge = SoupJudge(reference, folder)
     cook = greedy_soup if recipe == "greedy" else uniform_soup
@@ -585,9 +612,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("sweep_dir", help="a Hydra multirun folder (its hydra.sweep.dir)")
     parser.add_argument("--recipe", choices=RECIPES, default="greedy")
+    parser.add_argument(
+        "--replace", action="store_true", help="make the soup again over one made before"
+    )
     args = parser.parse_args(argv)
     try:
-        make_soup(args.sweep_dir, args.recipe)
+        make_soup(args.sweep_dir, args.recipe, args.replace)
     except PosttrainError as error:
         print(f"\n{error}\n", file=sys.stderr)
         raise SystemExit(2) from None
