@@ -87,6 +87,31 @@ def test_missing_fraction_marks_training_targets_absent() -> None:
     assert (datamodule.task_targets["test"]["parity"] != -1).all()  # evaluation is complete
 
 
+def test_task_loss_epoch_mean_is_over_present_targets() -> None:
+    """Observed: `+data.targets.parity.missing=0.9` with batch 8 logged `train/parity/loss`
+    0.19 where the mean over the labelled images was 0.38: each batch's masked mean was
+    weighted by the batch size, and a batch with no parity label added a 0 at full weight."""
+    learner = method()
+    images = torch.randn(8, 1, 16, 16)
+    targets = {"digit": torch.arange(8), "parity": torch.arange(8) % 2, "large": torch.zeros(8)}
+    targets["large"] = targets["large"].long()
+    unlabelled = {**targets, "parity": torch.full((8,), -1)}
+    half = {**targets, "parity": torch.tensor([0, 1, -1, -1, -1, -1, -1, -1])}
+    learner.record(
+        "train", learner.step((images[:4], {k: v[:4] for k, v in unlabelled.items()}), "train")
+    )
+    learner.record("train", learner.step((images, half), "train"))
+    with torch.no_grad():
+        logits = learner(images)["parity"][:2]
+    expected = torch.nn.functional.cross_entropy(logits, half["parity"][:2])
+    values = learner.means.compute_and_reset("train/")
+    assert float(values["train/parity/loss"]) == pytest.approx(float(expected), rel=1e-5)
+    # An epoch in which a task had no label at all has no mean for it (not 0, not NaN).
+    learner.record("train", learner.step((images, unlabelled), "train"))
+    values = learner.means.compute_and_reset("train/")
+    assert "train/parity/loss" not in values and "train/digit/loss" in values
+
+
 def test_uncertainty_weights_are_learned() -> None:
     learner = method("uncertainty")
     before = learner.weighting.weights().clone()
