@@ -112,6 +112,23 @@ def test_task_loss_epoch_mean_is_over_present_targets() -> None:
     assert "train/parity/loss" not in values and "train/digit/loss" in values
 
 
+def test_a_task_without_labels_in_an_epoch_has_no_accuracy() -> None:
+    """Observed: torchmetrics' accuracy over no labels is 0.0, so an epoch in which every
+    `parity` target was absent (`missing=0.9`, one batch of 8) logged `train/parity/acc` 0."""
+    learner = method()
+    images = torch.randn(8, 1, 16, 16)
+    targets = {"digit": torch.arange(8), "parity": torch.full((8,), -1), "large": torch.ones(8)}
+    targets["large"] = targets["large"].long()
+    learner.step((images, targets), "train")
+    values = learner.metrics.compute_and_reset("train")
+    assert "train/parity/acc" not in values
+    assert {"train/digit/acc", "train/large/acc", "train/acc"} <= set(values)
+    # The main task without labels: no `train/acc` either (nor a gap computed from it).
+    learner.step((images, {**targets, "digit": torch.full((8,), -1)}), "train")
+    values = learner.metrics.compute_and_reset("train")
+    assert "train/acc" not in values and "train/digit/acc" not in values
+
+
 def test_uncertainty_weights_are_learned() -> None:
     learner = method("uncertainty")
     before = learner.weighting.weights().clone()

@@ -161,7 +161,8 @@ class MethodCore(L.LightningModule):
     def on_train_epoch_end(self) -> None:
         values = self.epoch_values("train")
         self.divergence.check(self.current_epoch, values.get("train/loss"))
-        if self.gap_is_like_for_like():
+        # No `train/acc` when a multi-task run's main task had no label in the epoch.
+        if self.gap_is_like_for_like() and "train/acc" in values:
             values.update(self.tracker.gap(values["train/acc"], self.current_epoch))
         self.log_dict(values)
 
