@@ -43,7 +43,8 @@ METRICS: dict[str, str] = {
     "val/acc_gap": "train minus validation accuracy of the same epoch, the over-fitting signal "
     "(logged in epochs that validate, and only where both measure the same task: episodic "
     "runs need equal ways and adaptation steps)",
-    "{split}/acc_ci95": "half-width of the 95% interval of the episode mean (val, test)",
+    "{split}/acc_ci95": "half-width of the 95% interval of the episode mean (val, test; "
+    "from 2 episodes on)",
     "test/episodes": "number of test episodes behind `test/acc`",
     "test/images": "number of test images behind `test/acc` (supervised, finetune, distill, "
     "multitask)",
