@@ -290,6 +290,20 @@ def test_protonet_separates_a_trivial_task() -> None:
     assert accuracy == 1.0
 
 
+def test_one_evaluation_episode_has_no_interval() -> None:
+    """Observed: `data.val_episodes=1 data.test_episodes=1` wrote `"test/acc_ci95": NaN`
+    into metrics.json, which strict JSON readers (jq, JSON.parse) refuse to read."""
+    from posttrain.methods.meta import EpisodeMetrics
+
+    metrics = EpisodeMetrics()
+    metrics.update("test", torch.tensor([0.6]))
+    values = metrics.compute_and_reset("test")
+    assert set(values) == {"test/acc", "test/episodes"}
+    metrics.update("val", torch.tensor([0.6, 0.8]))
+    interval = metrics.compute_and_reset("val")["val/acc_ci95"]
+    assert float(interval) == pytest.approx(1.96 * torch.tensor([0.6, 0.8]).std() / 2**0.5)
+
+
 def test_meta_method_with_plain_data_is_a_clear_error(make_config) -> None:
     from posttrain.train import train
 

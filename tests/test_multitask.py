@@ -87,6 +87,48 @@ def test_missing_fraction_marks_training_targets_absent() -> None:
     assert (datamodule.task_targets["test"]["parity"] != -1).all()  # evaluation is complete
 
 
+def test_task_loss_epoch_mean_is_over_present_targets() -> None:
+    """Observed: `+data.targets.parity.missing=0.9` with batch 8 logged `train/parity/loss`
+    0.19 where the mean over the labelled images was 0.38: each batch's masked mean was
+    weighted by the batch size, and a batch with no parity label added a 0 at full weight."""
+    learner = method()
+    images = torch.randn(8, 1, 16, 16)
+    targets = {"digit": torch.arange(8), "parity": torch.arange(8) % 2, "large": torch.zeros(8)}
+    targets["large"] = targets["large"].long()
+    unlabelled = {**targets, "parity": torch.full((8,), -1)}
+    half = {**targets, "parity": torch.tensor([0, 1, -1, -1, -1, -1, -1, -1])}
+    learner.record(
+        "train", learner.step((images[:4], {k: v[:4] for k, v in unlabelled.items()}), "train")
+    )
+    learner.record("train", learner.step((images, half), "train"))
+    with torch.no_grad():
+        logits = learner(images)["parity"][:2]
+    expected = torch.nn.functional.cross_entropy(logits, half["parity"][:2])
+    values = learner.means.compute_and_reset("train/")
+    assert float(values["train/parity/loss"]) == pytest.approx(float(expected), rel=1e-5)
+    # An epoch in which a task had no label at all has no mean for it (not 0, not NaN).
+    learner.record("train", learner.step((images, unlabelled), "train"))
+    values = learner.means.compute_and_reset("train/")
+    assert "train/parity/loss" not in values and "train/digit/loss" in values
+
+
+def test_a_task_without_labels_in_an_epoch_has_no_accuracy() -> None:
+    """Observed: torchmetrics' accuracy over no labels is 0.0, so an epoch in which every
+    `parity` target was absent (`missing=0.9`, one batch of 8) logged `train/parity/acc` 0."""
+    learner = method()
+    images = torch.randn(8, 1, 16, 16)
+    targets = {"digit": torch.arange(8), "parity": torch.full((8,), -1), "large": torch.ones(8)}
+    targets["large"] = targets["large"].long()
+    learner.step((images, targets), "train")
+    values = learner.metrics.compute_and_reset("train")
+    assert "train/parity/acc" not in values
+    assert {"train/digit/acc", "train/large/acc", "train/acc"} <= set(values)
+    # The main task without labels: no `train/acc` either (nor a gap computed from it).
+    learner.step((images, {**targets, "digit": torch.full((8,), -1)}), "train")
+    values = learner.metrics.compute_and_reset("train")
+    assert "train/acc" not in values and "train/digit/acc" not in values
+
+
 def test_uncertainty_weights_are_learned() -> None:
     learner = method("uncertainty")
     before = learner.weighting.weights().clone()

@@ -222,3 +222,21 @@ def test_a_run_without_a_test_does_not_say_best_ckpt_was_tested(tmp_path: Path) 
     assert record["status"] == "completed" and not any(k.startswith("test/") for k in record)
     assert record["tested"].startswith("nothing: no test batch ran"), record["tested"]
     assert "limit_test_batches=0" in record["tested"] and "best.ckpt" not in record["tested"]
+
+
+@pytest.mark.parametrize(
+    "no_validation", ["trainer.limit_val_batches=0", "trainer.check_val_every_n_epoch=2"]
+)
+def test_a_run_that_never_validated_says_why_no_best_ckpt_was_kept(
+    tmp_path: Path, no_validation: str
+) -> None:
+    """Observed: with `trainer.limit_val_batches=0` the checkpoint callback (on, ranking by
+    val/acc) never saved, and `tested` said "callbacks.model_checkpoint is off"."""
+    run_dir = tmp_path / "run"
+    train(compose_config(run_dir, [*TINY, "trainer.max_epochs=1", no_validation]))
+    record = read_metrics(run_dir)
+    assert record["status"] == "completed" and "test/acc" in record
+    assert not (run_dir / "checkpoints" / "best.ckpt").exists()
+    tested = record["tested"]
+    assert tested.startswith("the final weights, after epoch 1"), tested
+    assert "is off" not in tested and "no validation ran" in tested, tested

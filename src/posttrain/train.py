@@ -120,7 +120,7 @@ def fit_and_test(
     # Read before testing: testing `best.ckpt` restores the callbacks' state of that epoch.
     metrics.update({"epoch": float(epochs.completed), "global_step": float(trainer.global_step)})
     best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
-    tested = tested_weights(trainer.checkpoint_callback, best, epochs.completed)
+    tested = tested_weights(trainer.checkpoint_callback, best, epochs.completed, no_best(trainer))
     for result in trainer.test(method, datamodule=datamodule, ckpt_path=best, verbose=False):
         metrics.update(epoch_metrics(result))
     if not any(name.startswith("test/") for name in metrics):  # limit_test_batches=0
@@ -138,10 +138,15 @@ def weights_notes(trainer: Any) -> list[str]:
     return [note for note in notes if note]
 
 
-def tested_weights(checkpointing: Any, best: str | None, epochs_completed: int) -> str:
+def tested_weights(
+    checkpointing: Any,
+    best: str | None,
+    epochs_completed: int,
+    why_no_best: str,
+) -> str:
     """Which weights `test/*` measured, in words for metrics.json and the summary: the best
     checkpoint, or the final weights when no best checkpoint was kept (`callbacks=console`,
-    `callbacks=none`), so a test of the last epoch never reads as one of the best."""
+    `callbacks=none`, `no_best`), so a test of the last epoch never reads as one of the best."""
     monitor = getattr(checkpointing, "monitor", None)
     score = getattr(checkpointing, "best_model_score", None)
     if best and monitor and score is not None:
@@ -151,8 +156,26 @@ def tested_weights(checkpointing: Any, best: str | None, epochs_completed: int) 
     kept = f" ({Path(best).name}, a checkpoint of the last epoch)" if best else ""
     return (
         f"the final weights, after epoch {epochs_completed}{kept}: no best checkpoint was "
-        "kept (callbacks.model_checkpoint is off)"
+        f"kept ({why_no_best})"
     )
+
+
+def no_best(trainer: Any) -> str:
+    """Why fitting left no best checkpoint, for `tested_weights`. A checkpoint callback that
+    is on but never saw its metric (`trainer.limit_val_batches=0`) was said to be off."""
+    checkpointing = trainer.checkpoint_callback
+    monitor = getattr(checkpointing, "monitor", None)
+    if trainer.fast_dev_run:
+        return "`trainer.fast_dev_run`, as in debug=fast, writes none"
+    if monitor is None or getattr(checkpointing, "save_top_k", 1) == 0:
+        return "callbacks.model_checkpoint is off"
+    never_ran = (
+        ": no validation ran, e.g. `trainer.limit_val_batches=0` or "
+        "`trainer.check_val_every_n_epoch` above the epochs trained"
+        if monitor.startswith("val/")
+        else ""
+    )
+    return f"callbacks.model_checkpoint ranks epochs by {monitor}, which none logged{never_ran}"
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")

@@ -40,12 +40,15 @@ class StepOutput:
     `loss`: the method's own loss (the core adds regularizer penalties to it for the
     gradient, and logs it without them, so `train/loss` compares across `reg=` choices);
     `size`: how many examples (images or episodes) the batch holds, the weight of epoch
-    means; `parts`: further losses logged as `<split>/<name>` epoch means.
+    means; `parts`: further losses logged as `<split>/<name>` epoch means; `part_sizes`: how
+    many examples a part averages over where that is not `size` (a multi-task target's
+    present labels: a batch with none of them adds nothing to that task's epoch mean).
     """
 
     loss: Tensor
     size: int
     parts: dict[str, Tensor] = field(default_factory=dict)
+    part_sizes: dict[str, int | Tensor] = field(default_factory=dict)
 
 
 class SplitMetricSet(Protocol):
@@ -128,7 +131,7 @@ class MethodCore(L.LightningModule):
     def record(self, split: str, output: StepOutput) -> None:
         self.means.update(f"{split}/loss", output.loss, output.size)
         for name, value in output.parts.items():
-            self.means.update(f"{split}/{name}", value, output.size)
+            self.means.update(f"{split}/{name}", value, output.part_sizes.get(name, output.size))
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         output = self.step(batch, "train")
@@ -158,7 +161,8 @@ class MethodCore(L.LightningModule):
     def on_train_epoch_end(self) -> None:
         values = self.epoch_values("train")
         self.divergence.check(self.current_epoch, values.get("train/loss"))
-        if self.gap_is_like_for_like():
+        # No `train/acc` when a multi-task run's main task had no label in the epoch.
+        if self.gap_is_like_for_like() and "train/acc" in values:
             values.update(self.tracker.gap(values["train/acc"], self.current_epoch))
         self.log_dict(values)
 

@@ -221,7 +221,8 @@ class EpisodeMetrics(nn.Module):
         accuracies = metric.compute().flatten()
         metric.reset()
         values = {f"{split}/acc": accuracies.mean()}
-        if split != "train":
+        # One episode has no spread, so no interval: its NaN made metrics.json invalid JSON.
+        if split != "train" and accuracies.numel() > 1:
             values[f"{split}/acc_ci95"] = torch.tensor(confidence_interval_95(accuracies))
         if split == "test":
             values["test/episodes"] = torch.tensor(float(accuracies.numel()))

@@ -43,12 +43,14 @@ METRICS: dict[str, str] = {
     "val/acc_gap": "train minus validation accuracy of the same epoch, the over-fitting signal "
     "(logged in epochs that validate, and only where both measure the same task: episodic "
     "runs need equal ways and adaptation steps)",
-    "{split}/acc_ci95": "half-width of the 95% interval of the episode mean (val, test)",
+    "{split}/acc_ci95": "half-width of the 95% interval of the episode mean (val, test; "
+    "from 2 episodes on)",
     "test/episodes": "number of test episodes behind `test/acc`",
     "test/images": "number of test images behind `test/acc` (supervised, finetune, distill, "
     "multitask)",
     "{split}/{task}/acc": "accuracy of one multi-task target",
-    "{split}/{task}/loss": "loss of one multi-task target",
+    "{split}/{task}/loss": "epoch mean of one multi-task target's loss over the images that "
+    "have the target (absent ones excluded)",
     "train/{task}/weight": "current loss weight of one multi-task target",
     "lr-{optimizer}": "learning rate per parameter group (LearningRateMonitor)",
     "epoch": "epochs completed (metrics.json)",
@@ -306,14 +308,19 @@ class EpochMeans(nn.Module):
     def key(name: str) -> str:
         return name.replace("/", "__").replace(".", "_")
 
-    def update(self, name: str, value: Tensor, weight: int = 1) -> None:
+    def update(self, name: str, value: Tensor, weight: int | Tensor = 1) -> None:
         self.means[self.key(name)].update(value.detach().float(), weight)
 
     def compute_and_reset(self, prefix: str) -> dict[str, Tensor]:
         values = {}
         for name in self.names:
             metric = self.means[self.key(name)]
-            if name.startswith(prefix) and metric.update_count > 0:
-                values[name] = metric.compute()
-                metric.reset()
+            if not name.startswith(prefix) or metric.update_count == 0:
+                continue
+            value = metric.compute()  # on every rank: it reduces across them
+            # 0/0: every update averaged over nothing (a task whose targets were all absent
+            # this epoch, on every rank); no mean exists, so none is logged.
+            if not (bool(torch.isnan(value)) and float(metric.weight) == 0):
+                values[name] = value
+            metric.reset()
         return values
