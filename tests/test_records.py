@@ -240,3 +240,19 @@ def test_a_run_that_never_validated_says_why_no_best_ckpt_was_kept(
     tested = record["tested"]
     assert tested.startswith("the final weights, after epoch 1"), tested
     assert "is off" not in tested and "no validation ran" in tested, tested
+
+
+def test_metrics_json_is_strict_json_with_non_finite_numbers_named(tmp_path: Path) -> None:
+    """Python wrote a NaN as a bare `NaN` (`test/acc_ci95` of one episode), and jq and
+    JSON.parse refused the whole record."""
+    from posttrain.runs import write_json
+
+    record = tmp_path / "metrics.json"
+    nan, inf = float("nan"), float("inf")
+    write_json(record, {"a": nan, "b": [inf, 1.5], "c": {"d": -inf}, "e": 2})
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"not JSON: {constant}")
+
+    read = json.loads(record.read_text(), parse_constant=refuse)
+    assert read == {"a": "NaN", "b": ["Infinity", 1.5], "c": {"d": "-Infinity"}, "e": 2}

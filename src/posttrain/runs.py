@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import sys
 import traceback
 from collections.abc import Callable
@@ -59,10 +60,24 @@ def sweep_folder() -> Path | None:
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
-    """Written atomically: a reader (or a kill) never sees half a file."""
+    """Written atomically: a reader (or a kill) never sees half a file. Strict JSON: Python
+    writes a NaN as a bare `NaN`, which jq and JSON.parse refuse (the whole record with it)."""
     from posttrain.checkpoints import write_atomically
 
-    write_atomically((json.dumps(payload, indent=2, sort_keys=True) + "\n").encode(), path)
+    text = json.dumps(with_named_non_finite(payload), indent=2, sort_keys=True, allow_nan=False)
+    write_atomically((text + "\n").encode(), path)
+
+
+def with_named_non_finite(value: Any) -> Any:
+    """`value` with every NaN/infinite float as the string "NaN", "Infinity" or "-Infinity":
+    still said, but no reader takes it for a number (`errors.is_number` is False)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {key: with_named_non_finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [with_named_non_finite(item) for item in value]
+    return value
 
 
 def is_rank_zero() -> bool:
