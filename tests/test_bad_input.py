@@ -61,6 +61,26 @@ def test_a_folder_that_permission_bits_allow_but_mkdir_refuses_is_one_paragraph(
     assert check_output_folders(["hydra.run.dir=/tmp/posttrain-probe-test/run"]) is None
 
 
+@pytest.mark.parametrize(
+    ("overrides", "valid"),
+    [
+        # convnet4 halves the side four times: torch's "Output size is too small".
+        (["experiment=digits_protonet", "model.hidden=4", "data.image_size=8"], 16),
+        (["data.image_size=2"], 4),  # the small CNN halves it twice
+    ],
+)
+def test_images_too_small_for_the_model_are_one_paragraph(
+    tmp_path: Path, overrides: list[str], valid: int
+) -> None:
+    """Observed: a torch traceback at the first training step."""
+    with pytest.raises(Exception) as refused:
+        train(compose_config(tmp_path / "run", ["logger=none", "debug=fast", *overrides]))
+    error = find_user_error(refused.value)
+    assert isinstance(error, PosttrainError), refused.value
+    assert "`data.image_size=" in str(error) and "too small for `model=" in str(error)
+    assert f"Valid: `data.image_size={valid}` or larger" in str(error)
+
+
 def test_resuming_with_another_architecture_is_one_paragraph(tmp_path: Path) -> None:
     train(compose_config(tmp_path / "run", [*QUICK, "debug=limit"]))
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"

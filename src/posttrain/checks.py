@@ -125,6 +125,58 @@ class RefuseEmptySplits(Callback):
             raise PosttrainError(empty_split_message(split, limit, batches, loader, self.needs))
 
 
+class RefuseInputsTheModelCannotTake(Callback):
+    """At set-up (data loaded, model on the CPU, no step taken) one forward of the backbone on
+    two blank images of the data's input shape. Observed: `experiment=digits_protonet
+    data.image_size=8` (convnet4 halves the side four times) ended in torch's "Output size is
+    too small" traceback at the first training step."""
+
+    LARGEST_TRIED = 128  # sides tried when looking for the smallest one the model takes
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        datamodule = trainer.datamodule
+        channels, height, width = datamodule.input_shape()
+        features = pl_module.model.features
+        problem = forward_problem(features, channels, height, width)
+        if problem is None:
+            return
+        smallest = next(
+            (side for side in range(max(height, width) + 1, self.LARGEST_TRIED + 1)
+             if forward_problem(features, channels, side, side) is None),
+            None,
+        )  # fmt: skip
+        from posttrain.console import hydra_choices
+
+        model = hydra_choices().get("model")
+        named = f"`model={model}`" if model else "the model"
+        valid = f"`data.image_size={smallest}` or larger" if smallest else "a larger one"
+        size = datamodule.image_size or "null"
+        raise PosttrainError(
+            f"Config key `data.image_size={size}` gives the model images of "
+            f"{height}x{width} pixels, too small for {named}: its layers shrink them to "
+            f"nothing (torch: {problem}). Refused before any training. Valid: "
+            f"{valid}, or another `model=`."
+        )
+
+
+def forward_problem(features: Any, channels: int, height: int, width: int) -> str | None:
+    """What torch says when `features` cannot take blank (2, channels, height, width) inputs,
+    or None. Evaluation mode and no gradient: no BatchNorm statistic or weight is touched."""
+    import torch
+
+    modes = {module: module.training for module in features.modules()}
+    features.eval()
+    try:
+        with torch.no_grad():
+            features(torch.zeros(2, channels, height, width))
+    except RuntimeError as error:
+        return str(error).splitlines()[0]
+    finally:
+        for module, training in modes.items():
+            module.training = training
+    return None
+
+
 def empty_split_message(
     split: str, limit: int | float, batches: int, loader: Any, needs: dict[str, str]
 ) -> str:

@@ -158,7 +158,11 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
     from posttrain.calibration import calibrate_after_test, calibration_for, splits_needed
     from posttrain.checkpoints import check_resumable, load_checkpoint, stored_config
-    from posttrain.checks import RefuseEmptySplits, check_run_config
+    from posttrain.checks import (
+        RefuseEmptySplits,
+        RefuseInputsTheModelCannotTake,
+        check_run_config,
+    )
     from posttrain.runs import (
         build_components,
         build_trainer,
@@ -186,7 +190,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     needs = {"test": "the evaluation is its test", **splits_needed(calibration)}
     check_trainer_overrides(hydra_choices_and_overrides()[1], needs)
     record_start(cfg)  # a killed evaluation never reads as the folder's earlier record
-    trainer = build_trainer(cfg, extra_callbacks=[RefuseEmptySplits(("test",), needs)])
+    trainer = build_trainer(
+        cfg, extra_callbacks=[RefuseEmptySplits(("test",), needs), RefuseInputsTheModelCannotTake()]
+    )
     metrics: dict[str, float] = {"test/tta_views": float(len(VIEWS[cfg.tta]))}
     with augmented_predictions(cfg.tta, method), warnings.catch_warnings():
         # Lightning asks for the training callbacks (checkpointing, LR monitor) to restore

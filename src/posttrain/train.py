@@ -33,7 +33,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
         load_checkpoint,
         resume_path,
     )
-    from posttrain.checks import RefuseEmptySplits, check_run_config, check_train_keys
+    from posttrain.checks import (
+        RefuseEmptySplits,
+        RefuseInputsTheModelCannotTake,
+        check_run_config,
+        check_train_keys,
+    )
     from posttrain.ddp_jobs import remember_job_for_ddp_children
     from posttrain.interrupts import (
         CompletedEpochs,
@@ -90,6 +95,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     splits = RefuseEmptySplits(("train", "val", "test"), needs)
     always = [
         splits,
+        RefuseInputsTheModelCannotTake(),
         ConfigInCheckpoint(config),
         RandomStateInCheckpoint(cfg.seed),
         epochs,

@@ -208,6 +208,7 @@ class SourceDataModule(L.LightningDataModule):
     _train_generator: torch.Generator | None = None
     _pending_random_state: dict[str, Any] | None = None
     _stats: tuple[Tensor, Tensor] | None = None  # per-channel mean/std the inputs are normalized by
+    image_size: int | None = None  # the side images are resized to; None keeps the source's
 
     def train_generator(self) -> torch.Generator:
         """The generator behind the training batches' order (and loader seeds).
@@ -260,6 +261,16 @@ class SourceDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         self.source.prepare()
+
+    def training_images(self) -> Tensor:
+        """The uint8 training images (N, C, H, W), once `setup` has loaded them."""
+        raise NotImplementedError
+
+    def input_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of what the model is fed: the images at `image_size`."""
+        sample = to_model_input(self.training_images()[:1], self.image_size)
+        channels, height, width = sample.shape[1:]
+        return channels, height, width
 
 
 class ImageClassificationDataModule(SourceDataModule):
@@ -447,6 +458,9 @@ class ImageClassificationDataModule(SourceDataModule):
 
     def to_model_input(self, images: Tensor) -> Tensor:
         return to_model_input(images, self.image_size)
+
+    def training_images(self) -> Tensor:
+        return self.splits["train"].images
 
     def normalize(self, x: Tensor) -> Tensor:
         assert self._stats is not None, "setup() computes the normalization statistics"

@@ -240,6 +240,10 @@ class EpisodicDataModule(SourceDataModule):
         images, state = self._whole_pool
         return channel_stats(images, self.image_size, torch.Generator().set_state(state))
 
+    def training_images(self) -> Tensor:
+        assert self._whole_pool is not None, "setup() builds the pools first"
+        return self._whole_pool[0]
+
     def check_pools(self, stage: str | None) -> None:
         """Only the splits this stage uses: evaluating 20-way needs 20 test classes, not 20
         meta-validation classes."""
