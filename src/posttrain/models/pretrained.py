@@ -2,7 +2,8 @@
 
 `model.pretrained` is one of:
 - a torchvision weights name: `imagenet` (the architecture's DEFAULT weights) or an explicit
-  enum member such as `IMAGENET1K_V2`; downloaded once into `$TORCH_HOME/hub/checkpoints`;
+  enum member such as `IMAGENET1K_V2`; downloaded once into `$TORCH_HOME/hub/checkpoints`
+  (a file already there is checked against the sha256 prefix in its name);
 - the checkpoint of an earlier posttrain run (`.../checkpoints/best.ckpt`);
 - a weights file as people have them: a plain state dict, or a checkpoint dict holding one
   (`state_dict`, `model`, `net`, ... containers; Lightning checkpoints), with keys in
@@ -113,15 +114,45 @@ def torchvision_state_dict(arch: str, name: str) -> dict[str, Tensor]:
         f"valid names: {', '.join(valid)}, or a path to a checkpoint/state-dict file.",
     )
     weights = weights_enum[member]
+    cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    check_cached_weights(cache, weights.url, f"`model.pretrained={name}` ({arch})")
     try:
         return weights.get_state_dict(progress=True, check_hash=True, weights_only=True)
-    except Exception as error:  # offline, proxy, corrupt cache: many error types
-        cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    except Exception as error:  # offline, proxy: many error types
         raise PosttrainError(
             f"`model.pretrained={name}`: could not get {arch} weights from {weights.url} "
             f"({type(error).__name__}: {error}). Without internet, place the file at {cache} "
             "or point `model.pretrained` at a local checkpoint/state-dict file."
         ) from error
+
+
+def sha256_of(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_cached_weights(cache: Path, url: str, what: str) -> None:
+    """The torch hub cache file is the one published at `url`: its sha256 begins with the
+    hash in its name. torch checks that only when it downloads; a file already there (placed
+    by hand offline, copied half-way, another file under that name) was loaded unchecked and
+    recorded as torchvision's weights."""
+    match = torch.hub.HASH_REGEX.search(cache.name)
+    if not cache.is_file() or match is None:
+        return
+    expected, actual = match.group(1), sha256_of(cache)
+    require(
+        actual.startswith(expected),
+        f"{what}: the torch hub cache file {cache} is not the file published at {url}: its "
+        f"sha256 begins {actual[: len(expected)]}, its name says {expected} (a partial copy, "
+        "or other weights under that name). Delete it so it is downloaded again (needs "
+        f"internet), or replace it with the file downloaded from {url}; to start from your "
+        "own weights, point `model.pretrained` at their file instead.",
+    )
 
 
 def tensors_of(mapping: dict[str, Any]) -> dict[str, Tensor]:
