@@ -35,6 +35,12 @@ LAYOUTS = {
     "state_dict + module.": lambda s: {"state_dict": prefixed(s, "module."), "epoch": 3},
     "model container": lambda s: {"model": s, "optimizer": {"lr": 0.1}},
     "net container": lambda s: {"net": prefixed(s, "module."), "acc": 0.7},
+    # loose tensors beside the weights outnumber the other entries: not the state dict
+    "model container + metric tensors": lambda s: {
+        "model": s,
+        "acc": torch.tensor(0.91),
+        "loss": torch.tensor(0.32),
+    },
     "lightning": lambda s: {
         "state_dict": prefixed(s, "net.backbone."),
         "pytorch-lightning_version": "2.4.0",

@@ -172,16 +172,30 @@ def file_kind(loaded: dict[str, Any], container: list[str]) -> str:
     return "state dict"
 
 
+def tensor_count(value: Any) -> int:
+    """Tensors in `value` and in the dicts nested in it."""
+    if isinstance(value, Tensor):
+        return 1
+    return sum(map(tensor_count, value.values())) if isinstance(value, dict) else 0
+
+
 def unwrap(loaded: dict[str, Any]) -> tuple[dict[str, Tensor], list[str]]:
-    """The tensors of a state dict, looking inside the usual containers (nested up to 3)."""
+    """The tensors of a state dict, looking inside the usual containers (nested up to 3).
+
+    A container is entered when it holds more tensors than the level's own: a checkpoint
+    dict may carry a few loose tensors beside its weights (`{"model": ..., "acc": tensor,
+    "loss": tensor}`), and those two were taken for the state dict (mostly tensors)."""
     path: list[str] = []
     current = loaded
     for _ in range(3):
         own = tensors_of(current)
-        if len(own) * 2 > len(current):  # mostly tensors: this is the state dict
-            return own, path
         inner = next(
-            (k for k in CONTAINER_KEYS if isinstance(current.get(k), dict) and current[k]), None
+            (
+                k
+                for k in CONTAINER_KEYS
+                if isinstance(current.get(k), dict) and tensor_count(current[k]) > len(own)
+            ),
+            None,
         )
         if inner is None:
             return own, path
