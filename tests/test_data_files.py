@@ -102,6 +102,22 @@ def test_bytes_keys_of_a_python3_rebuild_are_read(tmp_path: Path) -> None:
     assert len(data.train) == 100 and data.class_names[0] == "name0"
 
 
+def test_a_batch_re_saved_with_pickle_protocol_5_is_read(tmp_path: Path) -> None:
+    """`pickle.dump(batch, f, protocol=pickle.HIGHEST_PROTOCOL)` (Python 3.14's default)
+    stores numpy arrays through `numpy._core.numeric._frombuffer`, which was refused."""
+    folder = write_cifar(tmp_path)
+    before = load_cifar(tmp_path)
+    path = folder / "data_batch_2"
+    with path.open("rb") as handle:
+        batch = pickle.load(handle, encoding="latin1")
+    batch["labels"] = np.asarray(batch["labels"])
+    with path.open("wb") as handle:
+        pickle.dump(batch, handle, protocol=5)
+    after = load_cifar(tmp_path)
+    assert torch.equal(after.train.images, before.train.images)
+    assert torch.equal(after.train.labels, before.train.labels)
+
+
 def test_cifar100_label_range_uses_its_class_count(tmp_path: Path) -> None:
     folder = write_cifar(tmp_path, classes=100)
     rewrite_batch(folder, "test", lambda b: {**b, "fine_labels": [100] * len(b["fine_labels"])})

@@ -224,6 +224,10 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
         ("_codecs", "encode"),  # how protocol-2 pickles written by Python 3 store bytes
+        # How numpy arrays are pickled with protocol 5 (`pickle.HIGHEST_PROTOCOL`, Python
+        # 3.14's default): their bytes rebuilt as an array, nothing else.
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
     }
 
     def find_class(self, module: str, name: str) -> Any:
