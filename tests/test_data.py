@@ -104,6 +104,22 @@ def test_cifar_missing_without_download_names_the_keys(tmp_path: Path) -> None:
         source.prepare()
 
 
+@pytest.mark.parametrize("download", [False, True])
+def test_cifar_folder_missing_one_batch_names_it(tmp_path: Path, monkeypatch, download) -> None:
+    """Observed: 'CIFAR-10 is not in <folder>' for a folder holding all but data_batch_5."""
+    from torchvision import datasets
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(datasets, "CIFAR10", offline)
+    folder = write_cifar(tmp_path)
+    (folder / "data_batch_5").unlink()
+    source = CifarSource(root=str(tmp_path), download=download)
+    with pytest.raises(PosttrainError, match=f"{folder} lacks data_batch_5 \\(1 of the 7 files"):
+        source.prepare()
+
+
 def test_cifar_refuses_a_pickle_that_runs_code(tmp_path: Path) -> None:
     folder = write_cifar(tmp_path)
     write_malicious_pickle(folder / "data_batch_1")

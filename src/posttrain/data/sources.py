@@ -350,18 +350,30 @@ class CifarSource:
     def info(self) -> SourceInfo:
         return SourceInfo(num_classes=self.classes, channels=3)
 
-    def _files_present(self) -> bool:
+    def _missing_files(self) -> list[str]:
         names = [*self.layout["train"], *self.layout["test"], self.layout["meta"][0]]
-        return all((self.folder / name).is_file() for name in names)
+        return [name for name in names if not (self.folder / name).is_file()]
+
+    def _absence(self, missing: list[str]) -> str:
+        """What is absent, said as it is: the whole folder, or some of its files (a folder
+        without `data_batch_5` was reported as 'not in' the folder that holds the rest)."""
+        if not self.folder.is_dir():
+            return f"CIFAR-{self.classes} is not in {self.folder}"
+        return (
+            f"{self.folder} lacks {', '.join(missing)} ({len(missing)} of the "
+            f"{len(self.layout['train']) + len(self.layout['test']) + 1} files of "
+            f"CIFAR-{self.classes}: an incomplete copy or extraction)"
+        )
 
     def prepare(self) -> None:
-        if self._files_present():
+        missing = self._missing_files()
+        if not missing:
             return
         require(
             self.download,
-            f"CIFAR-{self.classes} is not in {self.folder} and `data.download` is false. "
-            f"Set `data.download=true` (needs internet) or point `data.root` at a folder that "
-            f"holds `{self.layout['folder']}/`.",
+            f"{self._absence(missing)} and `data.download` is false. Set "
+            f"`data.download=true` (needs internet) or point `data.root` at a folder that "
+            f"holds the complete `{self.layout['folder']}/`.",
         )
         from torchvision import datasets
 
@@ -370,9 +382,9 @@ class CifarSource:
             dataset_class(str(self.root), train=True, download=True)
         except Exception as error:  # network failures come in many types
             raise PosttrainError(
-                f"Downloading CIFAR-{self.classes} into `data.root`={self.root} failed "
-                f"({error}). Check the internet connection, or place the extracted "
-                f"`{self.layout['folder']}/` folder there yourself."
+                f"{self._absence(missing)}, and downloading CIFAR-{self.classes} into "
+                f"`data.root`={self.root} failed ({error}). Check the internet connection, or "
+                f"place the complete extracted `{self.layout['folder']}/` folder there yourself."
             ) from error
 
     def _read_batch(self, name: str) -> LabelledImages:
