@@ -76,6 +76,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     calibration = calibration_for(cfg, method)  # refused here, before any training
     if resumed is not None:
         check_resumable(resumed, method, ckpt_path)  # before any work is done
+        datamodule.check_checkpoint_data(resumed, resuming=True)  # the same images
     # Refusals above leave the folder's record alone (`runs.may_replace_record`); from here a
     # kill leaves `running`, never the folder's earlier record.
     record_start(cfg)

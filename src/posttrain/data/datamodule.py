@@ -23,6 +23,7 @@ from posttrain.data.sources import (
     load_listed,
     make_source,
 )
+from posttrain.data.splits import LISTING_KEY, data_listing, listing_change
 from posttrain.data.targets import ClassIds, check_tasks_vary, derive_targets, parse_tasks
 from posttrain.data.transforms import channel_stats, normalize, to_model_input
 from posttrain.errors import require, require_fraction, require_positive
@@ -226,6 +227,11 @@ class SourceDataModule(L.LightningDataModule):
         generator = self._train_generator
         return {"train_batches": None if generator is None else generator.get_state()}
 
+    def check_checkpoint_data(self, checkpoint: dict[str, Any], resuming: bool) -> None:
+        """Refuse data that changed since `checkpoint` was written, where that can be told
+        (`ImageClassificationDataModule`; episodes store no listing)."""
+        del checkpoint, resuming
+
     def load_random_state(self, state: dict[str, Any]) -> None:
         """Kept until the training loader exists (restore happens before it is built)."""
         self._pending_random_state = state
@@ -318,6 +324,7 @@ class ImageClassificationDataModule(SourceDataModule):
         self._unlabelled: Tensor | None = None
         self.class_names: list[str] = []
         self._stats: tuple[Tensor, Tensor] | None = None
+        self.listing: dict[str, Any] | None = None  # what the splits were drawn from (setup)
 
     def check_classes(self, classes: list[int] | None) -> list[int] | None:
         if classes is None:
@@ -349,6 +356,7 @@ class ImageClassificationDataModule(SourceDataModule):
         if self.splits:
             return
         loaded = load_listed(self.source)
+        self.listing = data_listing(loaded, self.settings)
         generator = torch.Generator().manual_seed(self.seed)
         pool, val, test = loaded.train, loaded.val, loaded.test
         class_names = loaded.class_names
@@ -466,6 +474,31 @@ class ImageClassificationDataModule(SourceDataModule):
         for transform in self.train_transforms:
             x, labels = transform(x, labels)
         return self.normalize(x), labels
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        if self.listing is not None:
+            state[LISTING_KEY] = self.listing
+        return state
+
+    def check_checkpoint_data(self, checkpoint: dict[str, Any], resuming: bool) -> None:
+        """The checkpoint's splits are drawn again from the images it was trained with: the
+        config alone does not say so for an image folder whose files changed since
+        (`data_listing`). Sets the data up (the fit or test then reuses it), so a refusal
+        comes before the run's record is touched. A resume may move `data.root`; an
+        evaluation on another root is other data (`eval.py` says so)."""
+        self.setup("fit" if resuming else "test")
+        assert self.listing is not None, "setup() lists the data"
+        stored = (checkpoint.get(type(self).__qualname__) or {}).get(LISTING_KEY)
+        change = listing_change(stored, self.listing, root_may_move=resuming)
+        require(
+            change is None,
+            f"Config key `ckpt_path`: the data changed since the checkpoint was written: "
+            f"{change}. Its validation and test splits are drawn from the listed images with "
+            "`data.seed`, so they would now hold images it trained on, and its numbers would "
+            "not be true. Restore the files as they were, or start a new run on the data as "
+            "it is.",
+        )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
