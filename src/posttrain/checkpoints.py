@@ -31,10 +31,22 @@ TEMP_MARK = ".partial-"
 TORCH_FILE_MAGIC = (b"PK\x03\x04", b"\x80")
 
 
+def is_safetensors(head: bytes) -> bool:
+    """A safetensors file: an 8-byte little-endian header length, then the JSON header."""
+    return len(head) >= 10 and head[8:10] in (b'{"', b"{}") and head[4:8] == b"\0\0\0\0"
+
+
 def describe_unreadable(file: Path, error: Exception) -> str:
     """What the file is, for the refusal: not a torch file, truncated, or unsafe to unpickle."""
     with file.open("rb") as handle:
-        head = handle.read(4)
+        head = handle.read(10)
+    if not head:
+        return f"{file} is empty (0 bytes): a copy, download or save that did not complete"
+    if is_safetensors(head):
+        return (
+            f"{file} is a safetensors file, which posttrain does not read; convert it with "
+            "`torch.save(safetensors.torch.load_file(path), 'weights.pt')` (a state dict)"
+        )
     if not head.startswith(TORCH_FILE_MAGIC):
         return (
             f"{file} is not a PyTorch checkpoint at all (it does not start like a file written "
