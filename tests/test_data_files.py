@@ -21,7 +21,6 @@ from tests.fixtures import (
     write_16bit_image_folder,
     write_cifar,
     write_image_folder,
-    write_omniglot,
     write_split_image_folder,
 )
 
@@ -139,12 +138,42 @@ def test_empty_image_folder_class_is_refused(tmp_path: Path) -> None:
         ImageFolderSource(root=str(tmp_path)).load()
 
 
-def test_empty_omniglot_character_folder_is_refused(tmp_path: Path) -> None:
-    write_omniglot(tmp_path, alphabets=1, characters=2, drawers=2)
-    empty = tmp_path / "omniglot-py" / "images_evaluation" / "Alphabet_0" / "character09"
-    empty.mkdir()
-    with pytest.raises(PosttrainError, match=r"character09.*holds no"):
-        OmniglotSource(root=str(tmp_path), download=False).load()
+def copy_of_omniglot(omniglot_all_characters: Path, tmp_path: Path) -> Path:
+    """The session's complete Omniglot fixture, copied to be changed."""
+    shutil.copytree(omniglot_all_characters / "omniglot-py", tmp_path / "omniglot-py")
+    return tmp_path / "omniglot-py"
+
+
+def test_empty_omniglot_character_folder_is_refused(
+    omniglot_all_characters: Path, tmp_path: Path
+) -> None:
+    empty = copy_of_omniglot(omniglot_all_characters, tmp_path) / "images_evaluation" / "ULOG"
+    for drawing in (empty / "character09").glob("*.png"):
+        drawing.unlink()
+    with pytest.raises(PosttrainError, match=r"ULOG/character09.*holds no"):
+        OmniglotSource(root=str(tmp_path), download=False, split="lake").load()
+
+
+@pytest.mark.parametrize(
+    ("change", "said"),
+    [
+        (lambda o: shutil.rmtree(o / "images_background" / "Korean"), "lacks 40 of its 964"),
+        (lambda o: shutil.rmtree(o / "images_evaluation" / "Tengwar" / "character25"), "659"),
+        (
+            lambda o: shutil.move(o / "images_evaluation" / "ULOG", o / "images_background"),
+            "holds 26 characters of no alphabet of that half (e.g. ULOG/character01",
+        ),
+    ],
+)
+def test_an_incomplete_omniglot_is_refused_for_lake(
+    omniglot_all_characters: Path, tmp_path: Path, change, said: str
+) -> None:
+    """Observed: with an alphabet (or a character) missing, `lake` ran on the rest and was
+    reported as the protocol; `vinyals` already refused it."""
+    change(copy_of_omniglot(omniglot_all_characters, tmp_path))
+    with pytest.raises(PosttrainError, match="is not the `lake` protocol's") as refused:
+        OmniglotSource(root=str(tmp_path), download=False, split="lake").load_listed()
+    assert said in str(refused.value) and "\n" not in str(refused.value)
 
 
 @pytest.mark.slow
@@ -161,11 +190,13 @@ def test_malformed_cifar_through_the_cli_exits_2_without_traceback(tmp_path: Pat
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_a_test_split_of_classes_never_trained_on_is_refused(tmp_path: Path) -> None:
+def test_a_test_split_of_classes_never_trained_on_is_refused(
+    omniglot_all_characters: Path,
+) -> None:
     """Observed: `data.dataset=omniglot` in a classifier (the source's default `lake`
     protocol) trained on background characters and tested on evaluation characters."""
-    write_omniglot(tmp_path, alphabets=1, characters=2, drawers=10)
-    data = ImageClassificationDataModule("omniglot", root=str(tmp_path), options={"split": "lake"})
+    root = str(omniglot_all_characters)
+    data = ImageClassificationDataModule("omniglot", root=root, options={"split": "lake"})
     with pytest.raises(PosttrainError, match=r"test split .* classes that the training split"):
         data.setup("fit")
 
@@ -298,15 +329,17 @@ def test_one_file_under_two_class_or_split_folders_is_refused(tmp_path: Path, la
     assert str(original) in message and str(link) in message and "\n" not in message, message
 
 
-def test_hidden_omniglot_folders_are_not_alphabets_or_characters(tmp_path: Path) -> None:
-    """Observed: `Alphabet_0/.ipynb_checkpoints/` became a character of its own."""
-    write_omniglot(tmp_path, alphabets=1, characters=2, drawers=2)
-    background = tmp_path / "omniglot-py" / "images_background"
-    shutil.copytree(background / "Alphabet_0" / "character01", tmp_path / "copy")
-    (tmp_path / "copy").rename(background / "Alphabet_0" / ".ipynb_checkpoints")
-    shutil.copytree(background / "Alphabet_0", background / ".ipynb_checkpoints")
-    data = OmniglotSource(root=str(tmp_path), download=False).load_listed()
-    assert data.class_names == [f"Alphabet_0/character0{c}" for c in (1, 2, 1, 2)]
+def test_hidden_omniglot_folders_are_not_alphabets_or_characters(
+    omniglot_all_characters: Path, tmp_path: Path
+) -> None:
+    """Observed: `Korean/.ipynb_checkpoints/` became a character of its own."""
+    background = copy_of_omniglot(omniglot_all_characters, tmp_path) / "images_background"
+    before = OmniglotSource(root=str(tmp_path), download=False, split="lake").load_listed()
+    shutil.copytree(background / "Korean" / "character01", tmp_path / "copy")
+    (tmp_path / "copy").rename(background / "Korean" / ".ipynb_checkpoints")
+    shutil.copytree(background / "Korean", background / ".ipynb_checkpoints")
+    data = OmniglotSource(root=str(tmp_path), download=False, split="lake").load_listed()
+    assert data.class_names == before.class_names and len(data.class_names) == 1623
 
 
 def test_a_link_to_a_missing_file_is_refused_naming_it(tmp_path: Path) -> None:

@@ -17,7 +17,6 @@ from posttrain.errors import PosttrainError
 from posttrain.methods.meta import MAML, FewShotTasks, ProtoNet
 from posttrain.models import build_classifier
 from tests.conftest import PROBE, read_probes, run_cli
-from tests.fixtures import write_omniglot
 
 
 def episodes(**kwargs) -> EpisodicDataModule:
@@ -121,22 +120,22 @@ def test_too_few_classes_is_a_clear_error() -> None:
         episodes(rotations=False, ways=5)
 
 
-def test_omniglot_folder_format(tmp_path: Path) -> None:
-    write_omniglot(tmp_path)
+def test_omniglot_folder_format(omniglot_all_characters: Path) -> None:
     datamodule = EpisodicDataModule(
         dataset="omniglot",
-        root=str(tmp_path),
+        root=str(omniglot_all_characters),
+        split="lake",
         ways=3,
         shots=1,
-        queries=2,
+        queries=1,
         rotations=True,
         val_fraction=0.25,
         test_fraction=0.0,
         options={"size": 28},
     )
     datamodule.setup()
-    assert len(datamodule.pools["test"]) == 8 * 4  # evaluation alphabets, rotated
-    assert len(datamodule.pools["train"]) + len(datamodule.pools["val"]) == 8 * 4
+    assert len(datamodule.pools["test"]) == 659 * 4  # evaluation alphabets, rotated
+    assert len(datamodule.pools["train"]) + len(datamodule.pools["val"]) == 964 * 4
     support = next(iter(datamodule.test_dataloader()))[0]
     assert support.shape[-3:] == (1, 28, 28)
 

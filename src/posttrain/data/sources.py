@@ -853,10 +853,34 @@ class OmniglotSource:
     def name_of(character: Path) -> str:
         return f"{character.parent.name}/{character.name}"
 
+    def check_lake_halves(self, halves: dict[str, list[Path]]) -> None:
+        """Each half holds exactly its alphabets' characters: a partial extraction (or a
+        half with alphabets removed) ran as `lake` on fewer classes, reported as the protocol."""
+        from posttrain.data.omniglot_splits import lake_characters
+
+        for part, expected in lake_characters().items():
+            found = {self.name_of(c) for c in halves[part]}
+            absent, other = sorted(expected - found), sorted(found - expected)
+            problems = [
+                f"it lacks {len(absent)} of its {len(expected)} characters (e.g. "
+                f"{', '.join(absent[:3])})"
+            ] * bool(absent) + [
+                f"it holds {len(other)} characters of no alphabet of that half (e.g. "
+                f"{', '.join(other[:3])})"
+            ] * bool(other)
+            require(
+                not problems,
+                f"Omniglot folder {self.root / self.FOLDER / part} is not the `lake` protocol's "
+                f"{part}: {'; '.join(problems)}. The protocol is the 30 background alphabets "
+                "(964 characters) against the 20 evaluation alphabets (659): re-extract both "
+                "halves (or delete `omniglot-py/` and set `data.download=true`).",
+            )
+
     def load_lake(self) -> SourceData:
         """Background alphabets: the training pool; evaluation alphabets: the test pool."""
         background = self.character_folders("images_background")
         evaluation = self.character_folders("images_evaluation")
+        self.check_lake_halves({"images_background": background, "images_evaluation": evaluation})
         both = self.list_characters(background + evaluation)  # one pass, one cache entry
         first_test = int((both.labels < len(background)).sum())
         train = LabelledImages(both.images[:first_test], both.labels[:first_test])
