@@ -4,6 +4,7 @@ silently corrupted data. Each case was observed as a traceback or as a completed
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import shutil
@@ -255,6 +256,43 @@ def test_a_cache_entry_of_the_saturating_decoder_is_not_read_back(
     assert bool((saturated.train.images == 255).all())  # what the old decoder cached
     data = ImageFolderSource(root=str(images), channels=1, cache_dir=str(cache)).load()
     assert int(data.train.images.max()) < 200
+
+
+def test_tiff_and_netpbm_images_are_read_and_other_files_are_named(tmp_path: Path, caplog) -> None:
+    """Observed: a class folder of .png and .tif images (torchvision's ImageFolder reads both)
+    trained on the .png ones only, without a word; what is still not read is logged."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    written = {}
+    for label in range(2):
+        folder = tmp_path / f"class_{label}"
+        folder.mkdir()
+        for ext in ("png", "tif", "tiff", "ppm", "pgm"):
+            pixels = rng.integers(0, 256, size=(6, 6, 3), dtype=np.uint8)
+            image = (
+                Image.fromarray(pixels).convert("L") if ext == "pgm" else Image.fromarray(pixels)
+            )
+            image.convert("RGB").save(folder / f"{ext}.{ext}")
+            written[f"{label}/{ext}"] = torch.from_numpy(np.array(image.convert("RGB")))
+        (folder / "notes.txt").write_text("annotator: me")
+    with caplog.at_level(logging.WARNING, logger="posttrain"):
+        data = ImageFolderSource(root=str(tmp_path)).load()
+    assert len(data.train) == 10
+    for index, key in enumerate(sorted(written)):  # listed in path order
+        assert torch.equal(data.train.images[index], written[key].permute(2, 0, 1)), key
+    assert "2 files in the class folders are not read, by extension: .txt 2" in caplog.text
+
+
+def test_an_image_mode_pil_cannot_convert_is_one_paragraph(tmp_path: Path) -> None:
+    from PIL import Image
+
+    for label in range(2):
+        (tmp_path / f"class_{label}").mkdir()
+        Image.new("RGB", (4, 4)).save(tmp_path / f"class_{label}" / "0.png")
+    Image.new("LAB", (4, 4)).save(tmp_path / "class_1" / "lab.tif")
+    with pytest.raises(PosttrainError, match=r"Cannot read image file .*lab\.tif: conversion"):
+        ImageFolderSource(root=str(tmp_path), channels=1).load()
 
 
 def test_float_images_are_refused_naming_the_file(tmp_path: Path) -> None:

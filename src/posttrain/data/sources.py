@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
@@ -543,7 +544,9 @@ class ListedFile:
     real: str
 
 
-def walk_images(folder: Path, extensions: tuple[str, ...]) -> list[ListedFile]:
+def walk_images(
+    folder: Path, extensions: tuple[str, ...], skipped: Counter[str] | None = None
+) -> list[ListedFile]:
     """Image files anywhere under `folder`, in path order, links followed but each real
     directory entered once (`ln -s . again` inside a class folder made 24 files 344), hidden
     files and folders skipped (`.ipynb_checkpoints/` copies, macOS `._name.png` forks).
@@ -551,7 +554,8 @@ def walk_images(folder: Path, extensions: tuple[str, ...]) -> list[ListedFile]:
     An explicit depth-first walk with `os.scandir` in sorted order, so which path a linked
     directory is listed under does not depend on the file system's order; paths are built as
     strings (pathlib's rglob and Path sorting took ~1 s for 50,000 files, more than reading
-    them back from the decoded-image cache) and only directories and links are resolved."""
+    them back from the decoded-image cache) and only directories and links are resolved.
+    Other files are counted in `skipped` by extension, so the caller can say what it left."""
     found: list[tuple[tuple[str, ...], ListedFile]] = []
     entered: set[str] = set()
     pending: list[tuple[str, tuple[str, ...]]] = [(str(folder), ())]
@@ -569,6 +573,8 @@ def walk_images(folder: Path, extensions: tuple[str, ...]) -> list[ListedFile]:
                 folders.append((entry.path, (*inner, entry.name)))
             elif entry.name.lower().endswith(extensions):
                 found.append(((*inner, entry.name), listed_file(entry, real)))
+            elif skipped is not None:
+                skipped[os.path.splitext(entry.name)[1].lower() or entry.name] += 1
         pending += reversed(folders)
     return [file for _, file in sorted(found, key=lambda pair: pair[0])]
 
@@ -631,7 +637,10 @@ class ImageFolderSource:
     The DataModule lists the files first (`load_listed`) and decodes only those it keeps.
     """
 
-    EXTENSIONS: ClassVar[tuple[str, ...]] = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+    # torchvision's ImageFolder extensions (a tree it reads is read whole) and GIF.
+    EXTENSIONS: ClassVar[tuple[str, ...]] = (
+        ".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -686,15 +695,16 @@ class ImageFolderSource:
             with Image.open(path) as image:
                 image = to_eight_bits(image, path).convert("L" if channels == 1 else "RGB")
                 tensor = F.pil_to_tensor(image)
-        except (OSError, UnidentifiedImageError) as error:
+        except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as error:
+            # ValueError: a mode PIL cannot convert (a LAB TIFF to gray); a bomb: > 178 Mpx
             raise PosttrainError(f"Cannot read image file {path}: {error}.") from error
         if size is None or tuple(tensor.shape[-2:]) == (size, size):
             return tensor
         return F.resize(tensor, [size, size], antialias=True)
 
-    def image_files(self, folder: Path) -> list[ListedFile]:
+    def image_files(self, folder: Path, skipped: Counter[str]) -> list[ListedFile]:
         """Image files anywhere under `folder` (`walk_images`), each real file once."""
-        files = walk_images(folder, self.EXTENSIONS)
+        files = walk_images(folder, self.EXTENSIONS, skipped)
         require(
             bool(files),
             f"Class folder {folder} (under `data.root`) holds no images "
@@ -706,10 +716,20 @@ class ImageFolderSource:
         """`folder/<class>/<images>` for this source's classes: files and labels (by name)."""
         files: list[ListedFile] = []
         labels: list[int] = []
+        skipped: Counter[str] = Counter()
         for label, name in enumerate(self.class_names):
-            found = self.image_files(folder / name)
+            found = self.image_files(folder / name, skipped)
             files += found
             labels += [label] * len(found)
+        if skipped:
+            log.warning(
+                "%s: %d files in the class folders are not read, by extension: %s (images "
+                "are read from %s files)",
+                folder,
+                sum(skipped.values()),
+                ", ".join(f"{ext} {n}" for ext, n in skipped.most_common(6)),
+                ", ".join(self.EXTENSIONS),
+            )
         return files, labels
 
     def list_folders(self, folders: dict[str, Path]) -> dict[str, LabelledImages]:
