@@ -705,10 +705,18 @@ class ImageFolderSource:
     def image_files(self, folder: Path, skipped: Counter[str]) -> list[ListedFile]:
         """Image files anywhere under `folder` (`walk_images`), each real file once."""
         files = walk_images(folder, self.EXTENSIONS, skipped)
+        # With split folders, removing it from one split alone is refused too (every split
+        # folder holds the same classes): say what does work.
+        remedy = (
+            f"add its images, or remove the class folder `{folder.name}` from every split "
+            f"folder ({', '.join(f.name + '/' for f in self.splits.values())})"
+            if self.splits
+            else "remove it or add its images"
+        )
         require(
             bool(files),
             f"Class folder {folder} (under `data.root`) holds no images "
-            f"({', '.join(self.EXTENSIONS)}); remove it or add its images.",
+            f"({', '.join(self.EXTENSIONS)}); {remedy}.",
         )
         return once_each(files, folder)
 
