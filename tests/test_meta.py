@@ -323,3 +323,32 @@ def test_cli_meta_trains_a_few_steps(tmp_path: Path, experiment: str) -> None:
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["status"] == "completed" and metrics["global_step"] == 4
     assert metrics["test/episodes"] == 20 and 0 < metrics["test/acc_ci95"] < 0.5
+
+
+def test_episodes_of_a_folder_whose_files_changed_are_refused(tmp_path: Path) -> None:
+    """Episodes split classes by fraction: a class folder added since the checkpoint re-draws
+    which classes are meta-test, so some would be classes it meta-trained on."""
+    import numpy as np
+    from PIL import Image
+
+    def write_class(name: str) -> None:
+        (tmp_path / name).mkdir()
+        for index in range(2):
+            pixels = np.random.default_rng(index).integers(0, 256, (8, 8), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / name / f"{index}.png")
+
+    def episodes_of_folder() -> EpisodicDataModule:
+        return EpisodicDataModule(
+            dataset="imagefolder", root=str(tmp_path), ways=2, shots=1, queries=1,
+            val_fraction=0.25, test_fraction=0.25, options={"size": 8, "cache_dir": None},
+        )  # fmt: skip
+
+    for label in range(8):
+        write_class(f"class_{label}")
+    trained = episodes_of_folder()
+    trained.setup("fit")
+    checkpoint = {EpisodicDataModule.__qualname__: trained.state_dict()}
+    episodes_of_folder().check_checkpoint_data(checkpoint, resuming=False)  # the same files
+    write_class("class_8")
+    with pytest.raises(PosttrainError, match="18 images now, 16 then"):
+        episodes_of_folder().check_checkpoint_data(checkpoint, resuming=False)

@@ -209,6 +209,7 @@ class SourceDataModule(L.LightningDataModule):
     _train_generator: torch.Generator | None = None
     _pending_random_state: dict[str, Any] | None = None
     _stats: tuple[Tensor, Tensor] | None = None  # per-channel mean/std the inputs are normalized by
+    listing: dict[str, Any] | None = None  # what the splits were drawn from (set up by `setup`)
 
     def train_generator(self) -> torch.Generator:
         """The generator behind the training batches' order (and loader seeds).
@@ -228,9 +229,23 @@ class SourceDataModule(L.LightningDataModule):
         return {"train_batches": None if generator is None else generator.get_state()}
 
     def check_checkpoint_data(self, checkpoint: dict[str, Any], resuming: bool) -> None:
-        """Refuse data that changed since `checkpoint` was written, where that can be told
-        (`ImageClassificationDataModule`; episodes store no listing)."""
-        del checkpoint, resuming
+        """A checkpoint's splits (of images, or of classes for episodes) are drawn again from
+        the images it was trained with: the config alone does not say so for an image folder
+        whose files changed since (`data_listing`). Sets the data up (the fit or test then
+        reuses it), so a refusal comes before the run's record is touched. A resume may move
+        `data.root`; an evaluation on another root is other data (`eval.py` says so)."""
+        self.setup("fit" if resuming else "test")
+        assert self.listing is not None, "setup() lists the data"
+        stored = (checkpoint.get(type(self).__qualname__) or {}).get(LISTING_KEY)
+        change = listing_change(stored, self.listing, root_may_move=resuming)
+        require(
+            change is None,
+            f"Config key `ckpt_path`: the data changed since the checkpoint was written: "
+            f"{change}. Its validation and test splits are drawn from the listed images with "
+            "`data.seed`, so they would now hold images (or classes) it trained on, and its "
+            "numbers would not be true. Restore the files as they were, or start a new run on "
+            "the data as it is.",
+        )
 
     def load_random_state(self, state: dict[str, Any]) -> None:
         """Kept until the training loader exists (restore happens before it is built)."""
@@ -245,11 +260,14 @@ class SourceDataModule(L.LightningDataModule):
             self._pending_random_state = None
 
     def state_dict(self) -> dict[str, Any]:
-        """The random state, and the normalization statistics: evaluation and resume use the
-        ones the run trained with, however statistics are computed later."""
+        """The random state, the normalization statistics (evaluation and resume use the
+        ones the run trained with, however statistics are computed later) and the listing
+        the splits were drawn from (`check_checkpoint_data`)."""
         state: dict[str, Any] = {"random_state": self.random_state()}
         if self._stats is not None:
             state.update(mean=self._stats[0].tolist(), std=self._stats[1].tolist())
+        if self.listing is not None:
+            state[LISTING_KEY] = self.listing
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -324,7 +342,6 @@ class ImageClassificationDataModule(SourceDataModule):
         self._unlabelled: Tensor | None = None
         self.class_names: list[str] = []
         self._stats: tuple[Tensor, Tensor] | None = None
-        self.listing: dict[str, Any] | None = None  # what the splits were drawn from (setup)
 
     def check_classes(self, classes: list[int] | None) -> list[int] | None:
         if classes is None:
@@ -474,31 +491,6 @@ class ImageClassificationDataModule(SourceDataModule):
         for transform in self.train_transforms:
             x, labels = transform(x, labels)
         return self.normalize(x), labels
-
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        if self.listing is not None:
-            state[LISTING_KEY] = self.listing
-        return state
-
-    def check_checkpoint_data(self, checkpoint: dict[str, Any], resuming: bool) -> None:
-        """The checkpoint's splits are drawn again from the images it was trained with: the
-        config alone does not say so for an image folder whose files changed since
-        (`data_listing`). Sets the data up (the fit or test then reuses it), so a refusal
-        comes before the run's record is touched. A resume may move `data.root`; an
-        evaluation on another root is other data (`eval.py` says so)."""
-        self.setup("fit" if resuming else "test")
-        assert self.listing is not None, "setup() lists the data"
-        stored = (checkpoint.get(type(self).__qualname__) or {}).get(LISTING_KEY)
-        change = listing_change(stored, self.listing, root_may_move=resuming)
-        require(
-            change is None,
-            f"Config key `ckpt_path`: the data changed since the checkpoint was written: "
-            f"{change}. Its validation and test splits are drawn from the listed images with "
-            "`data.seed`, so they would now hold images it trained on, and its numbers would "
-            "not be true. Restore the files as they were, or start a new run on the data as "
-            "it is.",
-        )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
