@@ -72,6 +72,8 @@ def test_imagenet_name_loads_from_the_torch_hub_cache(tmp_path, monkeypatch, cap
     assert torch.equal(model.features.layer4[1].conv2.weight, state["layer4.1.conv2.weight"])
     assert model.head.out_features == 7
     assert "head replaced" in caplog.text and "(1000, 512)" in caplog.text
+    # which weights `imagenet` stood for (torchvision has moved DEFAULT between releases)
+    assert "torchvision resnet18 imagenet (IMAGENET1K_V1, resnet18-" in caplog.text
 
 
 def test_grayscale_model_adapts_the_rgb_stem(tmp_path, monkeypatch, caplog) -> None:

@@ -96,8 +96,10 @@ class LoadReport:
         return lines
 
 
-def torchvision_state_dict(arch: str, name: str) -> dict[str, Tensor]:
-    """Download (or read from the torch hub cache) torchvision's weights for `arch`."""
+def torchvision_state_dict(arch: str, name: str) -> tuple[dict[str, Tensor], str]:
+    """Download (or read from the torch hub cache) torchvision's weights for `arch`, and
+    which they are: `imagenet` is the architecture's DEFAULT, which torchvision releases
+    have moved (ResNet-50: V1, then V2), so the log names the member and the file."""
     from torchvision import models
 
     try:
@@ -117,13 +119,14 @@ def torchvision_state_dict(arch: str, name: str) -> dict[str, Tensor]:
     cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
     check_cached_weights(cache, weights.url, f"`model.pretrained={name}` ({arch})")
     try:
-        return weights.get_state_dict(progress=True, check_hash=True, weights_only=True)
+        state = weights.get_state_dict(progress=True, check_hash=True, weights_only=True)
     except Exception as error:  # offline, proxy: many error types
         raise PosttrainError(
             f"`model.pretrained={name}`: could not get {arch} weights from {weights.url} "
             f"({type(error).__name__}: {error}). Without internet, place the file at {cache} "
             "or point `model.pretrained` at a local checkpoint/state-dict file."
         ) from error
+    return state, f"torchvision {arch} {name} ({weights.name}, {cache.name})"
 
 
 def sha256_of(path: Path) -> str:
@@ -424,7 +427,7 @@ def resolve_source(pretrained: str, arch: str) -> tuple[dict[str, Tensor], str]:
         return file_state_dict(path)
     if "/" in str(pretrained) or str(pretrained).endswith((".ckpt", ".pt", ".pth")):
         raise PosttrainError(f"`model.pretrained`: file {path} does not exist.")
-    return torchvision_state_dict(arch, str(pretrained)), f"torchvision {arch} {pretrained}"
+    return torchvision_state_dict(arch, str(pretrained))
 
 
 def check_kept_head(
