@@ -157,3 +157,21 @@ def test_image_folder_loader(tmp_path: Path) -> None:
 def test_bad_data_config_names_the_key(kwargs: dict, key: str) -> None:
     with pytest.raises(PosttrainError, match=key.replace(".", r"\.")):
         ImageClassificationDataModule(**kwargs)
+
+
+def test_a_changed_listing_is_told_apart_from_other_data(tmp_path: Path) -> None:
+    """The same folder with other files is refused; another folder (a CIFAR-format copy of
+    other images) is other data at evaluation, and the same data for a resume."""
+    from posttrain.data.splits import data_listing, listing_change
+
+    def listing(root: Path):
+        return data_listing(CifarSource(root=str(root), download=False).load(), {
+            "dataset": "cifar", "root": str(root)})  # fmt: skip
+
+    write_cifar(tmp_path / "a")
+    write_cifar(tmp_path / "b", train_per_batch=21)
+    first = listing(tmp_path / "a")
+    assert listing_change(first, listing(tmp_path / "a")) is None
+    assert listing_change(first, listing(tmp_path / "b")) is None  # evaluated on other data
+    moved = listing_change(first, listing(tmp_path / "b"), root_may_move=True)
+    assert moved is not None and "125 images now, 120 then" in moved

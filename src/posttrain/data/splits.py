@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 SPLIT_KEYS = (
@@ -96,10 +97,12 @@ def data_listing(loaded: Any, settings: Mapping[str, Any]) -> dict[str, Any]:
             files, root = part.images.files.files, str(part.images.files.root)
             for row in part.images.rows.tolist():
                 digest.update(str(files[row]).removeprefix(root).encode() + b"\0")
-    where = split_settings(settings)
+    root = settings.get("root")
     return {
-        "dataset": where["dataset"],
-        "root": where["root"],
+        "dataset": settings.get("dataset"),
+        # Resolved: `./data` and its absolute path are one folder. Kept for every source: a
+        # CIFAR-format copy of other images in another folder is other data, as a folder is.
+        "root": str(Path(str(root)).expanduser().resolve()) if root else None,
         "images": images,
         "digest": digest.hexdigest(),
     }
@@ -110,7 +113,7 @@ def listing_change(
 ) -> str | None:
     """How the data changed since `stored` was recorded (`data_listing`), or None: the same,
     unknown (a checkpoint written before listings were stored), or other data on purpose
-    (another dataset, or another image-folder root unless `root_may_move`)."""
+    (another dataset, or another `data.root` unless `root_may_move`)."""
     if not stored or stored.get("dataset") != current["dataset"]:
         return None
     if stored.get("root") != current["root"] and not root_may_move:
