@@ -18,7 +18,7 @@ builds it (`conf/data/imagefolder.yaml`: val/test held out as 10%/20%) with an e
 per seed (`--seeds`) once with all images and once with `data.samples_per_class=10`, which
 decodes only the kept training images and the val/test images it uses (wall and CPU time).
 
-`--scale` shrinks both datasets (recorded in the JSON).
+`--scale` shrinks both datasets (Omniglot: drawings per character; recorded in the JSON).
 Writes benchmarks/results/decode_cache.json.
 
     python -m benchmarks.decode_cache [--scale 1.0] [--repeats 3] [--seeds 5]
@@ -43,36 +43,34 @@ SAMPLES_PER_CLASS = 10
 
 
 def write_omniglot_folder(root: Path, scale: float) -> int:
-    """The real layout and names (from the shipped split files), random 1-bit strokes."""
+    """The real layout and names (from the shipped split files), random 1-bit strokes. Every
+    character is written (`lake` refuses a folder that lacks some); `scale` shrinks the
+    drawings per character."""
     import numpy as np
     from PIL import Image, ImageDraw
 
-    from posttrain.data.omniglot_splits import VINYALS_FILES, characters_of, split_file_text
-    from tests.fixtures import OMNIGLOT_EVALUATION_ALPHABETS
+    from posttrain.data.omniglot_splits import EVALUATION_ALPHABETS, lake_characters
 
-    names = sorted(
-        {c for f in VINYALS_FILES.values() for c in characters_of(split_file_text(f), f)}
-    )
+    names = sorted(set().union(*lake_characters().values()))
     assert len(names) == OMNIGLOT_CHARACTERS
-    keep = max(2, round(OMNIGLOT_CHARACTERS * scale))
-    chosen = [names[int(i)] for i in np.linspace(0, len(names) - 1, keep)]
+    drawings = max(1, round(OMNIGLOT_DRAWINGS * scale))
     rng = np.random.default_rng(0)
-    for name in chosen:
+    for name in names:
         half = (
             "images_evaluation"
-            if name.split("/")[0] in OMNIGLOT_EVALUATION_ALPHABETS
+            if name.split("/")[0] in EVALUATION_ALPHABETS
             else "images_background"
         )
         folder = root / "omniglot-py" / half / name
         folder.mkdir(parents=True)
-        for drawer in range(OMNIGLOT_DRAWINGS):
+        for drawer in range(drawings):
             image = Image.new("1", (105, 105), 1)
             draw = ImageDraw.Draw(image)
             for _ in range(int(rng.integers(2, 6))):
                 points = [tuple(int(v) for v in rng.integers(10, 95, 2)) for _ in range(3)]
                 draw.line(points, fill=0, width=3)
             image.save(folder / f"{drawer + 1:02d}.png")
-    return len(chosen) * OMNIGLOT_DRAWINGS
+    return len(names) * drawings
 
 
 def write_jpeg_folder(root: Path, scale: float) -> int:

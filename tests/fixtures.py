@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from posttrain.data.omniglot_splits import EVALUATION_ALPHABETS as OMNIGLOT_EVALUATION_ALPHABETS
+
 
 def write_cifar(root: Path, classes: int = 10, train_per_batch: int = 20, test: int = 20) -> Path:
     """A miniature CIFAR-10/100 folder in the original python-pickle batch format."""
@@ -100,15 +102,6 @@ def write_omniglot(root: Path, alphabets: int = 2, characters: int = 4, drawers:
                     pixels[rng.integers(0, 105), :] = 0
                     Image.fromarray(pixels, mode="L").save(folder / f"{d}.png")
     return root
-
-
-# The 20 alphabets of Omniglot's `images_evaluation` half (the other 30 are `images_background`).
-OMNIGLOT_EVALUATION_ALPHABETS = (
-    "Angelic", "Atemayar_Qelisayer", "Atlantean", "Aurek-Besh", "Avesta", "Ge_ez",
-    "Glagolitic", "Gurmukhi", "Kannada", "Keble", "Malayalam", "Manipuri", "Mongolian",
-    "Old_Church_Slavonic_(Cyrillic)", "Oriya", "Sylheti", "Syriac_(Serto)", "Tengwar",
-    "Tibetan", "ULOG",
-)  # fmt: skip
 
 
 def write_omniglot_characters(root: Path, drawers: int = 2, size: int = 8) -> list[str]:

@@ -104,6 +104,22 @@ def test_cifar_missing_without_download_names_the_keys(tmp_path: Path) -> None:
         source.prepare()
 
 
+@pytest.mark.parametrize("download", [False, True])
+def test_cifar_folder_missing_one_batch_names_it(tmp_path: Path, monkeypatch, download) -> None:
+    """Observed: 'CIFAR-10 is not in <folder>' for a folder holding all but data_batch_5."""
+    from torchvision import datasets
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(datasets, "CIFAR10", offline)
+    folder = write_cifar(tmp_path)
+    (folder / "data_batch_5").unlink()
+    source = CifarSource(root=str(tmp_path), download=download)
+    with pytest.raises(PosttrainError, match=f"{folder} lacks data_batch_5 \\(1 of the 7 files"):
+        source.prepare()
+
+
 def test_cifar_refuses_a_pickle_that_runs_code(tmp_path: Path) -> None:
     folder = write_cifar(tmp_path)
     write_malicious_pickle(folder / "data_batch_1")
@@ -141,3 +157,21 @@ def test_image_folder_loader(tmp_path: Path) -> None:
 def test_bad_data_config_names_the_key(kwargs: dict, key: str) -> None:
     with pytest.raises(PosttrainError, match=key.replace(".", r"\.")):
         ImageClassificationDataModule(**kwargs)
+
+
+def test_a_changed_listing_is_told_apart_from_other_data(tmp_path: Path) -> None:
+    """The same folder with other files is refused; another folder (a CIFAR-format copy of
+    other images) is other data at evaluation, and the same data for a resume."""
+    from posttrain.data.splits import data_listing, listing_change
+
+    def listing(root: Path):
+        return data_listing(CifarSource(root=str(root), download=False).load(), {
+            "dataset": "cifar", "root": str(root)})  # fmt: skip
+
+    write_cifar(tmp_path / "a")
+    write_cifar(tmp_path / "b", train_per_batch=21)
+    first = listing(tmp_path / "a")
+    assert listing_change(first, listing(tmp_path / "a")) is None
+    assert listing_change(first, listing(tmp_path / "b")) is None  # evaluated on other data
+    moved = listing_change(first, listing(tmp_path / "b"), root_may_move=True)
+    assert moved is not None and "125 images now, 120 then" in moved

@@ -4,6 +4,7 @@ silently corrupted data. Each case was observed as a traceback or as a completed
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import shutil
@@ -21,7 +22,6 @@ from tests.fixtures import (
     write_16bit_image_folder,
     write_cifar,
     write_image_folder,
-    write_omniglot,
     write_split_image_folder,
 )
 
@@ -102,6 +102,22 @@ def test_bytes_keys_of_a_python3_rebuild_are_read(tmp_path: Path) -> None:
     assert len(data.train) == 100 and data.class_names[0] == "name0"
 
 
+def test_a_batch_re_saved_with_pickle_protocol_5_is_read(tmp_path: Path) -> None:
+    """`pickle.dump(batch, f, protocol=pickle.HIGHEST_PROTOCOL)` (Python 3.14's default)
+    stores numpy arrays through `numpy._core.numeric._frombuffer`, which was refused."""
+    folder = write_cifar(tmp_path)
+    before = load_cifar(tmp_path)
+    path = folder / "data_batch_2"
+    with path.open("rb") as handle:
+        batch = pickle.load(handle, encoding="latin1")
+    batch["labels"] = np.asarray(batch["labels"])
+    with path.open("wb") as handle:
+        pickle.dump(batch, handle, protocol=5)
+    after = load_cifar(tmp_path)
+    assert torch.equal(after.train.images, before.train.images)
+    assert torch.equal(after.train.labels, before.train.labels)
+
+
 def test_cifar100_label_range_uses_its_class_count(tmp_path: Path) -> None:
     folder = write_cifar(tmp_path, classes=100)
     rewrite_batch(folder, "test", lambda b: {**b, "fine_labels": [100] * len(b["fine_labels"])})
@@ -123,12 +139,42 @@ def test_empty_image_folder_class_is_refused(tmp_path: Path) -> None:
         ImageFolderSource(root=str(tmp_path)).load()
 
 
-def test_empty_omniglot_character_folder_is_refused(tmp_path: Path) -> None:
-    write_omniglot(tmp_path, alphabets=1, characters=2, drawers=2)
-    empty = tmp_path / "omniglot-py" / "images_evaluation" / "Alphabet_0" / "character09"
-    empty.mkdir()
-    with pytest.raises(PosttrainError, match=r"character09.*holds no"):
-        OmniglotSource(root=str(tmp_path), download=False).load()
+def copy_of_omniglot(omniglot_all_characters: Path, tmp_path: Path) -> Path:
+    """The session's complete Omniglot fixture, copied to be changed."""
+    shutil.copytree(omniglot_all_characters / "omniglot-py", tmp_path / "omniglot-py")
+    return tmp_path / "omniglot-py"
+
+
+def test_empty_omniglot_character_folder_is_refused(
+    omniglot_all_characters: Path, tmp_path: Path
+) -> None:
+    empty = copy_of_omniglot(omniglot_all_characters, tmp_path) / "images_evaluation" / "ULOG"
+    for drawing in (empty / "character09").glob("*.png"):
+        drawing.unlink()
+    with pytest.raises(PosttrainError, match=r"ULOG/character09.*holds no"):
+        OmniglotSource(root=str(tmp_path), download=False, split="lake").load()
+
+
+@pytest.mark.parametrize(
+    ("change", "said"),
+    [
+        (lambda o: shutil.rmtree(o / "images_background" / "Korean"), "lacks 40 of its 964"),
+        (lambda o: shutil.rmtree(o / "images_evaluation" / "Tengwar" / "character25"), "659"),
+        (
+            lambda o: shutil.move(o / "images_evaluation" / "ULOG", o / "images_background"),
+            "holds 26 characters of no alphabet of that half (e.g. ULOG/character01",
+        ),
+    ],
+)
+def test_an_incomplete_omniglot_is_refused_for_lake(
+    omniglot_all_characters: Path, tmp_path: Path, change, said: str
+) -> None:
+    """Observed: with an alphabet (or a character) missing, `lake` ran on the rest and was
+    reported as the protocol; `vinyals` already refused it."""
+    change(copy_of_omniglot(omniglot_all_characters, tmp_path))
+    with pytest.raises(PosttrainError, match="is not the `lake` protocol's") as refused:
+        OmniglotSource(root=str(tmp_path), download=False, split="lake").load_listed()
+    assert said in str(refused.value) and "\n" not in str(refused.value)
 
 
 @pytest.mark.slow
@@ -145,11 +191,13 @@ def test_malformed_cifar_through_the_cli_exits_2_without_traceback(tmp_path: Pat
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_a_test_split_of_classes_never_trained_on_is_refused(tmp_path: Path) -> None:
+def test_a_test_split_of_classes_never_trained_on_is_refused(
+    omniglot_all_characters: Path,
+) -> None:
     """Observed: `data.dataset=omniglot` in a classifier (the source's default `lake`
     protocol) trained on background characters and tested on evaluation characters."""
-    write_omniglot(tmp_path, alphabets=1, characters=2, drawers=10)
-    data = ImageClassificationDataModule("omniglot", root=str(tmp_path), options={"split": "lake"})
+    root = str(omniglot_all_characters)
+    data = ImageClassificationDataModule("omniglot", root=root, options={"split": "lake"})
     with pytest.raises(PosttrainError, match=r"test split .* classes that the training split"):
         data.setup("fit")
 
@@ -208,6 +256,43 @@ def test_a_cache_entry_of_the_saturating_decoder_is_not_read_back(
     assert bool((saturated.train.images == 255).all())  # what the old decoder cached
     data = ImageFolderSource(root=str(images), channels=1, cache_dir=str(cache)).load()
     assert int(data.train.images.max()) < 200
+
+
+def test_tiff_and_netpbm_images_are_read_and_other_files_are_named(tmp_path: Path, caplog) -> None:
+    """Observed: a class folder of .png and .tif images (torchvision's ImageFolder reads both)
+    trained on the .png ones only, without a word; what is still not read is logged."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    written = {}
+    for label in range(2):
+        folder = tmp_path / f"class_{label}"
+        folder.mkdir()
+        for ext in ("png", "tif", "tiff", "ppm", "pgm"):
+            pixels = rng.integers(0, 256, size=(6, 6, 3), dtype=np.uint8)
+            image = (
+                Image.fromarray(pixels).convert("L") if ext == "pgm" else Image.fromarray(pixels)
+            )
+            image.convert("RGB").save(folder / f"{ext}.{ext}")
+            written[f"{label}/{ext}"] = torch.from_numpy(np.array(image.convert("RGB")))
+        (folder / "notes.txt").write_text("annotator: me")
+    with caplog.at_level(logging.WARNING, logger="posttrain"):
+        data = ImageFolderSource(root=str(tmp_path)).load()
+    assert len(data.train) == 10
+    for index, key in enumerate(sorted(written)):  # listed in path order
+        assert torch.equal(data.train.images[index], written[key].permute(2, 0, 1)), key
+    assert "2 files in the class folders are not read, by extension: .txt 2" in caplog.text
+
+
+def test_an_image_mode_pil_cannot_convert_is_one_paragraph(tmp_path: Path) -> None:
+    from PIL import Image
+
+    for label in range(2):
+        (tmp_path / f"class_{label}").mkdir()
+        Image.new("RGB", (4, 4)).save(tmp_path / f"class_{label}" / "0.png")
+    Image.new("LAB", (4, 4)).save(tmp_path / "class_1" / "lab.tif")
+    with pytest.raises(PosttrainError, match=r"Cannot read image file .*lab\.tif: conversion"):
+        ImageFolderSource(root=str(tmp_path), channels=1).load()
 
 
 def test_float_images_are_refused_naming_the_file(tmp_path: Path) -> None:
@@ -282,15 +367,17 @@ def test_one_file_under_two_class_or_split_folders_is_refused(tmp_path: Path, la
     assert str(original) in message and str(link) in message and "\n" not in message, message
 
 
-def test_hidden_omniglot_folders_are_not_alphabets_or_characters(tmp_path: Path) -> None:
-    """Observed: `Alphabet_0/.ipynb_checkpoints/` became a character of its own."""
-    write_omniglot(tmp_path, alphabets=1, characters=2, drawers=2)
-    background = tmp_path / "omniglot-py" / "images_background"
-    shutil.copytree(background / "Alphabet_0" / "character01", tmp_path / "copy")
-    (tmp_path / "copy").rename(background / "Alphabet_0" / ".ipynb_checkpoints")
-    shutil.copytree(background / "Alphabet_0", background / ".ipynb_checkpoints")
-    data = OmniglotSource(root=str(tmp_path), download=False).load_listed()
-    assert data.class_names == [f"Alphabet_0/character0{c}" for c in (1, 2, 1, 2)]
+def test_hidden_omniglot_folders_are_not_alphabets_or_characters(
+    omniglot_all_characters: Path, tmp_path: Path
+) -> None:
+    """Observed: `Korean/.ipynb_checkpoints/` became a character of its own."""
+    background = copy_of_omniglot(omniglot_all_characters, tmp_path) / "images_background"
+    before = OmniglotSource(root=str(tmp_path), download=False, split="lake").load_listed()
+    shutil.copytree(background / "Korean" / "character01", tmp_path / "copy")
+    (tmp_path / "copy").rename(background / "Korean" / ".ipynb_checkpoints")
+    shutil.copytree(background / "Korean", background / ".ipynb_checkpoints")
+    data = OmniglotSource(root=str(tmp_path), download=False, split="lake").load_listed()
+    assert data.class_names == before.class_names and len(data.class_names) == 1623
 
 
 def test_a_link_to_a_missing_file_is_refused_naming_it(tmp_path: Path) -> None:

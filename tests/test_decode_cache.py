@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from posttrain.data.sources import ImageFolderSource, OmniglotSource
-from tests.fixtures import write_image_folder, write_omniglot
+from tests.fixtures import write_image_folder
 
 
 def source(root: Path, cache: Path, **options) -> ImageFolderSource:
@@ -145,20 +145,19 @@ def test_mixed_sizes_fall_back_to_64_logged(images, caplog) -> None:
     assert torch.equal(loaded[0], resized), "same pixels as decoding at 64 directly"
 
 
-def test_omniglot_second_load_hits_the_cache(tmp_path, caplog) -> None:
-    write_omniglot(tmp_path / "data", alphabets=1, characters=2, drawers=2)
+def test_omniglot_second_load_hits_the_cache(omniglot_all_characters, tmp_path, caplog) -> None:
     cache = tmp_path / "cache"
 
     def load(split: str = "lake"):
         omniglot = OmniglotSource(
-            root=str(tmp_path / "data"), download=False, split=split, cache_dir=str(cache)
+            root=str(omniglot_all_characters), download=False, split=split, cache_dir=str(cache)
         )
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="posttrain"):
             return omniglot.load(), caplog.text
 
     first, text = load()
-    assert "cache miss" in text and len(first.train) == len(first.test) == 4
+    assert "cache miss" in text and (len(first.train), len(first.test)) == (964 * 2, 659 * 2)
     second, text = load()
     assert "cache hit" in text
     assert torch.equal(first.train.images, second.train.images)

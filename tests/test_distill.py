@@ -481,6 +481,28 @@ def test_a_teacher_of_other_classes_or_another_split_is_refused(
     assert "method.teacher" in message and named in message and "\n" not in message
 
 
+def test_a_teacher_trained_before_the_images_changed_is_refused(
+    teacher_file: Path, tmp_path: Path
+) -> None:
+    """The same `data.*` over an image folder whose files changed since draws another split:
+    the teacher may have trained on the student's validation or test images."""
+    from posttrain.data import ImageClassificationDataModule
+    from posttrain.data.splits import LISTING_KEY
+
+    data = ImageClassificationDataModule()
+    data.setup("fit")
+    assert load_teacher(teacher_file, 10, 1, data.settings, data.listing).size == 16
+    checkpoint = torch.load(teacher_file, weights_only=True)
+    stored = checkpoint[ImageClassificationDataModule.__qualname__][LISTING_KEY]
+    assert stored == data.listing  # what the teacher's run recorded: the same digits
+    stored.update(images=stored["images"] - 3, digest="another listing")
+    torch.save(checkpoint, tmp_path / "teacher.ckpt")
+    message = user_error(
+        lambda: load_teacher(tmp_path / "teacher.ckpt", 10, 1, data.settings, data.listing)
+    )
+    assert "method.teacher" in message and "1797 images now, 1794 then" in message
+
+
 def test_a_teacher_trained_on_more_of_the_same_split_is_allowed(teacher_file: Path) -> None:
     """The strong-teacher recipe: all training labels for the teacher, few for the student;
     a cache folder or another image size is no other data either."""

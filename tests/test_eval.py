@@ -211,3 +211,38 @@ def test_an_episodic_class_split_override_is_refused(tmp_path: Path) -> None:
             evaluation_config(digits, asked(override))
     # Rotations are applied after the classes are split: the same characters stay meta-test.
     evaluation_config(digits, asked("data.rotations=false", "data.shots=5"))
+
+
+def test_a_folder_whose_files_changed_since_training_is_refused(tmp_path: Path) -> None:
+    """Observed: one image more per class, the same config, and `eval.py` re-drew the split:
+    6 of the 12 test images were images the checkpoint had trained on. A resume re-drew it
+    too (its validation and test moved mid-run); a moved but unchanged folder resumes."""
+    import shutil
+
+    from tests.fixtures import write_image_folder
+
+    data = write_image_folder(tmp_path / "images", classes=2, per_class=15, size=8)
+    run = tmp_path / "run"
+    folder = [f"data.root={data}", "data.options.cache_dir=null"]
+    setup = ["data=imagefolder", *folder, "model.width=4", "trainer.max_epochs=1"]
+    best = trained(run, *setup)
+    shutil.copy(data / "class_0" / "0.png", data / "class_0" / "added.png")
+    message = refusal(tmp_path / "eval", best)
+    assert "the data changed since the checkpoint was written" in message
+    assert "31 images now, 30 then" in message and "\n" not in message
+    record = (run / "metrics.json").read_text()
+    resume = [*CPU, *setup, "trainer.max_epochs=2", "ckpt_path=last"]
+    with pytest.raises(Exception) as refused:
+        train(compose_config(run, resume))
+    assert "31 images now, 30 then" in str(find_user_error(refused.value))
+    assert (run / "metrics.json").read_text() == record  # the finished run's record stays
+    (data / "class_0" / "added.png").unlink()
+    (data / "class_1" / "3.png").rename(data / "class_0" / "3b.png")  # the same count, moved
+    assert "under other names or labels" in refusal(tmp_path / "eval2", best)
+    (data / "class_0" / "3b.png").rename(data / "class_1" / "3.png")
+    assert evaluated(tmp_path / "eval3", best)["test/acc"] >= 0  # restored: evaluated
+    moved = shutil.move(data, tmp_path / "moved")
+    moved_root = [f"data.root={moved}", *setup[2:]]
+    train(compose_config(run, [*CPU, "data=imagefolder", *moved_root, "trainer.max_epochs=2",
+                               "data.options.cache_dir=null", "ckpt_path=last"]))  # fmt: skip
+    assert json.loads((run / "metrics.json").read_text())["epoch"] == 2

@@ -26,17 +26,43 @@ CPU = ["trainer.accelerator=cpu", "logger=none", "callbacks.progress_bar=null"]
 
 
 def place_torchvision_weights(torch_home: Path, arch: str, monkeypatch) -> dict:
-    """Put a state dict where torchvision's download would cache `arch`'s DEFAULT weights."""
+    """Put a state dict where torchvision's download would cache `arch`'s DEFAULT weights,
+    under a URL whose file name carries this file's own sha256 prefix (as torchvision's do),
+    so the hub cache check accepts it as the published file."""
+    import hashlib
+
     from torchvision import models
 
     monkeypatch.setenv("TORCH_HOME", str(torch_home))
-    weights = models.get_model_weights(arch).DEFAULT
+    enum = models.get_model_weights(arch)
     torch.manual_seed(123)
     state = models.get_model(arch, weights=None).state_dict()
     cache = torch_home / "hub" / "checkpoints"
     cache.mkdir(parents=True, exist_ok=True)
-    torch.save(state, cache / Path(weights.url).name)
+    staged = cache / "staged.pth"
+    torch.save(state, staged)
+    name = f"{arch}-{hashlib.sha256(staged.read_bytes()).hexdigest()[:8]}.pth"
+    staged.rename(cache / name)
+    url = f"https://download.pytorch.org/models/{name}"
+    monkeypatch.setattr(enum, "url", property(lambda self: url))
     return state
+
+
+def test_a_wrong_or_partial_file_in_the_hub_cache_is_refused(tmp_path, monkeypatch) -> None:
+    """torch checks the hash only when it downloads: random weights under the published name
+    loaded as `torchvision resnet18 imagenet`, and a truncated copy said 'place the file'."""
+    from torchvision import models
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    url = models.ResNet18_Weights.DEFAULT.url
+    cache = tmp_path / "torch" / "hub" / "checkpoints" / Path(url).name
+    cache.parent.mkdir(parents=True)
+    torch.save(models.resnet18().state_dict(), cache)  # other weights under its name
+    with pytest.raises(PosttrainError, match=r"(?s)is not the file published at .*Delete it"):
+        build_classifier("resnet18", 4, 3, pretrained="imagenet")
+    cache.write_bytes(cache.read_bytes()[:1000])  # a partial copy
+    with pytest.raises(PosttrainError, match="its name says f37072fd"):
+        build_classifier("resnet18", 4, 3, pretrained="imagenet")
 
 
 def test_imagenet_name_loads_from_the_torch_hub_cache(tmp_path, monkeypatch, caplog) -> None:
@@ -46,6 +72,8 @@ def test_imagenet_name_loads_from_the_torch_hub_cache(tmp_path, monkeypatch, cap
     assert torch.equal(model.features.layer4[1].conv2.weight, state["layer4.1.conv2.weight"])
     assert model.head.out_features == 7
     assert "head replaced" in caplog.text and "(1000, 512)" in caplog.text
+    # which weights `imagenet` stood for (torchvision has moved DEFAULT between releases)
+    assert "torchvision resnet18 imagenet (IMAGENET1K_V1, resnet18-" in caplog.text
 
 
 def test_grayscale_model_adapts_the_rgb_stem(tmp_path, monkeypatch, caplog) -> None:

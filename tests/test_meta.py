@@ -17,7 +17,6 @@ from posttrain.errors import PosttrainError
 from posttrain.methods.meta import MAML, FewShotTasks, ProtoNet
 from posttrain.models import build_classifier
 from tests.conftest import PROBE, read_probes, run_cli
-from tests.fixtures import write_omniglot
 
 
 def episodes(**kwargs) -> EpisodicDataModule:
@@ -121,22 +120,22 @@ def test_too_few_classes_is_a_clear_error() -> None:
         episodes(rotations=False, ways=5)
 
 
-def test_omniglot_folder_format(tmp_path: Path) -> None:
-    write_omniglot(tmp_path)
+def test_omniglot_folder_format(omniglot_all_characters: Path) -> None:
     datamodule = EpisodicDataModule(
         dataset="omniglot",
-        root=str(tmp_path),
+        root=str(omniglot_all_characters),
+        split="lake",
         ways=3,
         shots=1,
-        queries=2,
+        queries=1,
         rotations=True,
         val_fraction=0.25,
         test_fraction=0.0,
         options={"size": 28},
     )
     datamodule.setup()
-    assert len(datamodule.pools["test"]) == 8 * 4  # evaluation alphabets, rotated
-    assert len(datamodule.pools["train"]) + len(datamodule.pools["val"]) == 8 * 4
+    assert len(datamodule.pools["test"]) == 659 * 4  # evaluation alphabets, rotated
+    assert len(datamodule.pools["train"]) + len(datamodule.pools["val"]) == 964 * 4
     support = next(iter(datamodule.test_dataloader()))[0]
     assert support.shape[-3:] == (1, 28, 28)
 
@@ -338,3 +337,32 @@ def test_cli_meta_trains_a_few_steps(tmp_path: Path, experiment: str) -> None:
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["status"] == "completed" and metrics["global_step"] == 4
     assert metrics["test/episodes"] == 20 and 0 < metrics["test/acc_ci95"] < 0.5
+
+
+def test_episodes_of_a_folder_whose_files_changed_are_refused(tmp_path: Path) -> None:
+    """Episodes split classes by fraction: a class folder added since the checkpoint re-draws
+    which classes are meta-test, so some would be classes it meta-trained on."""
+    import numpy as np
+    from PIL import Image
+
+    def write_class(name: str) -> None:
+        (tmp_path / name).mkdir()
+        for index in range(2):
+            pixels = np.random.default_rng(index).integers(0, 256, (8, 8), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / name / f"{index}.png")
+
+    def episodes_of_folder() -> EpisodicDataModule:
+        return EpisodicDataModule(
+            dataset="imagefolder", root=str(tmp_path), ways=2, shots=1, queries=1,
+            val_fraction=0.25, test_fraction=0.25, options={"size": 8, "cache_dir": None},
+        )  # fmt: skip
+
+    for label in range(8):
+        write_class(f"class_{label}")
+    trained = episodes_of_folder()
+    trained.setup("fit")
+    checkpoint = {EpisodicDataModule.__qualname__: trained.state_dict()}
+    episodes_of_folder().check_checkpoint_data(checkpoint, resuming=False)  # the same files
+    write_class("class_8")
+    with pytest.raises(PosttrainError, match="18 images now, 16 then"):
+        episodes_of_folder().check_checkpoint_data(checkpoint, resuming=False)

@@ -6,9 +6,11 @@ torchvision write it; the backbone must load exactly, and the log must say what 
 
 from __future__ import annotations
 
+import argparse
 import logging
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -35,6 +37,19 @@ LAYOUTS = {
     "state_dict + module.": lambda s: {"state_dict": prefixed(s, "module."), "epoch": 3},
     "model container": lambda s: {"model": s, "optimizer": {"lr": 0.1}},
     "net container": lambda s: {"net": prefixed(s, "module."), "acc": 0.7},
+    # plain data beside the weights: a numpy metric, an array, the script's arguments
+    "numpy and argparse beside": lambda s: {
+        "state_dict": s,
+        "best_acc": np.float64(0.93),
+        "history": np.zeros(3, dtype=np.float32),
+        "args": argparse.Namespace(arch="resnet18", lr=0.1),
+    },
+    # loose tensors beside the weights outnumber the other entries: not the state dict
+    "model container + metric tensors": lambda s: {
+        "model": s,
+        "acc": torch.tensor(0.91),
+        "loss": torch.tensor(0.32),
+    },
     "lightning": lambda s: {
         "state_dict": prefixed(s, "net.backbone."),
         "pytorch-lightning_version": "2.4.0",

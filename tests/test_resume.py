@@ -260,6 +260,9 @@ def test_partial_files_of_dead_writers_are_removed(tmp_path: Path) -> None:
     [
         (b"just some notes\n", "not a PyTorch checkpoint at all"),
         (b"PK\x03\x04 truncated zip", "damaged or truncated"),
+        (b"", r"is empty \(0 bytes\)"),
+        # safetensors: the header length (little-endian), then its JSON
+        (b"\x40\x00\x00\x00\x00\x00\x00\x00" + b'{"w": {"dtype": "F32"}}', "safetensors file"),
     ],
 )
 def test_unreadable_files_are_named_for_what_they_are(

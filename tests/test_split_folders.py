@@ -85,6 +85,19 @@ def test_split_folders_must_hold_the_same_classes(tmp_path: Path) -> None:
         ImageFolderSource(root=str(tmp_path))
 
 
+def test_an_empty_class_of_one_split_folder_gets_advice_that_works(tmp_path: Path) -> None:
+    """Observed: 'remove it or add its images' for test/class_2, and removing it was refused
+    as 'missing class_2' (every split folder holds the same classes)."""
+    write_split_image_folder(tmp_path, {"train": 4, "test": 2}, classes=3, size=8)
+    for image in (tmp_path / "test" / "class_2").iterdir():
+        image.unlink()
+    with pytest.raises(PosttrainError) as refused:
+        ImageFolderSource(root=str(tmp_path)).load()
+    message = str(refused.value)
+    assert "test/class_2" in message and "remove it" not in message
+    assert "remove the class folder `class_2` from every split folder (test/, train/)" in message
+
+
 def test_other_folders_beside_split_folders_are_refused(tmp_path: Path) -> None:
     write_split_image_folder(tmp_path, {"train": 4, "extra": 2})
     with pytest.raises(PosttrainError, match="extra"):

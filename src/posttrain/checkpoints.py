@@ -31,10 +31,22 @@ TEMP_MARK = ".partial-"
 TORCH_FILE_MAGIC = (b"PK\x03\x04", b"\x80")
 
 
+def is_safetensors(head: bytes) -> bool:
+    """A safetensors file: an 8-byte little-endian header length, then the JSON header."""
+    return len(head) >= 10 and head[8:10] in (b'{"', b"{}") and head[4:8] == b"\0\0\0\0"
+
+
 def describe_unreadable(file: Path, error: Exception) -> str:
     """What the file is, for the refusal: not a torch file, truncated, or unsafe to unpickle."""
     with file.open("rb") as handle:
-        head = handle.read(4)
+        head = handle.read(10)
+    if not head:
+        return f"{file} is empty (0 bytes): a copy, download or save that did not complete"
+    if is_safetensors(head):
+        return (
+            f"{file} is a safetensors file, which posttrain does not read; convert it with "
+            "`torch.save(safetensors.torch.load_file(path), 'weights.pt')` (a state dict)"
+        )
     if not head.startswith(TORCH_FILE_MAGIC):
         return (
             f"{file} is not a PyTorch checkpoint at all (it does not start like a file written "
@@ -53,6 +65,31 @@ def describe_unreadable(file: Path, error: Exception) -> str:
     )
 
 
+def plain_data_globals() -> list[Any]:
+    """What `weights_only` may rebuild beyond tensors: numpy arrays and scalars (as the
+    CIFAR reader allows) and `argparse.Namespace`, plain data that training scripts store
+    beside the weights (`"best_acc": numpy.float64(0.9)`, DINO's and DeiT's `"args"`), which
+    made a valid weights file unreadable. Names under both numpy 1 (`numpy.core`) and 2."""
+    import argparse
+
+    import numpy as np
+
+    try:
+        from numpy._core import multiarray
+    except ImportError:  # numpy 1
+        from numpy.core import multiarray  # type: ignore[no-redef]
+    allowed: list[Any] = [np.ndarray, np.dtype, argparse.Namespace]
+    # numpy 2 builds a scalar's dtype through its class (`numpy.dtypes.Float64DType`); not
+    # object arrays (`O`), whose items would be arbitrary objects
+    allowed += sorted({type(np.dtype(c)) for c in np.typecodes["All"] if c != "O"}, key=str)
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        allowed += [
+            (multiarray._reconstruct, f"{module}._reconstruct"),
+            (multiarray.scalar, f"{module}.scalar"),
+        ]
+    return allowed
+
+
 def load_checkpoint(path: str | Path, key: str) -> dict[str, Any]:
     """Load a checkpoint or state dict without running any pickled code.
 
@@ -68,7 +105,8 @@ def load_checkpoint(path: str | Path, key: str) -> dict[str, Any]:
     )
     require(file.is_file(), f"Config key `{key}`: checkpoint file {file} does not exist.")
     try:
-        loaded = torch.load(file, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(plain_data_globals()):
+            loaded = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as error:  # a corrupt file surfaces as any of a dozen error types
         raise PosttrainError(
             f"Config key `{key}`: {describe_unreadable(file, error)}. Point it at a .ckpt/.pt "

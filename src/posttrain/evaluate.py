@@ -185,6 +185,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(int(trained.get("seed") or 0), workers=True, verbose=False)
     datamodule, method = build_components(evaluated)
     check_resumable(checkpoint, method, cfg.ckpt_path)  # e.g. a 10-class head on 100 classes
+    datamodule.check_checkpoint_data(checkpoint, resuming=False)  # its test split's images
     calibration = calibration_for(cfg, method)
     check_tta(cfg.tta, method)
     needs = {"test": "the evaluation is its test", **splits_needed(calibration)}

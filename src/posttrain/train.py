@@ -86,6 +86,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if resumed is not None:
         check_resumable(resumed, method, ckpt_path)  # before any work is done
         check_resumed_method(resumed, method)
+        datamodule.check_checkpoint_data(resumed, resuming=True)  # the same images
     # Refusals above leave the folder's record alone (`runs.may_replace_record`); from here a
     # kill leaves `running`, never the folder's earlier record.
     record_start(cfg)

@@ -23,6 +23,7 @@ from posttrain.data.sources import (
     load_listed,
     make_source,
 )
+from posttrain.data.splits import LISTING_KEY, data_listing, listing_change
 from posttrain.data.targets import ClassIds, check_tasks_vary, derive_targets, parse_tasks
 from posttrain.data.transforms import channel_stats, normalize, to_model_input
 from posttrain.errors import require, require_fraction, require_positive
@@ -209,6 +210,7 @@ class SourceDataModule(L.LightningDataModule):
     _pending_random_state: dict[str, Any] | None = None
     _stats: tuple[Tensor, Tensor] | None = None  # per-channel mean/std the inputs are normalized by
     image_size: int | None = None  # the side images are resized to; None keeps the source's
+    listing: dict[str, Any] | None = None  # what the splits were drawn from (set up by `setup`)
 
     def train_generator(self) -> torch.Generator:
         """The generator behind the training batches' order (and loader seeds).
@@ -227,6 +229,25 @@ class SourceDataModule(L.LightningDataModule):
         generator = self._train_generator
         return {"train_batches": None if generator is None else generator.get_state()}
 
+    def check_checkpoint_data(self, checkpoint: dict[str, Any], resuming: bool) -> None:
+        """A checkpoint's splits (of images, or of classes for episodes) are drawn again from
+        the images it was trained with: the config alone does not say so for an image folder
+        whose files changed since (`data_listing`). Sets the data up (the fit or test then
+        reuses it), so a refusal comes before the run's record is touched. A resume may move
+        `data.root`; an evaluation on another root is other data (`eval.py` says so)."""
+        self.setup("fit" if resuming else "test")
+        assert self.listing is not None, "setup() lists the data"
+        stored = (checkpoint.get(type(self).__qualname__) or {}).get(LISTING_KEY)
+        change = listing_change(stored, self.listing, root_may_move=resuming)
+        require(
+            change is None,
+            f"Config key `ckpt_path`: the data changed since the checkpoint was written: "
+            f"{change}. Its validation and test splits are drawn from the listed images with "
+            "`data.seed`, so they would now hold images (or classes) it trained on, and its "
+            "numbers would not be true. Restore the files as they were, or start a new run on "
+            "the data as it is.",
+        )
+
     def load_random_state(self, state: dict[str, Any]) -> None:
         """Kept until the training loader exists (restore happens before it is built)."""
         self._pending_random_state = state
@@ -240,11 +261,14 @@ class SourceDataModule(L.LightningDataModule):
             self._pending_random_state = None
 
     def state_dict(self) -> dict[str, Any]:
-        """The random state, and the normalization statistics: evaluation and resume use the
-        ones the run trained with, however statistics are computed later."""
+        """The random state, the normalization statistics (evaluation and resume use the
+        ones the run trained with, however statistics are computed later) and the listing
+        the splits were drawn from (`check_checkpoint_data`)."""
         state: dict[str, Any] = {"random_state": self.random_state()}
         if self._stats is not None:
             state.update(mean=self._stats[0].tolist(), std=self._stats[1].tolist())
+        if self.listing is not None:
+            state[LISTING_KEY] = self.listing
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -360,6 +384,7 @@ class ImageClassificationDataModule(SourceDataModule):
         if self.splits:
             return
         loaded = load_listed(self.source)
+        self.listing = data_listing(loaded, self.settings)
         generator = torch.Generator().manual_seed(self.seed)
         pool, val, test = loaded.train, loaded.val, loaded.test
         class_names = loaded.class_names

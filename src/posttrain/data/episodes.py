@@ -24,7 +24,8 @@ from posttrain.data.datamodule import (
     process_group,
     process_seed,
 )
-from posttrain.data.sources import SOURCES, LabelledImages, SourceData, make_source
+from posttrain.data.sources import SOURCES, LabelledImages, SourceData, load_listed, make_source
+from posttrain.data.splits import data_listing
 from posttrain.data.transforms import channel_stats, normalize, to_model_input
 from posttrain.errors import require, require_fraction, require_positive
 
@@ -193,6 +194,7 @@ class EpisodicDataModule(SourceDataModule):
         require_fraction("data.val_fraction", val_fraction)
         require_fraction("data.test_fraction", test_fraction)
         self.source = make_source(dataset, root, download, with_split(dataset, options, split))
+        self.dataset, self.root = dataset, root
         self.ways, self.shots, self.queries = ways, shots, queries
         self.train_ways = train_ways or ways
         self.meta_batch_size = meta_batch_size
@@ -213,7 +215,9 @@ class EpisodicDataModule(SourceDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if not self.pools:
-            loaded = self.source.load()
+            listed = load_listed(self.source)
+            self.listing = data_listing(listed, {"dataset": self.dataset, "root": self.root})
+            loaded = listed.decoded()
             generator = torch.Generator().manual_seed(self.seed)
             pool = self.build_pools(loaded, generator)
             self._whole_pool = (pool.images, generator.get_state())

@@ -20,6 +20,13 @@ from posttrain.errors import require
 PROTOCOLS = ("vinyals", "lake")
 VINYALS_FILES = {"train": "train.txt", "val": "val.txt", "test": "test.txt"}
 ROTATIONS = ("rot000", "rot090", "rot180", "rot270")
+# The 20 alphabets of Omniglot's `images_evaluation` half (the other 30 are `images_background`).
+EVALUATION_ALPHABETS = (
+    "Angelic", "Atemayar_Qelisayer", "Atlantean", "Aurek-Besh", "Avesta", "Ge_ez",
+    "Glagolitic", "Gurmukhi", "Kannada", "Keble", "Malayalam", "Manipuri", "Mongolian",
+    "Old_Church_Slavonic_(Cyrillic)", "Oriya", "Sylheti", "Syriac_(Serto)", "Tengwar",
+    "Tibetan", "ULOG",
+)  # fmt: skip
 
 
 def split_file_text(name: str) -> str:
@@ -57,3 +64,12 @@ def vinyals_characters() -> dict[str, list[str]]:
             )
             seen[character] = split
     return splits
+
+
+def lake_characters() -> dict[str, set[str]]:
+    """{half folder: its characters} of the `lake` protocol: the 964 characters of the 30
+    background alphabets in `images_background`, the 659 of the 20 evaluation alphabets in
+    `images_evaluation` (all 1,623 are named by the shipped class lists)."""
+    every = {c for characters in vinyals_characters().values() for c in characters}
+    evaluation = {c for c in every if c.split("/")[0] in EVALUATION_ALPHABETS}
+    return {"images_background": every - evaluation, "images_evaluation": evaluation}

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
@@ -224,6 +225,10 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
         ("_codecs", "encode"),  # how protocol-2 pickles written by Python 3 store bytes
+        # How numpy arrays are pickled with protocol 5 (`pickle.HIGHEST_PROTOCOL`, Python
+        # 3.14's default): their bytes rebuilt as an array, nothing else.
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
     }
 
     def find_class(self, module: str, name: str) -> Any:
@@ -346,18 +351,30 @@ class CifarSource:
     def info(self) -> SourceInfo:
         return SourceInfo(num_classes=self.classes, channels=3)
 
-    def _files_present(self) -> bool:
+    def _missing_files(self) -> list[str]:
         names = [*self.layout["train"], *self.layout["test"], self.layout["meta"][0]]
-        return all((self.folder / name).is_file() for name in names)
+        return [name for name in names if not (self.folder / name).is_file()]
+
+    def _absence(self, missing: list[str]) -> str:
+        """What is absent, said as it is: the whole folder, or some of its files (a folder
+        without `data_batch_5` was reported as 'not in' the folder that holds the rest)."""
+        if not self.folder.is_dir():
+            return f"CIFAR-{self.classes} is not in {self.folder}"
+        return (
+            f"{self.folder} lacks {', '.join(missing)} ({len(missing)} of the "
+            f"{len(self.layout['train']) + len(self.layout['test']) + 1} files of "
+            f"CIFAR-{self.classes}: an incomplete copy or extraction)"
+        )
 
     def prepare(self) -> None:
-        if self._files_present():
+        missing = self._missing_files()
+        if not missing:
             return
         require(
             self.download,
-            f"CIFAR-{self.classes} is not in {self.folder} and `data.download` is false. "
-            f"Set `data.download=true` (needs internet) or point `data.root` at a folder that "
-            f"holds `{self.layout['folder']}/`.",
+            f"{self._absence(missing)} and `data.download` is false. Set "
+            f"`data.download=true` (needs internet) or point `data.root` at a folder that "
+            f"holds the complete `{self.layout['folder']}/`.",
         )
         from torchvision import datasets
 
@@ -366,9 +383,9 @@ class CifarSource:
             dataset_class(str(self.root), train=True, download=True)
         except Exception as error:  # network failures come in many types
             raise PosttrainError(
-                f"Downloading CIFAR-{self.classes} into `data.root`={self.root} failed "
-                f"({error}). Check the internet connection, or place the extracted "
-                f"`{self.layout['folder']}/` folder there yourself."
+                f"{self._absence(missing)}, and downloading CIFAR-{self.classes} into "
+                f"`data.root`={self.root} failed ({error}). Check the internet connection, or "
+                f"place the complete extracted `{self.layout['folder']}/` folder there yourself."
             ) from error
 
     def _read_batch(self, name: str) -> LabelledImages:
@@ -527,7 +544,9 @@ class ListedFile:
     real: str
 
 
-def walk_images(folder: Path, extensions: tuple[str, ...]) -> list[ListedFile]:
+def walk_images(
+    folder: Path, extensions: tuple[str, ...], skipped: Counter[str] | None = None
+) -> list[ListedFile]:
     """Image files anywhere under `folder`, in path order, links followed but each real
     directory entered once (`ln -s . again` inside a class folder made 24 files 344), hidden
     files and folders skipped (`.ipynb_checkpoints/` copies, macOS `._name.png` forks).
@@ -535,7 +554,8 @@ def walk_images(folder: Path, extensions: tuple[str, ...]) -> list[ListedFile]:
     An explicit depth-first walk with `os.scandir` in sorted order, so which path a linked
     directory is listed under does not depend on the file system's order; paths are built as
     strings (pathlib's rglob and Path sorting took ~1 s for 50,000 files, more than reading
-    them back from the decoded-image cache) and only directories and links are resolved."""
+    them back from the decoded-image cache) and only directories and links are resolved.
+    Other files are counted in `skipped` by extension, so the caller can say what it left."""
     found: list[tuple[tuple[str, ...], ListedFile]] = []
     entered: set[str] = set()
     pending: list[tuple[str, tuple[str, ...]]] = [(str(folder), ())]
@@ -553,6 +573,8 @@ def walk_images(folder: Path, extensions: tuple[str, ...]) -> list[ListedFile]:
                 folders.append((entry.path, (*inner, entry.name)))
             elif entry.name.lower().endswith(extensions):
                 found.append(((*inner, entry.name), listed_file(entry, real)))
+            elif skipped is not None:
+                skipped[os.path.splitext(entry.name)[1].lower() or entry.name] += 1
         pending += reversed(folders)
     return [file for _, file in sorted(found, key=lambda pair: pair[0])]
 
@@ -615,7 +637,10 @@ class ImageFolderSource:
     The DataModule lists the files first (`load_listed`) and decodes only those it keeps.
     """
 
-    EXTENSIONS: ClassVar[tuple[str, ...]] = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+    # torchvision's ImageFolder extensions (a tree it reads is read whole) and GIF.
+    EXTENSIONS: ClassVar[tuple[str, ...]] = (
+        ".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -670,19 +695,28 @@ class ImageFolderSource:
             with Image.open(path) as image:
                 image = to_eight_bits(image, path).convert("L" if channels == 1 else "RGB")
                 tensor = F.pil_to_tensor(image)
-        except (OSError, UnidentifiedImageError) as error:
+        except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as error:
+            # ValueError: a mode PIL cannot convert (a LAB TIFF to gray); a bomb: > 178 Mpx
             raise PosttrainError(f"Cannot read image file {path}: {error}.") from error
         if size is None or tuple(tensor.shape[-2:]) == (size, size):
             return tensor
         return F.resize(tensor, [size, size], antialias=True)
 
-    def image_files(self, folder: Path) -> list[ListedFile]:
+    def image_files(self, folder: Path, skipped: Counter[str]) -> list[ListedFile]:
         """Image files anywhere under `folder` (`walk_images`), each real file once."""
-        files = walk_images(folder, self.EXTENSIONS)
+        files = walk_images(folder, self.EXTENSIONS, skipped)
+        # With split folders, removing it from one split alone is refused too (every split
+        # folder holds the same classes): say what does work.
+        remedy = (
+            f"add its images, or remove the class folder `{folder.name}` from every split "
+            f"folder ({', '.join(f.name + '/' for f in self.splits.values())})"
+            if self.splits
+            else "remove it or add its images"
+        )
         require(
             bool(files),
             f"Class folder {folder} (under `data.root`) holds no images "
-            f"({', '.join(self.EXTENSIONS)}); remove it or add its images.",
+            f"({', '.join(self.EXTENSIONS)}); {remedy}.",
         )
         return once_each(files, folder)
 
@@ -690,10 +724,20 @@ class ImageFolderSource:
         """`folder/<class>/<images>` for this source's classes: files and labels (by name)."""
         files: list[ListedFile] = []
         labels: list[int] = []
+        skipped: Counter[str] = Counter()
         for label, name in enumerate(self.class_names):
-            found = self.image_files(folder / name)
+            found = self.image_files(folder / name, skipped)
             files += found
             labels += [label] * len(found)
+        if skipped:
+            log.warning(
+                "%s: %d files in the class folders are not read, by extension: %s (images "
+                "are read from %s files)",
+                folder,
+                sum(skipped.values()),
+                ", ".join(f"{ext} {n}" for ext, n in skipped.most_common(6)),
+                ", ".join(self.EXTENSIONS),
+            )
         return files, labels
 
     def list_folders(self, folders: dict[str, Path]) -> dict[str, LabelledImages]:
@@ -837,10 +881,34 @@ class OmniglotSource:
     def name_of(character: Path) -> str:
         return f"{character.parent.name}/{character.name}"
 
+    def check_lake_halves(self, halves: dict[str, list[Path]]) -> None:
+        """Each half holds exactly its alphabets' characters: a partial extraction (or a
+        half with alphabets removed) ran as `lake` on fewer classes, reported as the protocol."""
+        from posttrain.data.omniglot_splits import lake_characters
+
+        for part, expected in lake_characters().items():
+            found = {self.name_of(c) for c in halves[part]}
+            absent, other = sorted(expected - found), sorted(found - expected)
+            problems = [
+                f"it lacks {len(absent)} of its {len(expected)} characters (e.g. "
+                f"{', '.join(absent[:3])})"
+            ] * bool(absent) + [
+                f"it holds {len(other)} characters of no alphabet of that half (e.g. "
+                f"{', '.join(other[:3])})"
+            ] * bool(other)
+            require(
+                not problems,
+                f"Omniglot folder {self.root / self.FOLDER / part} is not the `lake` protocol's "
+                f"{part}: {'; '.join(problems)}. The protocol is the 30 background alphabets "
+                "(964 characters) against the 20 evaluation alphabets (659): re-extract both "
+                "halves (or delete `omniglot-py/` and set `data.download=true`).",
+            )
+
     def load_lake(self) -> SourceData:
         """Background alphabets: the training pool; evaluation alphabets: the test pool."""
         background = self.character_folders("images_background")
         evaluation = self.character_folders("images_evaluation")
+        self.check_lake_halves({"images_background": background, "images_evaluation": evaluation})
         both = self.list_characters(background + evaluation)  # one pass, one cache entry
         first_test = int((both.labels < len(background)).sum())
         train = LabelledImages(both.images[:first_test], both.labels[:first_test])

@@ -18,8 +18,10 @@ never moves a validation or test image: runs may differ there, and in `image_siz
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 SPLIT_KEYS = (
@@ -27,6 +29,8 @@ SPLIT_KEYS = (
 )  # fmt: skip
 # Options that say where decoded images are cached, not which images there are.
 NOT_DATA_OPTIONS = frozenset({"cache_dir"})
+# Where a checkpoint's DataModule state keeps the listing its splits were drawn from.
+LISTING_KEY = "data_listing"
 # Sources whose `root` is the data itself; elsewhere it is where a download lives, which may
 # move (another checkout, another machine) without changing one image.
 ROOT_IS_THE_DATA = frozenset({"imagefolder"})
@@ -72,6 +76,61 @@ def as_typed(value: Any) -> str:
     return str(value)
 
 
+def data_listing(loaded: Any, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """What the seeded split is drawn from beyond the config: the source's images in load
+    order (labels, and file paths under the root for file sources). Stored with checkpoints:
+    with the same config, an image folder whose files were added, removed or renamed since
+    draws another split (one image more per class put 6 of a 12-image test split among the
+    images the earlier checkpoint trained on), so evaluating or resuming it would test on
+    training images without a word."""
+    from posttrain.data.sources import ImageRows
+
+    digest = hashlib.sha256()
+    images = 0
+    for name in ("train", "val", "test"):
+        part = getattr(loaded, name)
+        if part is None:
+            continue
+        images += len(part)
+        digest.update(f"{name}:{part.labels.tolist()}".encode())
+        if isinstance(part.images, ImageRows):
+            files, root = part.images.files.files, str(part.images.files.root)
+            for row in part.images.rows.tolist():
+                digest.update(str(files[row]).removeprefix(root).encode() + b"\0")
+    root = settings.get("root")
+    return {
+        "dataset": settings.get("dataset"),
+        # Resolved: `./data` and its absolute path are one folder. Kept for every source: a
+        # CIFAR-format copy of other images in another folder is other data, as a folder is.
+        "root": str(Path(str(root)).expanduser().resolve()) if root else None,
+        "images": images,
+        "digest": digest.hexdigest(),
+    }
+
+
+def listing_change(
+    stored: Mapping[str, Any] | None, current: Mapping[str, Any], root_may_move: bool = False
+) -> str | None:
+    """How the data changed since `stored` was recorded (`data_listing`), or None: the same,
+    unknown (a checkpoint written before listings were stored), or other data on purpose
+    (another dataset, or another `data.root` unless `root_may_move`)."""
+    if not stored or stored.get("dataset") != current["dataset"]:
+        return None
+    if stored.get("root") != current["root"] and not root_may_move:
+        return None
+    if stored.get("digest") == current["digest"]:
+        return None
+    where = f"`data.dataset={current['dataset']}`" + (
+        f" in `data.root={current['root']}`" if current["root"] else ""
+    )
+    if stored.get("images") != current["images"]:
+        return f"{where} holds {current['images']} images now, {stored.get('images')} then"
+    return (
+        f"{where} holds as many images as then ({current['images']}), but under other names "
+        "or labels (files renamed or moved between classes)"
+    )
+
+
 def split_difference(
     ours: Mapping[str, Any], theirs: Mapping[str, Any]
 ) -> tuple[str, str, str] | None:
@@ -84,4 +143,12 @@ def split_difference(
     return None
 
 
-__all__ = ["SPLIT_KEYS", "as_typed", "split_difference", "split_settings"]
+__all__ = [
+    "LISTING_KEY",
+    "SPLIT_KEYS",
+    "as_typed",
+    "data_listing",
+    "listing_change",
+    "split_difference",
+    "split_settings",
+]

@@ -139,6 +139,7 @@ class Distillation(SupervisedClassifier):
             self.model.head.out_features,
             datamodule.in_channels,
             datamodule.settings,
+            datamodule.listing,
         )
         self.teacher.adapt_to(*inputs)
         log.info("%s", self.teacher.describe())

@@ -2,7 +2,8 @@
 
 `model.pretrained` is one of:
 - a torchvision weights name: `imagenet` (the architecture's DEFAULT weights) or an explicit
-  enum member such as `IMAGENET1K_V2`; downloaded once into `$TORCH_HOME/hub/checkpoints`;
+  enum member such as `IMAGENET1K_V2`; downloaded once into `$TORCH_HOME/hub/checkpoints`
+  (a file already there is checked against the sha256 prefix in its name);
 - the checkpoint of an earlier posttrain run (`.../checkpoints/best.ckpt`);
 - a weights file as people have them: a plain state dict, or a checkpoint dict holding one
   (`state_dict`, `model`, `net`, ... containers; Lightning checkpoints), with keys in
@@ -95,8 +96,10 @@ class LoadReport:
         return lines
 
 
-def torchvision_state_dict(arch: str, name: str) -> dict[str, Tensor]:
-    """Download (or read from the torch hub cache) torchvision's weights for `arch`."""
+def torchvision_state_dict(arch: str, name: str) -> tuple[dict[str, Tensor], str]:
+    """Download (or read from the torch hub cache) torchvision's weights for `arch`, and
+    which they are: `imagenet` is the architecture's DEFAULT, which torchvision releases
+    have moved (ResNet-50: V1, then V2), so the log names the member and the file."""
     from torchvision import models
 
     try:
@@ -113,15 +116,46 @@ def torchvision_state_dict(arch: str, name: str) -> dict[str, Tensor]:
         f"valid names: {', '.join(valid)}, or a path to a checkpoint/state-dict file.",
     )
     weights = weights_enum[member]
+    cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    check_cached_weights(cache, weights.url, f"`model.pretrained={name}` ({arch})")
     try:
-        return weights.get_state_dict(progress=True, check_hash=True, weights_only=True)
-    except Exception as error:  # offline, proxy, corrupt cache: many error types
-        cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+        state = weights.get_state_dict(progress=True, check_hash=True, weights_only=True)
+    except Exception as error:  # offline, proxy: many error types
         raise PosttrainError(
             f"`model.pretrained={name}`: could not get {arch} weights from {weights.url} "
             f"({type(error).__name__}: {error}). Without internet, place the file at {cache} "
             "or point `model.pretrained` at a local checkpoint/state-dict file."
         ) from error
+    return state, f"torchvision {arch} {name} ({weights.name}, {cache.name})"
+
+
+def sha256_of(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_cached_weights(cache: Path, url: str, what: str) -> None:
+    """The torch hub cache file is the one published at `url`: its sha256 begins with the
+    hash in its name. torch checks that only when it downloads; a file already there (placed
+    by hand offline, copied half-way, another file under that name) was loaded unchecked and
+    recorded as torchvision's weights."""
+    match = torch.hub.HASH_REGEX.search(cache.name)
+    if not cache.is_file() or match is None:
+        return
+    expected, actual = match.group(1), sha256_of(cache)
+    require(
+        actual.startswith(expected),
+        f"{what}: the torch hub cache file {cache} is not the file published at {url}: its "
+        f"sha256 begins {actual[: len(expected)]}, its name says {expected} (a partial copy, "
+        "or other weights under that name). Delete it so it is downloaded again (needs "
+        f"internet), or replace it with the file downloaded from {url}; to start from your "
+        "own weights, point `model.pretrained` at their file instead.",
+    )
 
 
 def tensors_of(mapping: dict[str, Any]) -> dict[str, Tensor]:
@@ -141,16 +175,30 @@ def file_kind(loaded: dict[str, Any], container: list[str]) -> str:
     return "state dict"
 
 
+def tensor_count(value: Any) -> int:
+    """Tensors in `value` and in the dicts nested in it."""
+    if isinstance(value, Tensor):
+        return 1
+    return sum(map(tensor_count, value.values())) if isinstance(value, dict) else 0
+
+
 def unwrap(loaded: dict[str, Any]) -> tuple[dict[str, Tensor], list[str]]:
-    """The tensors of a state dict, looking inside the usual containers (nested up to 3)."""
+    """The tensors of a state dict, looking inside the usual containers (nested up to 3).
+
+    A container is entered when it holds more tensors than the level's own: a checkpoint
+    dict may carry a few loose tensors beside its weights (`{"model": ..., "acc": tensor,
+    "loss": tensor}`), and those two were taken for the state dict (mostly tensors)."""
     path: list[str] = []
     current = loaded
     for _ in range(3):
         own = tensors_of(current)
-        if len(own) * 2 > len(current):  # mostly tensors: this is the state dict
-            return own, path
         inner = next(
-            (k for k in CONTAINER_KEYS if isinstance(current.get(k), dict) and current[k]), None
+            (
+                k
+                for k in CONTAINER_KEYS
+                if isinstance(current.get(k), dict) and tensor_count(current[k]) > len(own)
+            ),
+            None,
         )
         if inner is None:
             return own, path
@@ -379,7 +427,7 @@ def resolve_source(pretrained: str, arch: str) -> tuple[dict[str, Tensor], str]:
         return file_state_dict(path)
     if "/" in str(pretrained) or str(pretrained).endswith((".ckpt", ".pt", ".pth")):
         raise PosttrainError(f"`model.pretrained`: file {path} does not exist.")
-    return torchvision_state_dict(arch, str(pretrained)), f"torchvision {arch} {pretrained}"
+    return torchvision_state_dict(arch, str(pretrained))
 
 
 def check_kept_head(

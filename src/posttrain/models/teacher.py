@@ -226,6 +226,24 @@ def check_same_split(trained: dict[str, Any], student: dict[str, Any], path: Pat
     )
 
 
+def check_same_images(checkpoint: dict[str, Any], listing: dict[str, Any], path: Path) -> None:
+    """The teacher's split was drawn from the images the student's is drawn from: the same
+    config over an image folder whose files changed since draws another split
+    (`posttrain.data.splits.data_listing`)."""
+    from posttrain.data.datamodule import ImageClassificationDataModule
+    from posttrain.data.splits import LISTING_KEY, listing_change
+
+    state = checkpoint.get(ImageClassificationDataModule.__qualname__) or {}
+    change = listing_change(state.get(LISTING_KEY), listing)
+    require(
+        change is None,
+        f"Config key `{KEY}`: {path} was trained before the data changed: {change}. Its "
+        "validation and test splits were drawn from the images then, so it may have trained "
+        "on this run's validation or test images. Train the teacher on the data as it is "
+        "now (or restore the files as they were).",
+    )
+
+
 def build_network(config: dict[str, Any], weights: dict[str, Tensor], path: Path) -> nn.Module:
     """The teacher's `model` config, without its own start weights (the checkpoint has them).
 
@@ -298,10 +316,15 @@ def check_same_teacher(saved: Any, path: str | Path) -> None:
 
 
 def load_teacher(
-    path: str | Path, num_classes: int, in_channels: int, data: dict[str, Any]
+    path: str | Path,
+    num_classes: int,
+    in_channels: int,
+    data: dict[str, Any],
+    listing: dict[str, Any] | None = None,
 ) -> Teacher:
     """Read, check and rebuild the teacher of `method.teacher`; each refusal one paragraph.
-    `data`: the student's `data.*` settings (`ImageClassificationDataModule.settings`)."""
+    `data`: the student's `data.*` settings (`ImageClassificationDataModule.settings`);
+    `listing`: the images its splits were drawn from (`ImageClassificationDataModule.listing`)."""
     from posttrain.checkpoints import load_checkpoint, stored_config
 
     file = Path(str(path))
@@ -317,6 +340,8 @@ def load_teacher(
         "`distill` run.",
     )
     check_same_split(config.get("data") or {}, data, file)
+    if listing is not None:
+        check_same_images(checkpoint, listing, file)
     weights = network_weights(checkpoint, file)
     check_compatible(weights, file, num_classes, in_channels)
     network = build_network(config, weights, file)
