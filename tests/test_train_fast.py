@@ -278,3 +278,16 @@ def test_accuracy_gap_subtracts_the_same_epochs_validation(make_config) -> None:
     assert sorted(gap) == [1]
     assert gap[1] == pytest.approx(train_acc[1] - val_acc[1])
     assert metrics["val/acc_gap"] == pytest.approx(gap[1])
+
+
+def test_the_record_counts_the_images_validation_and_test_scored(make_config) -> None:
+    """Observed: `trainer.limit_val_batches=0.5` scored `val/*` (and the sweep objective
+    `val/acc_best`) on 64 of the 143 validation images, and nothing in the record said so."""
+    cfg = make_config(
+        "logger=none", "callbacks.progress_bar=null", "callbacks.run_statement=null",
+        "trainer.max_epochs=1", "trainer.limit_train_batches=2", "model.width=4",
+        "data.eval_batch_size=32", "trainer.limit_val_batches=0.5",
+    )  # fmt: skip
+    metrics = train(cfg)
+    assert metrics["val/images"] == 64  # 2 of the 5 batches of 32 (143 images)
+    assert metrics["test/images"] == 359  # the whole test split

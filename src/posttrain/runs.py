@@ -693,18 +693,26 @@ def print_summary(
     """A few lines a person reads at the end of a run: where, how well, what next."""
     from posttrain.console import tensorboard_logdir
 
-    shown = {k: v for k, v in sorted(metrics.items()) if k.startswith(("test/", "val/acc"))}
+    counts = ("val/images", "val/episodes")  # what `val/acc_best` was scored on
+    shown = {
+        k: v for k, v in sorted(metrics.items()) if k.startswith(("test/", "val/acc", *counts))
+    }
     logdir = tensorboard_logdir(output_dir, log_root)
     lines = [
         "",
         f"posttrain: run folder   {output_dir}",
-        *(f"  {name:<26} {value:.4f}" for name, value in shown.items()),
+        *(f"  {name:<26} {summary_number(name, value)}" for name, value in shown.items()),
         *([f"  {'tested':<26} {tested}"] if tested else []),
         f"  metrics.json               {output_dir / 'metrics.json'}",
         *([f"  TensorBoard                tensorboard --logdir {logdir}"] if logdir else []),
         "",
     ]
     print("\n".join(lines), flush=True)
+
+
+def summary_number(name: str, value: float) -> str:
+    """Counts (`test/images`, `val/episodes`) as whole numbers, scores to four places."""
+    return f"{value:.0f}" if name.endswith(("/images", "/episodes")) else f"{value:.4f}"
 
 
 def resolved_config(cfg: DictConfig) -> dict[str, Any]:

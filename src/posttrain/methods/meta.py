@@ -207,7 +207,7 @@ def confidence_interval_95(values: Tensor) -> float:
 
 class EpisodeMetrics(nn.Module):
     """Per-episode query accuracy of each split, gathered from every rank (`CatMetric`):
-    `<split>/acc` is their mean; evaluation adds the 95% interval, test the episode count."""
+    `<split>/acc` is their mean; evaluation adds the 95% interval and the episode count."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -224,8 +224,8 @@ class EpisodeMetrics(nn.Module):
         # One episode has no spread, so no interval: its NaN made metrics.json invalid JSON.
         if split != "train" and accuracies.numel() > 1:
             values[f"{split}/acc_ci95"] = torch.tensor(confidence_interval_95(accuracies))
-        if split == "test":
-            values["test/episodes"] = torch.tensor(float(accuracies.numel()))
+        if split != "train":  # what the evaluation covered (`trainer.limit_*_batches`)
+            values[f"{split}/episodes"] = torch.tensor(float(accuracies.numel()))
         return values
 
 

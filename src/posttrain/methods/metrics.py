@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torchmetrics import MaxMetric, MeanMetric, MetricCollection
+from torchmetrics import MaxMetric, MeanMetric, MetricCollection, SumMetric
 from torchmetrics.classification import (
     MulticlassAccuracy,
     MulticlassCalibrationError,
@@ -45,9 +45,9 @@ METRICS: dict[str, str] = {
     "runs need equal ways and adaptation steps)",
     "{split}/acc_ci95": "half-width of the 95% interval of the episode mean (val, test; "
     "from 2 episodes on)",
-    "test/episodes": "number of test episodes behind `test/acc`",
-    "test/images": "number of test images behind `test/acc` (supervised, finetune, distill, "
-    "multitask)",
+    "{split}/episodes": "number of episodes behind `{split}/acc` (val, test; episodic methods)",
+    "{split}/images": "number of images behind `{split}/acc` (val, test; supervised, finetune, "
+    "distill, multitask): fewer than the split holds under `trainer.limit_{split}_batches`",
     "{split}/{task}/acc": "accuracy of one multi-task target",
     "{split}/{task}/loss": "epoch mean of one multi-task target's loss over the images that "
     "have the target (absent ones excluded)",
@@ -56,7 +56,8 @@ METRICS: dict[str, str] = {
     "epoch": "epochs completed (metrics.json)",
     "global_step": "optimizer steps completed (metrics.json)",
     "test/temperature": "temperature T fitted on the validation logits (`calibration=temperature`"
-    "; exactly 1 when no validation image is misclassified: no T minimizes the NLL then)",
+    "; exactly 1 when no validation image is misclassified or the validation predictions are "
+    "no better than chance: no T minimizes the NLL then)",
     "test/nll": "test negative log-likelihood before calibration (`calibration=temperature`)",
     "test/nll_calibrated": "test negative log-likelihood of the logits divided by T",
     "test/ece_calibrated": "`test/ece` of the logits divided by T (before: `test/ece`)",
@@ -121,6 +122,28 @@ def classification_metrics(num_classes: int, prefix: str) -> MetricCollection:
     )
 
 
+class ImageCounts(nn.Module):
+    """How many images `val/*` and `test/*` cover (`{split}/images`), summed over DDP ranks:
+    `trainer.limit_val_batches=0.5` scores 64 of the 143 validation images, and only the
+    record can say so (the start statement gives the split's size)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.by_split = nn.ModuleDict({split: SumMetric() for split in ("val", "test")})
+
+    def update(self, split: str, count: int) -> None:
+        if split in self.by_split:
+            self.by_split[split].update(count)
+
+    def compute_and_reset(self, split: str) -> dict[str, Tensor]:
+        if split not in self.by_split:
+            return {}
+        metric = self.by_split[split]
+        count = metric.compute().float()  # every rank: it reduces
+        metric.reset()
+        return {f"{split}/images": count}
+
+
 class SplitMetrics(nn.Module):
     """Metric collections for train/val/test plus the test confusion matrix."""
 
@@ -134,10 +157,12 @@ class SplitMetrics(nn.Module):
             }
         )
         self.confusion = MulticlassConfusionMatrix(num_classes)
+        self.images = ImageCounts()
 
     def update(self, split: str, logits: Tensor, targets: Tensor) -> None:
         probabilities = logits.detach().float().softmax(dim=-1)
         self.by_split[f"{split}_metrics"].update(probabilities, targets)
+        self.images.update(split, len(targets))
         if split == "test":
             self.confusion.update(probabilities, targets)
 
@@ -145,9 +170,7 @@ class SplitMetrics(nn.Module):
         collection = self.by_split[f"{split}_metrics"]
         values = collection.compute()
         collection.reset()
-        if split == "test":  # what the test covered: each image once, also under DDP
-            values["test/images"] = self.confusion.compute().sum().float()
-        return values
+        return {**values, **self.images.compute_and_reset(split)}
 
 
 def confusion_figure(matrix: Tensor, class_names: list[str] | None = None) -> Any:

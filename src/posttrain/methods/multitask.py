@@ -25,6 +25,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from posttrain.data.targets import ABSENT, TaskSpec, parse_tasks
 from posttrain.errors import require, require_choice, require_positive
 from posttrain.methods.core import SPLITS, MethodCore, StepOutput
+from posttrain.methods.metrics import ImageCounts
 from posttrain.regularizers import RegularizerSet
 from posttrain.regularizers.base import ModelParts
 
@@ -105,15 +106,13 @@ class TaskMetrics(nn.Module):
         self.labelled = nn.ModuleDict(
             {f"{split}_{spec.name}": SumMetric() for split in SPLITS for spec in specs}
         )
-        # What the test covered (synced across DDP ranks, like every torchmetrics metric).
-        self.test_images = SumMetric()
+        self.images = ImageCounts()
 
     def update(self, split: str, outputs: dict[str, Tensor], targets: dict[str, Tensor]) -> None:
         for name in self.task_names:
             self.accuracy[f"{split}_{name}"].update(outputs[name].detach(), targets[name])
             self.labelled[f"{split}_{name}"].update((targets[name] != ABSENT).sum())
-        if split == "test":
-            self.test_images.update(len(targets[self.task_names[0]]))
+        self.images.update(split, len(targets[self.task_names[0]]))
 
     def compute_and_reset(self, split: str) -> dict[str, Tensor]:
         values = {}
@@ -127,10 +126,7 @@ class TaskMetrics(nn.Module):
         main = f"{split}/{self.task_names[0]}/acc"
         if main in values:
             values[f"{split}/acc"] = values[main]
-        if split == "test":
-            values["test/images"] = self.test_images.compute().float()
-            self.test_images.reset()
-        return values
+        return {**values, **self.images.compute_and_reset(split)}
 
 
 class MultiTaskClassifier(MethodCore):
