@@ -276,6 +276,39 @@ def test_one_inner_step_reduces_the_support_loss() -> None:
     assert support_loss(adapted) < support_loss(params)
 
 
+def test_episodes_with_fewer_ways_than_the_head_predict_only_their_classes() -> None:
+    """Observed: a 3-way episode scored by a 5-way MAML model took the arg-max over all five
+    outputs, so 11% of its predictions named classes the episode does not have."""
+    torch.manual_seed(0)
+    model = build_classifier("convnet4", num_classes=5, in_channels=1, hidden=8).eval()
+    maml = MAML(eval_inner_steps=1, inner_lr=0.01)
+    maml.prepare(model)
+    support, query = torch.randn(4, 3, 1, 16, 16), torch.randn(4, 30, 1, 16, 16)
+    tasks = FewShotTasks(support, torch.arange(3).expand(4, -1), query, ways=3)
+    logits = maml(model, tasks, training=False)
+    assert logits.shape == (4, 30, 3)
+    # The same as a 3-output head made of the first three rows, adapted to the task.
+    small = build_classifier("convnet4", num_classes=3, in_channels=1, hidden=8).eval()
+    maml.prepare(small)
+    with torch.no_grad():
+        for (name, mine), theirs in zip(small.named_parameters(), model.parameters(), strict=True):
+            mine.copy_(theirs[:3] if name.startswith("head.") else theirs)
+    torch.testing.assert_close(logits, maml(small, tasks, training=False))
+
+
+def test_more_ways_than_the_maml_head_has_are_refused_before_validation(make_config) -> None:
+    """Observed: `data.ways=5 data.train_ways=3` ended in torch's 'Target 3 is out of
+    bounds' traceback at the first validation step."""
+    from posttrain.train import train
+
+    cfg = make_config(
+        "experiment=digits_maml", "data.train_ways=3", "data.ways=5", "model.hidden=8",
+        "trainer.fast_dev_run=true", "data.queries=2",
+    )  # fmt: skip
+    with pytest.raises(PosttrainError, match="at most 3 ways"):
+        train(cfg)
+
+
 def test_protonet_separates_a_trivial_task() -> None:
     torch.manual_seed(0)
     model = build_classifier("convnet4", num_classes=3, in_channels=1, hidden=8).eval()

@@ -153,11 +153,36 @@ def test_uncertainty_weights_are_learned() -> None:
 def test_dwa_reweights_after_two_epochs() -> None:
     weighting = method("dwa").weighting
     for epoch_losses in ([1.0, 1.0, 1.0], [0.5, 1.0, 0.9]):
-        weighting(torch.tensor(epoch_losses))
-        weighting.end_epoch()
+        weighting.end_epoch(list(torch.tensor(epoch_losses)))
     weights = weighting.weights()
     assert weights.sum() == pytest.approx(3.0)
     assert weights[1] > weights[2] > weights[0]  # the task that improved least weighs most
+    # Liu et al. 2019: w_k = K exp(r_k / T) / sum_j exp(r_j / T), r_k = L_k(t-1) / L_k(t-2).
+    ratios = torch.tensor([0.5, 1.0, 0.9])
+    expected = 3 * torch.exp(ratios / 2.0) / torch.exp(ratios / 2.0).sum()
+    torch.testing.assert_close(weights, expected)
+
+
+def test_dwa_epoch_losses_are_the_logged_task_losses() -> None:
+    """Observed: with `+data.targets.parity.missing=0.8` and batch 4, DWA took parity's epoch
+    loss as 0.43 while `train/parity/loss` was 0.71: it averaged the per-step losses, a batch
+    without a parity label counting as 0 (and, under DDP, each rank its own)."""
+    learner = method("dwa")
+    images = torch.randn(8, 1, 16, 16)
+    targets = {"digit": torch.arange(8), "parity": torch.arange(8) % 2, "large": torch.zeros(8)}
+    targets["large"] = targets["large"].long()
+    unlabelled = {**targets, "parity": torch.full((8,), -1)}
+    for _ in range(2):
+        for batch in (targets, unlabelled):
+            learner.record("train", learner.step((images, batch), "train"))
+        values = learner.epoch_values("train")
+        logged = torch.stack([values[f"train/{n}/loss"] for n in learner.task_names])
+        torch.testing.assert_close(learner.weighting.epoch_losses[-1], logged)
+        assert float(values["train/parity/weight"]) == 1.0  # equal for two epochs
+    # An epoch in which a task had no label at all has no loss ratio: not recorded.
+    learner.record("train", learner.step((images, unlabelled), "train"))
+    learner.epoch_values("train")
+    assert len(learner.weighting.epoch_losses) == 2
 
 
 def test_targets_with_a_single_task_method_are_refused_before_training(tmp_path: Path) -> None:

@@ -37,6 +37,33 @@ def test_biases_and_norms_are_not_decayed_by_default() -> None:
     assert sum(p.numel() for g in optimizer.param_groups for p in g["params"]) == total
 
 
+@pytest.mark.parametrize(("name", "coupled"), [("adam", True), ("adamw", False), ("sgd", True)])
+def test_weight_decay_is_the_l2_update_exactly_where_the_readme_says(
+    name: str, coupled: bool
+) -> None:
+    """README: `optimizer.weight_decay` is decoupled with adamw; with adam (torch's coupled
+    decay) and sgd it is the update of `reg=l2` with the same weight. It once called the
+    decay "decoupled, AdamW-style" for every optimizer, and adam's equalled reg=l2's."""
+    from posttrain.regularizers.base import ModelParts
+    from posttrain.regularizers.penalties import L2Penalty
+
+    def one_step(weight_decay: float, l2: float) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = small_model()
+        images = torch.randn(4, 1, 8, 8)
+        settings = {"name": name, "lr": 0.01, "weight_decay": weight_decay}
+        optimizer = build_optimizer(model.named_parameters(), settings)
+        loss = model(images).pow(2).mean()
+        loss = loss + L2Penalty(weight=l2).penalty(ModelParts.of_classifier(model))
+        loss.backward()
+        optimizer.step()
+        return [p.detach() for p in model.parameters()]
+
+    decayed, penalized = one_step(0.5, 0.0), one_step(0.0, 0.5)
+    same = all(torch.allclose(a, b) for a, b in zip(decayed, penalized, strict=True))
+    assert same == coupled
+
+
 def test_decay_1d_puts_everything_in_one_group_and_frozen_parameters_are_skipped() -> None:
     model = small_model()
     model.head.weight.requires_grad_(False)

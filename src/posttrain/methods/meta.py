@@ -69,6 +69,16 @@ def support_gradients(
     return dict(zip(params, values, strict=True))
 
 
+def task_logits(
+    model: nn.Module, weights: Params, buffers: Params, x: Tensor, ways: int | None
+) -> Tensor:
+    """The model's logits with `weights`, over the task's `ways` classes: the head's first
+    `ways` outputs. A head trained on more ways than an episode has (`data.ways` below
+    `data.train_ways`, or eval.py's `data.ways=3` on a 5-way model) otherwise predicted
+    classes the episode does not have (11% of the predictions of 3-way episodes)."""
+    return functional_call(model, (weights, buffers), (x,))[..., :ways]
+
+
 class MAML:
     """Finn et al. 2017: adapt all weights with a few gradient steps on the support set, then
     score the query set with the adapted weights; the outer loss trains the initialization.
@@ -145,12 +155,14 @@ class MAML:
         steps: int,
         second_order: bool,
         functional: bool = False,
+        ways: int | None = None,
     ) -> Params:
-        """`steps` gradient steps on the support loss. `functional` takes the gradients with
-        `torch.func.grad` (composable with vmap), else with `torch.autograd.grad`."""
+        """`steps` gradient steps on the support loss over the task's `ways` classes (all of
+        the head's outputs if None). `functional` takes the gradients with `torch.func.grad`
+        (composable with vmap), else with `torch.autograd.grad`."""
 
         def support_loss(weights: Params) -> Tensor:
-            return F.cross_entropy(functional_call(model, (weights, buffers), (x,)), y)
+            return F.cross_entropy(task_logits(model, weights, buffers, x, ways), y)
 
         for _ in range(steps):
             grads = support_gradients(support_loss, params, second_order, functional)
@@ -167,26 +179,29 @@ class MAML:
         if not training:  # evaluation adapts too: it needs autograd inside no-grad loops
             with torch.inference_mode(False), torch.enable_grad():
                 inputs = tuple(t.clone() for t in inputs)
-                return self.run(model, steps, False, *inputs).detach()
-        return self.run(model, steps, second_order, *inputs)
+                return self.run(model, steps, False, tasks.ways, *inputs).detach()
+        return self.run(model, steps, second_order, tasks.ways, *inputs)
 
     def run(
         self,
         model: nn.Module,
         steps: int,
         second_order: bool,
+        ways: int,
         support: Tensor,
         support_labels: Tensor,
         query: Tensor,
     ) -> Tensor:
-        """Query logits of every task after adapting to its support set: all tasks at once
-        under `vmap`, or one after the other."""
+        """Query logits (B, Q, ways) of every task after adapting to its support set: all
+        tasks at once under `vmap`, or one after the other."""
         params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
         functional = self.form(support.device) == "vmap"
 
         def one_task(s: Tensor, sl: Tensor, q: Tensor) -> Tensor:
-            adapted = self.adapt(model, params, buffers, s, sl, steps, second_order, functional)
-            return functional_call(model, (adapted, buffers), (q,))
+            adapted = self.adapt(
+                model, params, buffers, s, sl, steps, second_order, functional, ways
+            )
+            return task_logits(model, adapted, buffers, q, ways)
 
         if functional:
             return torch.func.vmap(one_task, randomness="different")(support, support_labels, query)
@@ -277,16 +292,20 @@ class EpisodicLearner(MethodCore):
             "the data config serves plain batches. Use episodic data: `data=episodes_digits`, "
             "`data=omniglot` or `data=episodes_imagefolder`.",
         )
+        if datamodule is not None:
+            self.check_ways(datamodule.ways)
 
-    def on_test_start(self) -> None:
-        """MAML's head has as many outputs as training episodes had ways."""
-        ways = getattr(self.trainer.datamodule, "ways", 0)
+    def check_ways(self, ways: int) -> None:
+        """MAML's head has as many outputs as training episodes had ways, so validation and
+        test episodes may have at most that many: checked at set-up, before the validation
+        of `data.ways=5 data.train_ways=3` ended in torch's 'Target 3 is out of bounds'."""
         outputs = self.model.head.out_features
         require(
             not self.algorithm.has_head or ways <= outputs,
             f"`data.ways={ways}`: this MAML model's head predicts {outputs} classes (its "
-            f"training episodes were {outputs}-way), so it evaluates episodes of at most "
-            f"{outputs} ways. ProtoNet evaluates any number of ways.",
+            f"training episodes are {outputs}-way, `data.train_ways`), so it validates and "
+            f"tests episodes of at most {outputs} ways; fewer ways use the head's first "
+            "outputs. ProtoNet evaluates any number of ways.",
         )
 
     def gap_is_like_for_like(self) -> bool:

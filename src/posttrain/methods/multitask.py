@@ -7,7 +7,8 @@ metrics. Loss weighting (`method.weighting`):
 - `uncertainty` (Kendall, Gal & Cipolla 2018): learned log-variances s_t,
   loss = sum_t exp(-s_t) L_t + s_t / 2;
 - `dwa` (dynamic weight averaging, Liu et al. 2019): w_t = T softmax(r_t / temperature)
-  with r_t the ratio of a task's last two epoch losses (equal weights for two epochs).
+  with r_t the ratio of a task's last two epoch losses (equal weights for two epochs); the
+  epoch losses are the logged `train/<task>/loss`: over present targets, all ranks.
 The first task is the main one: its accuracy is also logged as `val/acc`/`test/acc`, so
 checkpointing and sweeps work as for every other method.
 """
@@ -52,8 +53,6 @@ class LossWeighting(nn.Module):
             torch.zeros(len(tasks)), requires_grad=strategy == "uncertainty"
         )
         self.epoch_losses: list[Tensor] = []  # per finished epoch: mean loss per task
-        self.running = torch.zeros(len(tasks))
-        self.steps = 0
 
     def weights(self) -> Tensor:
         if self.strategy == "uncertainty":
@@ -64,8 +63,6 @@ class LossWeighting(nn.Module):
         return torch.ones(len(self.tasks))
 
     def forward(self, losses: Tensor) -> Tensor:
-        self.running += losses.detach().cpu()
-        self.steps += 1
         if self.strategy == "uncertainty":
             return (torch.exp(-self.log_vars) * losses + 0.5 * self.log_vars).sum()
         return (self.weights().to(losses.device) * losses).sum()
@@ -77,10 +74,14 @@ class LossWeighting(nn.Module):
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self.epoch_losses = [torch.tensor(losses) for losses in state["epoch_losses"]]
 
-    def end_epoch(self) -> None:
-        if self.steps:
-            self.epoch_losses.append(self.running / self.steps)
-        self.running, self.steps = torch.zeros(len(self.tasks)), 0
+    def end_epoch(self, losses: list[Tensor | None]) -> None:
+        """Record a finished epoch's mean loss per task: the core's `train/<task>/loss`
+        (each loss weighted by its present targets, reduced across ranks). A mean of the
+        per-step losses counted a batch without any target of a task as a 0 (`missing=0.8`,
+        batch 4: parity 0.43 where its loss was 0.71) and differed from rank to rank under
+        DDP. An epoch in which a task had no target at all has no ratio: not recorded."""
+        if all(loss is not None for loss in losses):
+            self.epoch_losses.append(torch.stack([loss.detach().float().cpu() for loss in losses]))
 
 
 class TaskMetrics(nn.Module):
@@ -201,10 +202,13 @@ class MultiTaskClassifier(MethodCore):
         present = {f"{name}/loss": (targets[name] != ABSENT).sum() for name in self.task_names}
         return StepOutput(total, len(images), parts, present)
 
-    def extra_epoch_values(self, split: str) -> dict[str, Tensor]:
-        """`train/<task>/weight`, then the weighting moves to the next epoch (DWA)."""
+    def epoch_values(self, split: str) -> dict[str, Tensor]:
+        """Adds `train/<task>/weight` (this epoch's), then the weighting moves to the next
+        epoch with this epoch's `train/<task>/loss` (DWA)."""
+        values = super().epoch_values(split)
         if split != "train":
-            return {}
+            return values
         weights = self.weighting.weights()
-        self.weighting.end_epoch()
-        return {f"train/{n}/weight": w for n, w in zip(self.task_names, weights, strict=True)}
+        self.weighting.end_epoch([values.get(f"train/{n}/loss") for n in self.task_names])
+        named = zip(self.task_names, weights, strict=True)
+        return {**values, **{f"train/{n}/weight": w for n, w in named}}

@@ -2,7 +2,8 @@
 
 L2 here is a term in the loss, so adaptive optimizers (Adam) rescale its gradient; decoupled
 weight decay (`optimizer.weight_decay` with AdamW) shrinks weights directly instead. With
-plain SGD the two coincide: `0.5 * weight * ||w||^2` has gradient `weight * w`.
+plain SGD the two coincide: `0.5 * weight * ||w||^2` has gradient `weight * w`, which is also
+what torch Adam's own (coupled) `weight_decay` adds to the gradient.
 """
 
 from __future__ import annotations
