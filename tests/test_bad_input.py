@@ -81,6 +81,28 @@ def test_images_too_small_for_the_model_are_one_paragraph(
     assert f"Valid: `data.image_size={valid}` or larger" in str(error)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        (["data.seed=abc"], "data.seed"),  # torch's manual_seed traceback at set-up
+        (["data=fake", "data.options.noise=abc"], "data.options.noise"),
+        (["data=fake", "data.options.num_test_samples=abc"], "data.options.num_test_samples"),
+        (["reg=augment", "reg.augment.translate=abc"], "reg.augment.translate"),
+        # Truthy strings that switched the option on: rotated classes, a download attempt.
+        (["experiment=digits_protonet", "data.rotations=no"], "data.rotations"),
+        (["data.download=no"], "data.download"),
+    ],
+)
+def test_a_word_or_truthy_string_for_a_data_or_augment_value_is_one_paragraph(
+    tmp_path: Path, overrides: list[str], named: str
+) -> None:
+    with pytest.raises(Exception) as refused:
+        train(compose_config(tmp_path / "run", ["logger=none", "debug=fast", *overrides]))
+    error = find_user_error(refused.value)
+    assert isinstance(error, PosttrainError), refused.value
+    assert f"Config key `{named}`" in str(error)
+
+
 def test_resuming_with_another_architecture_is_one_paragraph(tmp_path: Path) -> None:
     train(compose_config(tmp_path / "run", [*QUICK, "debug=limit"]))
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"

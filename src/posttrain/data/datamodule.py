@@ -26,7 +26,7 @@ from posttrain.data.sources import (
 from posttrain.data.splits import LISTING_KEY, data_listing, listing_change
 from posttrain.data.targets import ClassIds, check_tasks_vary, derive_targets, parse_tasks
 from posttrain.data.transforms import channel_stats, normalize, to_model_input
-from posttrain.errors import require, require_fraction, require_positive
+from posttrain.errors import require, require_count, require_fraction, require_positive
 
 BatchTransform = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
@@ -331,6 +331,7 @@ class ImageClassificationDataModule(SourceDataModule):
         require_positive("data.samples_per_class", samples_per_class, allow_none=True)
         require_fraction("data.val_fraction", val_fraction)
         require_fraction("data.test_fraction", test_fraction)
+        require_count("data.seed", seed, 0)  # `abc` failed in torch's manual_seed at set-up
         require(
             isinstance(num_workers, int) and num_workers >= 0,
             f"Config key `data.num_workers` must be 0 or more, got {num_workers!r}.",

@@ -27,7 +27,13 @@ from posttrain.data.datamodule import (
 from posttrain.data.sources import SOURCES, LabelledImages, SourceData, load_listed, make_source
 from posttrain.data.splits import data_listing
 from posttrain.data.transforms import channel_stats, normalize, to_model_input
-from posttrain.errors import require, require_fraction, require_positive
+from posttrain.errors import (
+    require,
+    require_bool,
+    require_count,
+    require_fraction,
+    require_positive,
+)
 
 Episode = tuple[Tensor, Tensor, Tensor, Tensor]
 SPLIT_IDS = {"train": 0, "val": 1, "test": 2}  # stable per-split seeds (str hash is salted)
@@ -193,6 +199,8 @@ class EpisodicDataModule(SourceDataModule):
         require_positive("data.image_size", image_size, allow_none=True)
         require_fraction("data.val_fraction", val_fraction)
         require_fraction("data.test_fraction", test_fraction)
+        require_count("data.seed", seed, 0)
+        require_bool("data.rotations", rotations)  # `rotations=no` is a truthy string: rotated
         self.source = make_source(dataset, root, download, with_split(dataset, options, split))
         self.dataset, self.root = dataset, root
         self.ways, self.shots, self.queries = ways, shots, queries

@@ -26,8 +26,11 @@ from torch import Tensor
 from posttrain.data.cache import ImageFiles
 from posttrain.errors import (
     PosttrainError,
+    is_number,
     require,
+    require_bool,
     require_choice,
+    require_count,
     require_known_options,
     require_positive,
 )
@@ -177,11 +180,18 @@ class FakeSource:
         del root, download
         for key, value in [
             ("num_samples", num_samples),
+            ("num_test_samples", num_test_samples),
             ("num_classes", num_classes),
             ("channels", channels),
             ("size", size),
         ]:
             require_positive(f"data.options.{key}", value)
+        require(
+            is_number(noise) and noise >= 0,
+            f"Config key `data.options.noise` must be a number >= 0 (the pixel noise's "
+            f"standard deviation), got {noise!r}.",
+        )
+        require_count("data.options.generator_seed", generator_seed, 0)
         require(
             num_samples >= num_classes,
             f"`data.options.num_samples` ({num_samples}) must be at least "
@@ -970,6 +980,7 @@ SOURCES: dict[str, type] = {
 def make_source(name: str, root: str | None, download: bool, options: dict[str, Any]) -> Source:
     """Build the source called `name`, turning bad options into an error that names them."""
     require_choice("data.dataset", name, SOURCES)
+    require_bool("data.download", download)  # `download=no` is a truthy string: it downloaded
     source_class = SOURCES[name]
     require_known_options(
         source_class, {"root": root, "download": download, **options}, "data.options"

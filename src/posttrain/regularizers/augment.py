@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from posttrain.errors import require, require_bool, require_choice
+from posttrain.errors import is_number, require, require_bool, require_choice
 
 
 def random_translate_flip(images: Tensor, translate: float, flip: bool) -> Tensor:
@@ -76,7 +76,7 @@ class Augment:
         require_choice("reg.augment.policy", policy, self.POLICIES)
         require_bool("reg.augment.flip", flip)  # `flip=no` is a truthy string: flips on
         require(
-            0 <= translate < 0.5,
+            is_number(translate) and 0 <= translate < 0.5,
             f"Config key `reg.augment.translate` must be in [0, 0.5), got {translate!r}.",
         )
         require(
