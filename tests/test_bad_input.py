@@ -91,9 +91,16 @@ def test_images_too_small_for_the_model_are_one_paragraph(
         # Truthy strings that switched the option on: rotated classes, a download attempt.
         (["experiment=digits_protonet", "data.rotations=no"], "data.rotations"),
         (["data.download=no"], "data.download"),
+        # MAML ran first-order while asked not to.
+        (["experiment=digits_maml", "method.first_order=no"], "method.first_order"),
+        # Counts given a fraction: `range()`/DataLoader tracebacks, or accepted as given.
+        (["experiment=digits_maml", "method.inner_steps=1.5"], "method.inner_steps"),
+        (["data.batch_size=1.5"], "data.batch_size"),
+        (["experiment=digits_protonet", "data.shots=1.5"], "data.shots"),
+        (["calibration=temperature", "calibration.max_iter=1.5"], "calibration.max_iter"),
     ],
 )
-def test_a_word_or_truthy_string_for_a_data_or_augment_value_is_one_paragraph(
+def test_a_word_fraction_or_truthy_string_where_a_count_or_switch_goes_is_one_paragraph(
     tmp_path: Path, overrides: list[str], named: str
 ) -> None:
     with pytest.raises(Exception) as refused:

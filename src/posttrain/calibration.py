@@ -29,7 +29,7 @@ from torch.nn import functional as F
 from torchmetrics.classification import MulticlassCalibrationError
 
 from posttrain.checks import batch_limit
-from posttrain.errors import require, require_positive
+from posttrain.errors import require, require_count
 
 log = logging.getLogger("posttrain")
 
@@ -84,7 +84,7 @@ class TemperatureScaling:
     """`calibration=temperature`: one temperature for all classes, fitted on validation."""
 
     def __init__(self, max_iter: int = 100) -> None:
-        require_positive("calibration.max_iter", max_iter)
+        require_count("calibration.max_iter", max_iter, 1)
         self.max_iter = max_iter
 
     def fit(self, logits: Tensor, targets: Tensor) -> float:

@@ -54,8 +54,10 @@ def require_bool(key: str, value: object) -> None:
     )
 
 
-def require_count(key: str, value: object, minimum: int) -> None:
+def require_count(key: str, value: object, minimum: int, *, allow_none: bool = False) -> None:
     """Check a count is a whole number >= `minimum` (not a bool, not `2.5`)."""
+    if value is None and allow_none:
+        return
     require(
         isinstance(value, int) and not isinstance(value, bool) and value >= minimum,
         f"Config key `{key}` must be a whole number >= {minimum}, got {value!r}.",

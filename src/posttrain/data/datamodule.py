@@ -26,7 +26,7 @@ from posttrain.data.sources import (
 from posttrain.data.splits import LISTING_KEY, data_listing, listing_change
 from posttrain.data.targets import ClassIds, check_tasks_vary, derive_targets, parse_tasks
 from posttrain.data.transforms import channel_stats, normalize, to_model_input
-from posttrain.errors import require, require_count, require_fraction, require_positive
+from posttrain.errors import require, require_count, require_fraction
 
 BatchTransform = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
@@ -325,10 +325,10 @@ class ImageClassificationDataModule(SourceDataModule):
             "classes": classes, "seed": seed, "val_fraction": val_fraction,
             "test_fraction": test_fraction, "samples_per_class": samples_per_class,
         }  # fmt: skip
-        require_positive("data.batch_size", batch_size)
-        require_positive("data.eval_batch_size", eval_batch_size, allow_none=True)
-        require_positive("data.image_size", image_size, allow_none=True)
-        require_positive("data.samples_per_class", samples_per_class, allow_none=True)
+        require_count("data.batch_size", batch_size, 1)
+        require_count("data.eval_batch_size", eval_batch_size, 1, allow_none=True)
+        require_count("data.image_size", image_size, 1, allow_none=True)
+        require_count("data.samples_per_class", samples_per_class, 1, allow_none=True)
         require_fraction("data.val_fraction", val_fraction)
         require_fraction("data.test_fraction", test_fraction)
         require_count("data.seed", seed, 0)  # `abc` failed in torch's manual_seed at set-up

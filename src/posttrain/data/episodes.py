@@ -32,7 +32,6 @@ from posttrain.errors import (
     require_bool,
     require_count,
     require_fraction,
-    require_positive,
 )
 
 Episode = tuple[Tensor, Tensor, Tensor, Tensor]
@@ -194,9 +193,9 @@ class EpisodicDataModule(SourceDataModule):
             ("val_episodes", val_episodes),
             ("test_episodes", test_episodes),
         ]:
-            require_positive(f"data.{key}", value)
-        require_positive("data.train_ways", train_ways, allow_none=True)
-        require_positive("data.image_size", image_size, allow_none=True)
+            require_count(f"data.{key}", value, 1)
+        require_count("data.train_ways", train_ways, 1, allow_none=True)
+        require_count("data.image_size", image_size, 1, allow_none=True)
         require_fraction("data.val_fraction", val_fraction)
         require_fraction("data.test_fraction", test_fraction)
         require_count("data.seed", seed, 0)

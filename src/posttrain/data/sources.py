@@ -32,7 +32,6 @@ from posttrain.errors import (
     require_choice,
     require_count,
     require_known_options,
-    require_positive,
 )
 
 log = logging.getLogger("posttrain")
@@ -185,7 +184,7 @@ class FakeSource:
             ("channels", channels),
             ("size", size),
         ]:
-            require_positive(f"data.options.{key}", value)
+            require_count(f"data.options.{key}", value, 1)
         require(
             is_number(noise) and noise >= 0,
             f"Config key `data.options.noise` must be a number >= 0 (the pixel noise's "
@@ -673,7 +672,7 @@ class ImageFolderSource:
             "per class.",
         )
         require_choice("data.options.channels", channels, [1, 3])
-        require_positive("data.options.size", size, allow_none=True)
+        require_count("data.options.size", size, 1, allow_none=True)
         self.channels, self.size, self.cache_dir = channels, size, cache_dir
         self.splits = split_folders(self.root)
         classes_root = self.splits.get("train", self.root)
@@ -821,7 +820,7 @@ class OmniglotSource:
         from posttrain.data.omniglot_splits import PROTOCOLS
 
         require(root is not None, "Config key `data.root` must name a folder for Omniglot.")
-        require_positive("data.options.size", size)
+        require_count("data.options.size", size, 1)
         require_choice("data.split", split, PROTOCOLS)
         self.root, self.download, self.size, self.split = Path(str(root)), download, size, split
         self.cache_dir = cache_dir

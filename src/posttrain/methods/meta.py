@@ -22,7 +22,14 @@ from torch.func import functional_call
 from torch.nn import functional as F
 from torchmetrics import CatMetric
 
-from posttrain.errors import require, require_choice, require_known_options, require_positive
+from posttrain.errors import (
+    require,
+    require_bool,
+    require_choice,
+    require_count,
+    require_known_options,
+    require_positive,
+)
 from posttrain.methods.core import SPLITS, MethodCore, StepOutput
 from posttrain.regularizers import RegularizerSet
 from posttrain.regularizers.base import ModelParts
@@ -109,9 +116,10 @@ class MAML:
         eval_inner_steps: int = 3,
         inner_loop: str = "auto",
     ) -> None:
-        require_positive("method.inner_steps", inner_steps)
+        require_count("method.inner_steps", inner_steps, 1)  # 1.5 failed in range()
         require_positive("method.inner_lr", inner_lr)
-        require_positive("method.eval_inner_steps", eval_inner_steps)
+        require_count("method.eval_inner_steps", eval_inner_steps, 1)
+        require_bool("method.first_order", first_order)  # `no` is truthy: it ran first-order
         require_choice("method.inner_loop", inner_loop, self.FORMS)
         self.inner_steps, self.inner_lr, self.first_order = inner_steps, inner_lr, first_order
         self.eval_inner_steps, self.inner_loop = eval_inner_steps, inner_loop
