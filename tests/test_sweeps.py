@@ -15,7 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import Callback
 
 from posttrain.report import SweepPlot, collect, sweep_series, swept_keys, write_report
-from tests.conftest import PROBE, read_probes, run_cli
+from tests.conftest import PROBE, read_metrics, read_probes, run_cli
 
 
 def fake_job(sweep: Path, name: str, overrides: list[str], metrics: dict | None) -> None:
@@ -185,6 +185,31 @@ def test_strength_sweep_with_a_failing_job_reports_three_rows(tmp_path: Path) ->
     assert [row["reg.dropout.p"] for row in table] == ["0.0", "0.5", "1.5"]
     assert table[2]["status"] == "failed" and "reg.dropout.p" in table[2]["error"]
     assert (sweep / "report.png").is_file() and (sweep / "report.md").is_file()
+
+
+@pytest.mark.slow
+def test_long_overrides_and_a_slash_make_one_job_folder_the_file_system_takes(
+    tmp_path: Path,
+) -> None:
+    """Observed: a sweep over a few regularizer knobs stopped at its first job with
+    `OSError: [Errno 36] File name too long` (a traceback, no job run), and
+    `optimized_metric=val/loss` nested each job's folder under `<num>_optimized_metric=val/`."""
+    sweep = tmp_path / "sweep"
+    regs = ("dropout.p", "augment.translate", "label_smoothing.epsilon")
+    knobs = [f"reg.{key}=0.123456789012345" for key in regs]
+    knobs += [f"optimizer.{key}=0.000123456789012345" for key in ("lr", "weight_decay")]
+    result = run_cli(
+        "train.py", "-m", "debug=fast", "logger=none", "reg=[l2,dropout,augment,label_smoothing]",
+        *knobs,
+        "reg.l2.weight=0.00012345678901234567,0.00023456789012345678",
+        "optimized_metric=val/loss", f"hydra.sweep.dir={sweep}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [job.name[:2] for job in jobs] == ["0_", "1_"]
+    assert all(len(job.name.encode()) <= 255 and "val%2Floss" in job.name for job in jobs)
+    assert [read_metrics(job)["status"] for job in jobs] == ["completed", "completed"]
+    assert "2 jobs: 2 completed" in (sweep / "report.md").read_text()
 
 
 @pytest.mark.slow
