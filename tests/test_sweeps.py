@@ -74,6 +74,31 @@ def test_report_shows_why_each_job_did_not_complete(tmp_path: Path) -> None:
     ]
 
 
+def test_report_lists_a_job_whose_metrics_json_is_torn_and_reports_the_rest(
+    tmp_path: Path,
+) -> None:
+    """Observed: one torn or hand-edited metrics.json stopped `python -m posttrain.report`
+    with a JSONDecodeError traceback, and at a sweep's end left the earlier report.md
+    standing (the callback only warned)."""
+    fake_job(tmp_path, "0_seed=0", ["seed=0"], {"status": "completed", "test/acc": 0.5})
+    fake_job(tmp_path, "1_seed=1", ["seed=1"], None)
+    (tmp_path / "1_seed=1" / "metrics.json").write_text('{"status": "compl')
+    fake_job(tmp_path, "2_seed=2", ["seed=2"], None)
+    (tmp_path / "2_seed=2" / "metrics.json").write_text("[0.5]")
+    (tmp_path / "soup_greedy").mkdir()
+    (tmp_path / "soup_greedy" / "metrics.json").write_bytes(b"\xff\xfe")
+    rows = write_report(tmp_path)
+    assert [row.status for row in rows] == ["completed", "unreadable", "unreadable"]
+    report = (tmp_path / "report.md").read_text()
+    assert "3 jobs: 1 completed, 2 unreadable" in report
+    assert "- 1_seed=1: unreadable: metrics.json cannot be read: Unterminated string" in report
+    assert "- 2_seed=2: unreadable: metrics.json holds no record" in report
+    with (tmp_path / "report.csv").open() as handle:
+        table = {row["job"]: row for row in csv.DictReader(handle)}
+    assert table["0_seed=0"]["test/acc"] == "0.5000"
+    assert table["soup_greedy"]["status"] == "unreadable"
+
+
 def test_report_command_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from posttrain.report import main
 

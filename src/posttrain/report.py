@@ -63,6 +63,16 @@ def why_not_completed(record: dict[str, Any]) -> str:
     return lines[-1] if lines else ""
 
 
+def read_record(file: Path) -> dict[str, Any] | str:
+    """A metrics.json as a dict, or why it cannot be read: one torn or edited record must
+    not stop the report of every other job (nor leave an earlier report.md standing)."""
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        return f"{file.name} cannot be read: {error}"
+    return data if isinstance(data, dict) else f"{file.name} holds no record (not an object)"
+
+
 def read_job(job_dir: Path, sweep_dir: Path) -> JobRow:
     """A job folder -> row; a job with no metrics.json stopped before it recorded anything."""
     overrides = read_overrides(job_dir)
@@ -70,7 +80,9 @@ def read_job(job_dir: Path, sweep_dir: Path) -> JobRow:
     metrics_file = job_dir / "metrics.json"
     if not metrics_file.is_file():
         return JobRow(folder, overrides, "missing", error="no metrics.json")
-    data = json.loads(metrics_file.read_text())
+    data = read_record(metrics_file)
+    if isinstance(data, str):
+        return JobRow(folder, overrides, "unreadable", error=data)
     status = str(data.get("status", "unknown"))
     why = why_not_completed(data) if status != "completed" else ""
     return JobRow(folder, overrides, status, numbers_of(data), why)
@@ -120,7 +132,10 @@ def collect_soups(sweep_dir: Path) -> list[JobRow]:
     weights, so its `val/acc_best` column shows its `val/acc`."""
     rows = []
     for record_file in sorted(sweep_dir.glob("soup_*/metrics.json")):
-        data = json.loads(record_file.read_text())
+        data = read_record(record_file)
+        if isinstance(data, str):
+            rows.append(JobRow(record_file.parent.name, {}, "unreadable", error=data))
+            continue
         numbers = numbers_of(data)
         if "val/acc" in numbers:
             numbers.setdefault("val/acc_best", numbers["val/acc"])
