@@ -113,6 +113,43 @@ def test_report_refuses_a_folder_without_jobs(tmp_path: Path) -> None:
         write_report(tmp_path)
 
 
+def launched(job: Path, mode: str, sweep_dir: str, cwd: Path) -> None:
+    """The part of `.hydra/hydra.yaml` that says how Hydra launched the job."""
+    hydra = {"mode": mode, "sweep": {"dir": sweep_dir}, "runtime": {"cwd": str(cwd)}}
+    (job / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": hydra}))
+
+
+def test_report_refuses_a_run_folder_and_a_folder_of_several_sweeps(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Observed: `python -m posttrain.report <run>` wrote a "1 jobs" sweep report into a
+    single run's folder, and over `outputs/train/multiruns` it pooled every sweep's jobs into
+    one table and averaged seeds of different sweeps into one plotted point."""
+    from posttrain.report import main
+
+    done = {"status": "completed", "test/acc": 0.5}
+    run = tmp_path / "runs" / "r"
+    fake_job(run.parent, run.name, ["seed=0"], done)
+    launched(run, "RUN", "multiruns/unused", tmp_path)
+    with pytest.raises(SystemExit) as stopped:
+        main([str(run)])
+    assert stopped.value.code == 2 and "single run(s)" in capsys.readouterr().err
+    assert not (run / "report.md").exists()
+
+    multiruns = tmp_path / "multiruns"
+    for sweep in ("a", "b"):
+        for seed in (0, 1):
+            fake_job(multiruns / sweep, f"{seed}_seed={seed}", [f"seed={seed}"], done)
+            launched(multiruns / sweep / f"{seed}_seed={seed}", "MULTIRUN", f"multiruns/{sweep}",
+                     tmp_path)  # fmt: skip
+    with pytest.raises(SystemExit) as stopped:
+        main([str(multiruns)])
+    assert stopped.value.code == 2 and "holds the jobs of 2 sweeps" in capsys.readouterr().err
+    moved = tmp_path / "moved"
+    (multiruns / "a").rename(moved)  # a sweep folder moved elsewhere is still one sweep
+    assert [row.status for row in write_report(moved)] == ["completed", "completed"]
+
+
 def seed_sweep(sweep: Path, keys: dict[str, list[str]], accuracy) -> None:
     """Job folders of `-m seed=0,1,2 <keys>` in Hydra's order (seed outermost, as typed
     first); `accuracy(overrides)` gives each job's test/acc."""

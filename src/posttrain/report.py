@@ -26,7 +26,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from posttrain.errors import is_number
+from posttrain.errors import PosttrainError, is_number
 
 log = logging.getLogger("posttrain")
 
@@ -120,8 +120,47 @@ def never_started(sweep_dir: Path, rows: list[JobRow]) -> list[JobRow]:
     ]
 
 
+def recorded_launch(job_dir: Path) -> tuple[str, str] | None:
+    """(Hydra's mode, the sweep folder) a job folder's `.hydra/hydra.yaml` records, the
+    folder resolved against the job's working directory; None when there is no such file."""
+    import os
+
+    import yaml
+
+    try:
+        hydra = yaml.safe_load((job_dir / ".hydra" / "hydra.yaml").read_text())["hydra"]
+        where = os.path.join(hydra["runtime"]["cwd"], str(hydra["sweep"]["dir"]))
+        return str(hydra["mode"]), os.path.normpath(where)
+    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError):
+        return None
+
+
+def refuse_other_than_one_sweep(sweep_dir: Path, jobs: list[Path]) -> None:
+    """One paragraph for a folder that is not one multirun: a run's folder (or a folder of
+    runs), or a folder above several sweeps, whose jobs the report would pool as one sweep
+    (the seeds of different sweeps averaged into one point)."""
+    launches = {job: recorded_launch(job) for job in jobs}
+    runs = [job for job, launch in launches.items() if launch and launch[0] == "RUN"]
+    if runs:
+        shown = ", ".join(str(job) for job in runs[:3]) + (" ..." if len(runs) > 3 else "")
+        raise PosttrainError(
+            f"{sweep_dir} is not a multirun folder: it holds {len(runs)} "
+            f"single run(s) (`.hydra/hydra.yaml` says `mode: RUN`): {shown}. A run's numbers "
+            "are in its metrics.json; give the `hydra.sweep.dir` of a `python train.py -m ...` "
+            "sweep (by default `outputs/train/multiruns/<time>_<id>`)."
+        )
+    sweeps = sorted({launch[1] for launch in launches.values() if launch})
+    if len(sweeps) > 1:
+        raise PosttrainError(
+            f"{sweep_dir} holds the jobs of {len(sweeps)} sweeps "
+            f"({', '.join(sweeps[:5])}{' ...' if len(sweeps) > 5 else ''}), and one report "
+            "covers one sweep: give one of those folders."
+        )
+
+
 def collect(sweep_dir: Path) -> list[JobRow]:
     jobs = sorted({p.parent.parent for p in sweep_dir.glob("**/.hydra/overrides.yaml")})
+    refuse_other_than_one_sweep(sweep_dir, jobs)
     rows = [read_job(job, sweep_dir) for job in jobs]
     rows += never_started(sweep_dir, rows)
     return sorted(rows, key=lambda row: job_number(row.folder))
@@ -441,7 +480,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("sweep_dir", help="a Hydra multirun folder")
     parser.add_argument("--metric", default="test/acc", help="metric to plot (default test/acc)")
     args = parser.parse_args(argv)
-    rows = write_report(args.sweep_dir, args.metric)
+    try:
+        rows = write_report(args.sweep_dir, args.metric)
+    except PosttrainError as error:
+        print(f"\n{error}\n", file=sys.stderr)
+        raise SystemExit(2) from None
     print(f"{len(rows)} jobs -> {Path(args.sweep_dir) / 'report.md'}")
 
 
