@@ -96,17 +96,25 @@ def normalized(overrides: list[str]) -> dict[str, str]:
 def expected_jobs(sweep_dir: Path) -> list[list[str]] | None:
     """Every job a basic-sweeper sweep asked for, in Hydra's order (its job numbers), from
     `multirun.yaml`; None for other sweepers (Optuna decides its trials as it goes)."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
 
     file = sweep_dir / "multirun.yaml"
     if not file.is_file():
         return None
-    config = OmegaConf.load(file)
+    return basic_sweep_jobs(OmegaConf.load(file))
+
+
+def basic_sweep_jobs(config: DictConfig) -> list[list[str]] | None:
+    """The jobs (their overrides, in job-number order) a basic-sweeper multirun config
+    makes of its command line and `hydra.sweeper.params`; None for other sweepers."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
     if not str(config.hydra.sweeper.get("_target_", "")).endswith("BasicSweeper"):
         return None
-    parsed = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+    params = config.hydra.sweeper.get("params") or {}
+    arguments = [f"{key}={value}" for key, value in params.items()]
+    parsed = OverridesParser.create().parse_overrides([*arguments, *config.hydra.overrides.task])
     return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
 
 
