@@ -10,6 +10,7 @@ opening comment says.
 from __future__ import annotations
 
 import itertools
+import os
 from pathlib import Path
 from typing import Any
 
@@ -521,3 +522,52 @@ def test_slurm_launcher_refuses_a_device_count_it_cannot_ask_for(tmp_path: Path)
     assert "posttrain: error: `trainer.devices`='auto'" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "sweep").exists() or not any((tmp_path / "sweep").iterdir())
+
+
+def fake_slurm(folder: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """`sbatch`/`srun` that keep the submitted script and refuse it: what a sweep asks for."""
+    folder.mkdir()
+    log = folder / "submitted.sh"
+    for command in ("sbatch", "srun"):
+        (folder / command).write_text('#!/bin/sh\ncat "$@" >> "$SBATCH_LOG"\nexit 1\n')
+        (folder / command).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{folder}:{os.environ['PATH']}")
+    monkeypatch.setenv("SBATCH_LOG", str(log))
+    return log
+
+
+@pytest.mark.parametrize(
+    ("swept", "needed"),
+    [
+        (["trainer=ddp", "trainer.devices=2,4"], "tasks_per_node=4, gpus_per_node=4"),
+        (["trainer=ddp", "trainer.num_nodes=1,2"], "nodes=2"),
+        (["trainer=default,cpu"], "tasks_per_node=1, gpus_per_node=0"),
+    ],
+)
+def test_a_slurm_sweep_whose_jobs_need_different_requests_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, swept: list[str], needed: str
+) -> None:
+    """Observed: hydra-submitit-launcher submits a sweep as one job array with the sweep's
+    request, so `-m trainer=ddp trainer.devices=2,4` asked for 2 tasks and 2 GPUs per node
+    for the 4-device job too (`trainer.accelerator=cpu,gpu`: GPUs for the CPU job)."""
+    submitted = fake_slurm(tmp_path / "bin", monkeypatch)
+    result = run_cli(
+        "train.py", "-m", "hydra/launcher=slurm", *swept, "seed=1",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "asks SLURM once for all jobs of a sweep" in result.stderr and needed in result.stderr
+    assert "Traceback" not in result.stderr and not submitted.exists()
+
+
+def test_a_slurm_sweep_of_one_request_is_submitted_with_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    submitted = fake_slurm(tmp_path / "bin", monkeypatch)
+    run_cli(
+        "train.py", "-m", "hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4",
+        "seed=1,2,3", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    )  # fmt: skip
+    script = submitted.read_text()  # the fake sbatch refused it: the sweep stops there
+    assert "#SBATCH --array=0-2" in script and "#SBATCH --ntasks-per-node=4" in script
+    assert "#SBATCH --gpus-per-node=4" in script

@@ -18,7 +18,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 
 from posttrain.runs import flat_hparams, hydra_choices_and_overrides
 from posttrain.train import train
-from tests.conftest import compose_config
+from tests.conftest import compose_config, run_cli
 
 TINY = [
     "trainer.max_epochs=1",
@@ -141,3 +141,23 @@ def test_list_choices_read_as_typed_and_no_hydra_still_works(tmp_path: Path) -> 
     evaluated = flat_hparams({"seed": 1, "trained": config}, {}, [])  # type: ignore[dict-item]
     assert evaluated["reg"] == "dropout,l2" and evaluated["reg.l2.weight"] == 0.0001
     assert evaluated["model.arch"] == "small_cnn" and "model" not in evaluated
+
+
+@pytest.mark.slow
+def test_a_sweep_over_a_wiring_key_shows_it_in_hparams(tmp_path: Path) -> None:
+    """Observed: `-m trainer.limit_train_batches=1,4` logged the same HPARAMS columns for both
+    jobs (batch limits are not a column of a single run) beside different metrics, so the
+    tab could not say what made them differ. A key the sweep varies is always a column."""
+    sweep = tmp_path / "sweep"
+    result = run_cli(
+        "train.py", "-m", "debug=limit", "trainer.limit_train_batches=1,4",
+        "trainer.limit_val_batches=1", f"hydra.sweep.dir={sweep}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = sorted(job for job in sweep.iterdir() if job.is_dir())
+    logged = [logged_hparams(job / "tensorboard") for job in jobs]
+    assert [hparams.get("trainer.limit_train_batches") for hparams in logged] == [1, 4]
+    columns, groups = hparams_tab(sweep)
+    assert columns[0]["name"] == "trainer.limit_train_batches" and columns[0]["differs"]
+    assert "trainer.limit_val_batches" not in {column["name"] for column in columns}
+    assert len(groups) == 2

@@ -15,7 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import Callback
 
 from posttrain.report import SweepPlot, collect, sweep_series, swept_keys, write_report
-from tests.conftest import PROBE, read_probes, run_cli
+from tests.conftest import PROBE, read_metrics, read_probes, run_cli
 
 
 def fake_job(sweep: Path, name: str, overrides: list[str], metrics: dict | None) -> None:
@@ -74,6 +74,31 @@ def test_report_shows_why_each_job_did_not_complete(tmp_path: Path) -> None:
     ]
 
 
+def test_report_lists_a_job_whose_metrics_json_is_torn_and_reports_the_rest(
+    tmp_path: Path,
+) -> None:
+    """Observed: one torn or hand-edited metrics.json stopped `python -m posttrain.report`
+    with a JSONDecodeError traceback, and at a sweep's end left the earlier report.md
+    standing (the callback only warned)."""
+    fake_job(tmp_path, "0_seed=0", ["seed=0"], {"status": "completed", "test/acc": 0.5})
+    fake_job(tmp_path, "1_seed=1", ["seed=1"], None)
+    (tmp_path / "1_seed=1" / "metrics.json").write_text('{"status": "compl')
+    fake_job(tmp_path, "2_seed=2", ["seed=2"], None)
+    (tmp_path / "2_seed=2" / "metrics.json").write_text("[0.5]")
+    (tmp_path / "soup_greedy").mkdir()
+    (tmp_path / "soup_greedy" / "metrics.json").write_bytes(b"\xff\xfe")
+    rows = write_report(tmp_path)
+    assert [row.status for row in rows] == ["completed", "unreadable", "unreadable"]
+    report = (tmp_path / "report.md").read_text()
+    assert "3 jobs: 1 completed, 2 unreadable" in report
+    assert "- 1_seed=1: unreadable: metrics.json cannot be read: Unterminated string" in report
+    assert "- 2_seed=2: unreadable: metrics.json holds no record" in report
+    with (tmp_path / "report.csv").open() as handle:
+        table = {row["job"]: row for row in csv.DictReader(handle)}
+    assert table["0_seed=0"]["test/acc"] == "0.5000"
+    assert table["soup_greedy"]["status"] == "unreadable"
+
+
 def test_report_command_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from posttrain.report import main
 
@@ -86,6 +111,43 @@ def test_report_command_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> N
 def test_report_refuses_a_folder_without_jobs(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="no Hydra job folders"):
         write_report(tmp_path)
+
+
+def launched(job: Path, mode: str, sweep_dir: str, cwd: Path) -> None:
+    """The part of `.hydra/hydra.yaml` that says how Hydra launched the job."""
+    hydra = {"mode": mode, "sweep": {"dir": sweep_dir}, "runtime": {"cwd": str(cwd)}}
+    (job / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": hydra}))
+
+
+def test_report_refuses_a_run_folder_and_a_folder_of_several_sweeps(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Observed: `python -m posttrain.report <run>` wrote a "1 jobs" sweep report into a
+    single run's folder, and over `outputs/train/multiruns` it pooled every sweep's jobs into
+    one table and averaged seeds of different sweeps into one plotted point."""
+    from posttrain.report import main
+
+    done = {"status": "completed", "test/acc": 0.5}
+    run = tmp_path / "runs" / "r"
+    fake_job(run.parent, run.name, ["seed=0"], done)
+    launched(run, "RUN", "multiruns/unused", tmp_path)
+    with pytest.raises(SystemExit) as stopped:
+        main([str(run)])
+    assert stopped.value.code == 2 and "single run(s)" in capsys.readouterr().err
+    assert not (run / "report.md").exists()
+
+    multiruns = tmp_path / "multiruns"
+    for sweep in ("a", "b"):
+        for seed in (0, 1):
+            fake_job(multiruns / sweep, f"{seed}_seed={seed}", [f"seed={seed}"], done)
+            launched(multiruns / sweep / f"{seed}_seed={seed}", "MULTIRUN", f"multiruns/{sweep}",
+                     tmp_path)  # fmt: skip
+    with pytest.raises(SystemExit) as stopped:
+        main([str(multiruns)])
+    assert stopped.value.code == 2 and "holds the jobs of 2 sweeps" in capsys.readouterr().err
+    moved = tmp_path / "moved"
+    (multiruns / "a").rename(moved)  # a sweep folder moved elsewhere is still one sweep
+    assert [row.status for row in write_report(moved)] == ["completed", "completed"]
 
 
 def seed_sweep(sweep: Path, keys: dict[str, list[str]], accuracy) -> None:
@@ -185,6 +247,31 @@ def test_strength_sweep_with_a_failing_job_reports_three_rows(tmp_path: Path) ->
     assert [row["reg.dropout.p"] for row in table] == ["0.0", "0.5", "1.5"]
     assert table[2]["status"] == "failed" and "reg.dropout.p" in table[2]["error"]
     assert (sweep / "report.png").is_file() and (sweep / "report.md").is_file()
+
+
+@pytest.mark.slow
+def test_long_overrides_and_a_slash_make_one_job_folder_the_file_system_takes(
+    tmp_path: Path,
+) -> None:
+    """Observed: a sweep over a few regularizer knobs stopped at its first job with
+    `OSError: [Errno 36] File name too long` (a traceback, no job run), and
+    `optimized_metric=val/loss` nested each job's folder under `<num>_optimized_metric=val/`."""
+    sweep = tmp_path / "sweep"
+    regs = ("dropout.p", "augment.translate", "label_smoothing.epsilon")
+    knobs = [f"reg.{key}=0.123456789012345" for key in regs]
+    knobs += [f"optimizer.{key}=0.000123456789012345" for key in ("lr", "weight_decay")]
+    result = run_cli(
+        "train.py", "-m", "debug=fast", "logger=none", "reg=[l2,dropout,augment,label_smoothing]",
+        *knobs,
+        "reg.l2.weight=0.00012345678901234567,0.00023456789012345678",
+        "optimized_metric=val/loss", f"hydra.sweep.dir={sweep}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [job.name[:2] for job in jobs] == ["0_", "1_"]
+    assert all(len(job.name.encode()) <= 255 and "val%2Floss" in job.name for job in jobs)
+    assert [read_metrics(job)["status"] for job in jobs] == ["completed", "completed"]
+    assert "2 jobs: 2 completed" in (sweep / "report.md").read_text()
 
 
 @pytest.mark.slow

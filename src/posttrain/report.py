@@ -26,7 +26,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from posttrain.errors import is_number
+from posttrain.errors import PosttrainError, is_number
 
 log = logging.getLogger("posttrain")
 
@@ -63,6 +63,16 @@ def why_not_completed(record: dict[str, Any]) -> str:
     return lines[-1] if lines else ""
 
 
+def read_record(file: Path) -> dict[str, Any] | str:
+    """A metrics.json as a dict, or why it cannot be read: one torn or edited record must
+    not stop the report of every other job (nor leave an earlier report.md standing)."""
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        return f"{file.name} cannot be read: {error}"
+    return data if isinstance(data, dict) else f"{file.name} holds no record (not an object)"
+
+
 def read_job(job_dir: Path, sweep_dir: Path) -> JobRow:
     """A job folder -> row; a job with no metrics.json stopped before it recorded anything."""
     overrides = read_overrides(job_dir)
@@ -70,7 +80,9 @@ def read_job(job_dir: Path, sweep_dir: Path) -> JobRow:
     metrics_file = job_dir / "metrics.json"
     if not metrics_file.is_file():
         return JobRow(folder, overrides, "missing", error="no metrics.json")
-    data = json.loads(metrics_file.read_text())
+    data = read_record(metrics_file)
+    if isinstance(data, str):
+        return JobRow(folder, overrides, "unreadable", error=data)
     status = str(data.get("status", "unknown"))
     why = why_not_completed(data) if status != "completed" else ""
     return JobRow(folder, overrides, status, numbers_of(data), why)
@@ -84,17 +96,25 @@ def normalized(overrides: list[str]) -> dict[str, str]:
 def expected_jobs(sweep_dir: Path) -> list[list[str]] | None:
     """Every job a basic-sweeper sweep asked for, in Hydra's order (its job numbers), from
     `multirun.yaml`; None for other sweepers (Optuna decides its trials as it goes)."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
 
     file = sweep_dir / "multirun.yaml"
     if not file.is_file():
         return None
-    config = OmegaConf.load(file)
+    return basic_sweep_jobs(OmegaConf.load(file))
+
+
+def basic_sweep_jobs(config: DictConfig) -> list[list[str]] | None:
+    """The jobs (their overrides, in job-number order) a basic-sweeper multirun config
+    makes of its command line and `hydra.sweeper.params`; None for other sweepers."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
     if not str(config.hydra.sweeper.get("_target_", "")).endswith("BasicSweeper"):
         return None
-    parsed = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+    params = config.hydra.sweeper.get("params") or {}
+    arguments = [f"{key}={value}" for key, value in params.items()]
+    parsed = OverridesParser.create().parse_overrides([*arguments, *config.hydra.overrides.task])
     return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
 
 
@@ -108,8 +128,47 @@ def never_started(sweep_dir: Path, rows: list[JobRow]) -> list[JobRow]:
     ]
 
 
+def recorded_launch(job_dir: Path) -> tuple[str, str] | None:
+    """(Hydra's mode, the sweep folder) a job folder's `.hydra/hydra.yaml` records, the
+    folder resolved against the job's working directory; None when there is no such file."""
+    import os
+
+    import yaml
+
+    try:
+        hydra = yaml.safe_load((job_dir / ".hydra" / "hydra.yaml").read_text())["hydra"]
+        where = os.path.join(hydra["runtime"]["cwd"], str(hydra["sweep"]["dir"]))
+        return str(hydra["mode"]), os.path.normpath(where)
+    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError):
+        return None
+
+
+def refuse_other_than_one_sweep(sweep_dir: Path, jobs: list[Path]) -> None:
+    """One paragraph for a folder that is not one multirun: a run's folder (or a folder of
+    runs), or a folder above several sweeps, whose jobs the report would pool as one sweep
+    (the seeds of different sweeps averaged into one point)."""
+    launches = {job: recorded_launch(job) for job in jobs}
+    runs = [job for job, launch in launches.items() if launch and launch[0] == "RUN"]
+    if runs:
+        shown = ", ".join(str(job) for job in runs[:3]) + (" ..." if len(runs) > 3 else "")
+        raise PosttrainError(
+            f"{sweep_dir} is not a multirun folder: it holds {len(runs)} "
+            f"single run(s) (`.hydra/hydra.yaml` says `mode: RUN`): {shown}. A run's numbers "
+            "are in its metrics.json; give the `hydra.sweep.dir` of a `python train.py -m ...` "
+            "sweep (by default `outputs/train/multiruns/<time>_<id>`)."
+        )
+    sweeps = sorted({launch[1] for launch in launches.values() if launch})
+    if len(sweeps) > 1:
+        raise PosttrainError(
+            f"{sweep_dir} holds the jobs of {len(sweeps)} sweeps "
+            f"({', '.join(sweeps[:5])}{' ...' if len(sweeps) > 5 else ''}), and one report "
+            "covers one sweep: give one of those folders."
+        )
+
+
 def collect(sweep_dir: Path) -> list[JobRow]:
     jobs = sorted({p.parent.parent for p in sweep_dir.glob("**/.hydra/overrides.yaml")})
+    refuse_other_than_one_sweep(sweep_dir, jobs)
     rows = [read_job(job, sweep_dir) for job in jobs]
     rows += never_started(sweep_dir, rows)
     return sorted(rows, key=lambda row: job_number(row.folder))
@@ -120,7 +179,10 @@ def collect_soups(sweep_dir: Path) -> list[JobRow]:
     weights, so its `val/acc_best` column shows its `val/acc`."""
     rows = []
     for record_file in sorted(sweep_dir.glob("soup_*/metrics.json")):
-        data = json.loads(record_file.read_text())
+        data = read_record(record_file)
+        if isinstance(data, str):
+            rows.append(JobRow(record_file.parent.name, {}, "unreadable", error=data))
+            continue
         numbers = numbers_of(data)
         if "val/acc" in numbers:
             numbers.setdefault("val/acc_best", numbers["val/acc"])
@@ -426,7 +488,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("sweep_dir", help="a Hydra multirun folder")
     parser.add_argument("--metric", default="test/acc", help="metric to plot (default test/acc)")
     args = parser.parse_args(argv)
-    rows = write_report(args.sweep_dir, args.metric)
+    try:
+        rows = write_report(args.sweep_dir, args.metric)
+    except PosttrainError as error:
+        print(f"\n{error}\n", file=sys.stderr)
+        raise SystemExit(2) from None
     print(f"{len(rows)} jobs -> {Path(args.sweep_dir) / 'report.md'}")
 
 

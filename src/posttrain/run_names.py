@@ -4,12 +4,14 @@ Hydra names run and sweep folders by the second they start (`${now:...}`), so tw
 started together wrote into one folder, the second overwriting the first's metrics and
 checkpoints. `${run_id:}` adds a suffix unique to the process (its pid, plus a random byte
 for processes on different machines sharing a filesystem), fixed for the process's life so
-every interpolation of the folder agrees. Standard library and OmegaConf only: `--help`
-stays fast.
+every interpolation of the folder agrees. A sweep job's folder is named after its overrides
+by `${job_folder:...}`, which keeps that name one folder that the file system accepts.
+Standard library and OmegaConf only: `--help` stays fast.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 import shlex
@@ -21,17 +23,42 @@ RUN_ID = f"{os.getpid() % 0x10000:04x}{secrets.token_hex(1)}"
 
 
 def register_resolvers() -> None:
-    """The resolvers `conf/hydra` uses: `${run_id:}` in `default.yaml`, `${device_count:...}`
-    and `${gpu_count:...}` in `launcher/slurm.yaml`; safe to call more than once."""
+    """The resolvers `conf/hydra` uses: `${run_id:}` and `${job_folder:...}` in `default.yaml`,
+    `${device_count:...}` and `${gpu_count:...}` in `launcher/slurm.yaml`; safe to call more
+    than once."""
     from posttrain.slurm import device_count, gpu_count
 
     for name, resolver in (
         ("run_id", lambda: RUN_ID),
+        ("job_folder", job_folder),
         ("device_count", device_count),
         ("gpu_count", gpu_count),
     ):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, resolver)
+
+
+NAME_MAX = 255  # bytes in one file name (ext4, xfs, btrfs, APFS, NTFS's 255 UTF-16 units)
+HASH_CHARS = 10
+
+
+def job_folder(number: int | str, overrides: str) -> str:
+    """`<number>_<overrides>` as the name of one folder inside the sweep folder.
+
+    Hydra's `override_dirname` is the overrides as typed: a `/` in a value
+    (`optimized_metric=val/loss`, `method.teacher=<run>/best.ckpt`) made nested folders, and
+    a long sweep (a few regularizer knobs) a name over the file system's 255 bytes, which
+    stopped the sweep with `OSError: File name too long`. A `/` reads `%2F`; a name over
+    `NAME_MAX` bytes keeps its start and ends in a hash of the whole name, so it is still
+    readable, the same for the same job (a re-run sweep finds it) and another for another.
+    """
+    name = f"{number}_{overrides}".replace("/", "%2F")
+    encoded = name.encode()
+    if len(encoded) <= NAME_MAX:
+        return name
+    digest = hashlib.sha256(encoded).hexdigest()[:HASH_CHARS]
+    head = encoded[: NAME_MAX - HASH_CHARS - 1].decode(errors="ignore")  # whole characters
+    return f"{head}~{digest}"
 
 
 def override_value(path: Path | str) -> str:

@@ -616,13 +616,16 @@ def flat_hparams(
     config: dict[str, Any],
     choices: dict[str, Any] | None = None,
     overrides: list[str] | None = None,
+    swept: frozenset[str] = frozenset(),
 ) -> dict[str, Any]:
     """The hyper-parameters a person compares, the ones the command line set first.
 
     A full config flattened is ~80 columns led by `callbacks.*._target_`, which buries the
     knob a sweep varies. Logged instead: the group choices, the knobs that define the run
     (data size, model, optimizer, scheduler, method, every knob of each chosen regularizer)
-    and anything else overridden, never wiring (`_target_`, callbacks, loggers, paths).
+    and anything else overridden, never wiring (`_target_`, callbacks, loggers, paths) unless
+    the sweep varies it (`swept`, see `sweep_varied_keys`): jobs that differ only there
+    (`trainer.limit_train_batches=1,4`) showed the same columns beside different metrics.
     An eval run's config holds the trained run under `trained`: that run is described.
     """
     choices = choices or {}
@@ -636,7 +639,34 @@ def flat_hparams(
         found, value = lookup(config, key)  # the config the override was applied to
         first.update(flat_knobs(value, key) if found else {})
     ordered = {**first, **{k: v for k, v in selected.items() if k not in first}}
-    return {k: v for k, v in ordered.items() if not is_plumbing(k)}
+    return {k: v for k, v in ordered.items() if not is_plumbing(k) or within(k, swept)}
+
+
+def within(key: str, names: frozenset[str]) -> bool:
+    """True when `key` is one of `names` or a leaf under one (`a.b` under `a`)."""
+    return any(key == name or key.startswith(f"{name}.") for name in names)
+
+
+def sweep_varied_keys() -> frozenset[str]:
+    """The keys the running sweep gives its jobs different values: a basic sweep's
+    `key=a,b` (its jobs, from the sweep's `multirun.yaml`) and an Optuna search's
+    `hydra.sweeper.params`; empty outside a multirun."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from posttrain.report import expected_jobs, normalized
+
+    if not is_multirun():
+        return frozenset()
+    hydra_cfg = HydraConfig.get()
+    keys = {str(key).lstrip("+~") for key in (hydra_cfg.sweeper.get("params") or {})}
+    try:
+        jobs = [normalized(job) for job in expected_jobs(Path(hydra_cfg.sweep.dir)) or []]
+    except Exception as error:  # an unreadable multirun.yaml costs columns, not the run
+        log.warning("the sweep's multirun.yaml could not be read (%s): HPARAMS may lack "
+                    "a swept key", error)  # fmt: skip
+        jobs = []
+    keys.update(key for job in jobs for key in job if len({j.get(key) for j in jobs}) > 1)
+    return frozenset(keys)
 
 
 def hydra_choices_and_overrides() -> tuple[dict[str, Any], list[str]]:
@@ -676,7 +706,7 @@ def log_hparams(trainer: L.Trainer, config: dict[str, Any], metrics: dict[str, f
     from torch.utils.tensorboard.summary import hparams
 
     choices, overrides = hydra_choices_and_overrides()
-    params = flat_hparams(config, choices, overrides)
+    params = flat_hparams(config, choices, overrides, sweep_varied_keys())
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
             write_hparams_yaml(logger, params)
