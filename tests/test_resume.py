@@ -158,6 +158,41 @@ def test_last_checkpoint_is_every_epoch_end_when_validation_is_not(
     assert resumed == run(tmp_path / "whole", overrides)
 
 
+class SignalWhenTesting(Callback):
+    """Sends SIGTERM to its own process when the test after training starts."""
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.mark.parametrize(
+    ("extra", "stop"),
+    [
+        ([], ["+callbacks.stop._target_=tests.test_resume.SignalWhenTesting"]),
+        (
+            ["trainer.check_val_every_n_epoch=2"],
+            ["+callbacks.stop._target_=tests.test_resume.SignalAtEpoch", "+callbacks.stop.epoch=2"],
+        ),
+    ],
+    ids=["signal_during_the_test", "no_validation_after_the_resume"],
+)
+def test_a_resume_records_the_epoch_metrics_it_did_not_compute_again(
+    tmp_path: Path, extra: list[str], stop: list[str]
+) -> None:
+    """Observed: a run stopped while testing after its last epoch, resumed with the advised
+    `ckpt_path=last`, trained nothing more and recorded `completed` without any `train/*`,
+    `val/*` or `val/acc_best` (the sweep objective); a resume whose epochs ran no validation
+    recorded no `val/*`. The epoch-end metrics travel in `last.ckpt`."""
+    overrides = [*SMALL, "model.width=4", "trainer.max_epochs=3", *extra]
+    cut = tmp_path / "cut"
+    with pytest.raises(SystemExit):
+        guarded(train, compose_config(cut, [*overrides, *stop]))
+    assert json.loads((cut / "metrics.json").read_text())["status"] == "interrupted"
+    resumed = run(cut, [*overrides, "ckpt_path=last"])  # in place, as the message advises
+    assert "val/acc_best" in resumed
+    assert resumed == run(tmp_path / "whole", overrides)
+
+
 @pytest.fixture(scope="module")
 def two_epoch_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
     """A finished two-epoch run to resume from, and its overrides."""

@@ -111,7 +111,9 @@ def fit_and_test(
     from posttrain.runs import epoch_metrics
 
     trainer.fit(method, datamodule=datamodule, ckpt_path=ckpt_path)
-    metrics = epoch_metrics(trainer.callback_metrics)
+    # A resume's own epochs may have validated never, or not trained at all (stopped while
+    # testing): the checkpoint's metrics stand where this fit logged nothing newer.
+    metrics = {**epochs.restored, **epoch_metrics(trainer.callback_metrics)}
     # Read before testing: testing `best.ckpt` restores the callbacks' state of that epoch.
     metrics.update({"epoch": float(epochs.completed), "global_step": float(trainer.global_step)})
     best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
