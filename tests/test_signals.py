@@ -146,6 +146,33 @@ def test_two_runs_started_together_get_two_folders(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_a_resume_while_the_run_still_goes_is_refused(tmp_path: Path) -> None:
+    """Observed: `ckpt_path=last hydra.run.dir=<run>` while that run was still training was
+    accepted: two processes wrote the folder's checkpoints and metrics.json."""
+    marker, run_dir = tmp_path / "stalled", tmp_path / "run"
+    stall = [
+        "+callbacks.stall._target_=tests.test_signals.StallAtEpoch",
+        f"+callbacks.stall.marker={marker}",
+    ]
+    process = start(run_dir, *stall)
+    try:
+        wait_for(marker, process)  # epoch 0 done (last.ckpt written), asleep in epoch 1
+        kept = {p: p.read_bytes() for p in (run_dir / "checkpoints").iterdir()}
+        record = (run_dir / "metrics.json").read_text()
+        second = start(run_dir, "ckpt_path=last")
+        _, stderr = second.communicate(timeout=1800)
+        assert second.returncode == 2, stderr[-3000:]
+        assert f"is in use by a posttrain run that is still going (process {process.pid}" in stderr
+        assert (run_dir / "metrics.json").read_text() == record
+        assert {p: p.read_bytes() for p in (run_dir / "checkpoints").iterdir()} == kept
+        assert process.poll() is None  # the first run goes on
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=1800)
+    assert process.returncode == 143
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("moment", ["mid_epoch", "during_save"])
 def test_kill_9_then_resume_matches_the_uninterrupted_run(
     tmp_path: Path, moment: str, uninterrupted: dict
