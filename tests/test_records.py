@@ -89,6 +89,26 @@ def test_a_new_run_in_a_folder_holding_a_run_is_refused(tmp_path: Path) -> None:
     assert read_metrics(mistaken)["status"] == "completed"
 
 
+def test_a_resume_from_another_runs_checkpoint_keeps_the_folders_run(tmp_path: Path) -> None:
+    """Observed: `ckpt_path=<run A>/checkpoints/last.ckpt hydra.run.dir=<run B>` replaced run
+    B's best.ckpt, last.ckpt and metrics.json without a word. Only the folder's own run may
+    be continued there (`ckpt_path=last`, or its checkpoint named by path)."""
+    from posttrain.errors import PosttrainError
+
+    first, second = tmp_path / "a", tmp_path / "b"
+    for folder in (first, second):
+        train(compose_config(folder, [*TINY, "trainer.max_epochs=1"]))
+    kept = {p: p.read_bytes() for p in sorted(second.rglob("*")) if p.is_file()}
+    other = f"ckpt_path={first / 'checkpoints' / 'last.ckpt'}"
+    with pytest.raises(PosttrainError, match="holds a completed run") as refused:
+        train(compose_config(second, [*TINY, "trainer.max_epochs=2", other]))
+    assert f"continuing {first / 'checkpoints' / 'last.ckpt'} there" in str(refused.value)
+    assert {p: p.read_bytes() for p in kept} == kept
+    own = f"ckpt_path={second / 'checkpoints' / '..' / 'checkpoints' / 'last.ckpt'}"
+    train(compose_config(second, [*TINY, "trainer.max_epochs=2", own]))
+    assert read_metrics(second)["epoch"] == 2
+
+
 @pytest.mark.parametrize(
     ("record", "checkpoint", "refused"),
     [

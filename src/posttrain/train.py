@@ -69,8 +69,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     resumed = load_checkpoint(ckpt_path, key="ckpt_path") if ckpt_path else None
     if resumed is not None and isinstance(resumed.get(CONFIG_KEY), dict):
         refuse_unresumable_changes(resumed[CONFIG_KEY], config, ckpt_path)  # before any work
-    if resumed is None and not is_multirun():  # a sweep decides about its job folders
-        check_folder_is_free(Path(cfg.paths.output_dir), "a new run")
+    if not is_multirun() and not continues_in_place(ckpt_path, cfg.paths.output_dir):
+        # A sweep decides about its job folders; anything but the folder's own run continued
+        # in place would overwrite its record and checkpoints.
+        what = f"continuing {ckpt_path} there" if ckpt_path else "a new run"
+        check_folder_is_free(Path(cfg.paths.output_dir), what)
     remember_job_for_ddp_children(cfg.paths.output_dir)
     datamodule, method = build_components(cfg)
     calibration = calibration_for(cfg, method)  # refused here, before any training
@@ -123,6 +126,15 @@ def fit_and_test(
     if not any(name.startswith("test/") for name in metrics):  # limit_test_batches=0
         tested = "nothing: no test batch ran (`trainer.limit_test_batches=0`), so no test/*"
     return metrics, tested
+
+
+def continues_in_place(ckpt_path: str | None, output_dir: str) -> bool:
+    """Whether `ckpt_path` is a checkpoint of the run in `output_dir` (`ckpt_path=last`, or
+    its file named by path): a resume from another run's checkpoint into a folder holding a
+    completed run replaced that run's checkpoints and metrics.json without a word."""
+    if ckpt_path is None:
+        return False
+    return Path(ckpt_path).resolve().parent == (Path(output_dir) / "checkpoints").resolve()
 
 
 def tested_weights(checkpointing: Any, best: str | None, epochs_completed: int) -> str:
