@@ -265,7 +265,8 @@ def resume_command(output_dir: Path, task_name: str, has_last: bool) -> str:
     sweep_dir = sweep_folder()
     if sweep_dir is not None:
         folder = shell_override("hydra.sweep.dir", sweep_dir)
-        words = typed_overrides(sweep_overrides(sweep_dir), drop=("hydra.sweep.dir",))
+        drop = ("hydra.sweep.dir", "hydra.mode")  # `-m` is the mode
+        words = typed_overrides(sweep_overrides(sweep_dir), drop=drop)
         return f"python {task_name}.py -m {words}{folder}"
     if task_name == "eval" or not has_last:
         return f"python {task_name}.py {typed_overrides(run_overrides(), drop=())}".rstrip()
@@ -285,9 +286,16 @@ def run_overrides() -> list[str] | None:
 
 def sweep_overrides(sweep_dir: Path) -> list[str] | None:
     """The sweep's own command-line overrides (with their comma lists), from the
-    `multirun.yaml` Hydra writes in the sweep folder; None when it cannot be read."""
+    `multirun.yaml` Hydra writes in the sweep folder; None when it cannot be read.
+
+    As typed (`${...}` unresolved: resolved, it was one job's value, another job's config),
+    and with the sweep's `hydra.*` overrides: without `hydra.sweep.subdir=...` the advised
+    command put every job in a new folder and trained it from the start.
+    """
     try:
-        return list(OmegaConf.load(sweep_dir / "multirun.yaml").hydra.overrides.task)
+        typed = OmegaConf.load(sweep_dir / "multirun.yaml").hydra.overrides
+        words = [*OmegaConf.to_container(typed.hydra), *OmegaConf.to_container(typed.task)]
+        return [str(word) for word in words]
     except Exception:  # advice only: a missing or odd file must not hide the interruption
         return None
 
