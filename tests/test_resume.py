@@ -279,6 +279,35 @@ def test_atomic_write_replaces_whole_files_and_leaves_nothing_behind(tmp_path: P
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
 
 
+@pytest.mark.parametrize("unnamed_files", [True, False])
+def test_a_full_disk_keeps_the_old_file_and_leaves_no_partial_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, unnamed_files: bool
+) -> None:
+    """Observed (a 64 KiB tmpfs): a checkpoint write that filled the disk was written a second
+    time under `.partial-<pid>-last.ckpt`, which then kept the space, so the run's record of
+    the failure could not be written either. The old file stays whole, and nothing is left."""
+    import errno
+
+    import posttrain.checkpoints as checkpoints
+
+    target = tmp_path / "last.ckpt"
+    write_atomically(b"old", target)
+    room = [1000]  # bytes the disk has left
+
+    def write_fd(fd: int, payload: bytes | memoryview) -> None:
+        os.write(fd, bytes(payload[: room[0]]))
+        room[0] = 0
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoints, "write_fd", write_fd)
+    if not unnamed_files:  # a filesystem without O_TMPFILE: the named file is the stage
+        monkeypatch.setattr(checkpoints, "stage_unnamed", lambda payload, staged: False)
+    with pytest.raises(OSError, match="No space left"):
+        write_atomically(b"new" * 1000, target)
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
 def test_partial_files_of_dead_writers_are_removed(tmp_path: Path) -> None:
     import os
 
