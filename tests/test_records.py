@@ -89,6 +89,26 @@ def test_a_new_run_in_a_folder_holding_a_run_is_refused(tmp_path: Path) -> None:
     assert read_metrics(mistaken)["status"] == "completed"
 
 
+def test_a_resume_from_another_runs_checkpoint_keeps_the_folders_run(tmp_path: Path) -> None:
+    """Observed: `ckpt_path=<run A>/checkpoints/last.ckpt hydra.run.dir=<run B>` replaced run
+    B's best.ckpt, last.ckpt and metrics.json without a word. Only the folder's own run may
+    be continued there (`ckpt_path=last`, or its checkpoint named by path)."""
+    from posttrain.errors import PosttrainError
+
+    first, second = tmp_path / "a", tmp_path / "b"
+    for folder in (first, second):
+        train(compose_config(folder, [*TINY, "trainer.max_epochs=1"]))
+    kept = {p: p.read_bytes() for p in sorted(second.rglob("*")) if p.is_file()}
+    other = f"ckpt_path={first / 'checkpoints' / 'last.ckpt'}"
+    with pytest.raises(PosttrainError, match="holds a completed run") as refused:
+        train(compose_config(second, [*TINY, "trainer.max_epochs=2", other]))
+    assert f"continuing {first / 'checkpoints' / 'last.ckpt'} there" in str(refused.value)
+    assert {p: p.read_bytes() for p in kept} == kept
+    own = f"ckpt_path={second / 'checkpoints' / '..' / 'checkpoints' / 'last.ckpt'}"
+    train(compose_config(second, [*TINY, "trainer.max_epochs=2", own]))
+    assert read_metrics(second)["epoch"] == 2
+
+
 @pytest.mark.parametrize(
     ("record", "checkpoint", "refused"),
     [
@@ -129,6 +149,58 @@ def test_a_folder_is_reused_only_when_nothing_in_it_would_be_lost(
     message = str(error.value)
     assert refused in message
     assert ("ckpt_path=last" in message) == (checkpoint and record["status"] != "running")
+
+
+def hold_lock_as_another_process(folder: Path) -> int:
+    """What a live run holds on its folder: the lock, taken through its own open file (the
+    kernel refuses a second holder even within one process)."""
+    import fcntl
+    import os
+
+    from posttrain.runs import LOCK_NAME
+
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.write(fd, b"process 4242 on elsewhere\n")
+    return fd
+
+
+@pytest.mark.parametrize("earlier", ["none yet", "running", "interrupted"])
+def test_a_folder_a_live_run_works_in_is_refused_and_left_alone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], earlier: str
+) -> None:
+    """Observed: two runs started at once with one `hydra.run.dir` both passed the folder
+    check (the other had not recorded `running` yet: it was still building data and model)
+    and trained into the same files; `ckpt_path=last` while the run still went was accepted,
+    and both processes wrote last.ckpt, best.ckpt and metrics.json. The live run holds a lock
+    on its folder; a second process is refused and writes nothing there."""
+    import os
+
+    from posttrain.runs import guarded
+
+    run_dir = tmp_path / "run"
+    overrides = [*TINY, "trainer.max_epochs=1"]
+    if earlier != "none yet":  # a live run in its first epoch, or continuing from one
+        train(compose_config(run_dir, overrides))
+        (run_dir / "metrics.json").write_text(json.dumps({"status": earlier}))
+        overrides = [*overrides, "ckpt_path=last", "trainer.max_epochs=2"]
+    kept = {p: p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+    fd = hold_lock_as_another_process(run_dir)
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            guarded(train, compose_config(run_dir, overrides))
+    finally:
+        os.close(fd)
+    assert stopped.value.code == 2
+    said = capsys.readouterr().err
+    assert "is in use by a posttrain run that is still going (process 4242 on elsewhere" in said
+    assert {p: p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()} == {
+        **kept,
+        run_dir / ".posttrain.lock": b"process 4242 on elsewhere\n",
+    }
+    guarded(train, compose_config(run_dir, overrides))  # that run ended: the folder is free
+    assert read_metrics(run_dir)["status"] == "completed"
 
 
 def sweep_job(sweep: Path, *overrides: str) -> DictConfig:

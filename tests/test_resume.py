@@ -158,6 +158,41 @@ def test_last_checkpoint_is_every_epoch_end_when_validation_is_not(
     assert resumed == run(tmp_path / "whole", overrides)
 
 
+class SignalWhenTesting(Callback):
+    """Sends SIGTERM to its own process when the test after training starts."""
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.mark.parametrize(
+    ("extra", "stop"),
+    [
+        ([], ["+callbacks.stop._target_=tests.test_resume.SignalWhenTesting"]),
+        (
+            ["trainer.check_val_every_n_epoch=2"],
+            ["+callbacks.stop._target_=tests.test_resume.SignalAtEpoch", "+callbacks.stop.epoch=2"],
+        ),
+    ],
+    ids=["signal_during_the_test", "no_validation_after_the_resume"],
+)
+def test_a_resume_records_the_epoch_metrics_it_did_not_compute_again(
+    tmp_path: Path, extra: list[str], stop: list[str]
+) -> None:
+    """Observed: a run stopped while testing after its last epoch, resumed with the advised
+    `ckpt_path=last`, trained nothing more and recorded `completed` without any `train/*`,
+    `val/*` or `val/acc_best` (the sweep objective); a resume whose epochs ran no validation
+    recorded no `val/*`. The epoch-end metrics travel in `last.ckpt`."""
+    overrides = [*SMALL, "model.width=4", "trainer.max_epochs=3", *extra]
+    cut = tmp_path / "cut"
+    with pytest.raises(SystemExit):
+        guarded(train, compose_config(cut, [*overrides, *stop]))
+    assert json.loads((cut / "metrics.json").read_text())["status"] == "interrupted"
+    resumed = run(cut, [*overrides, "ckpt_path=last"])  # in place, as the message advises
+    assert "val/acc_best" in resumed
+    assert resumed == run(tmp_path / "whole", overrides)
+
+
 @pytest.fixture(scope="module")
 def two_epoch_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
     """A finished two-epoch run to resume from, and its overrides."""
@@ -241,6 +276,35 @@ def test_atomic_write_replaces_whole_files_and_leaves_nothing_behind(tmp_path: P
     write_atomically(b"old", target)
     write_atomically(b"new" * 1000, target)
     assert target.read_bytes() == b"new" * 1000
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+@pytest.mark.parametrize("unnamed_files", [True, False])
+def test_a_full_disk_keeps_the_old_file_and_leaves_no_partial_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, unnamed_files: bool
+) -> None:
+    """Observed (a 64 KiB tmpfs): a checkpoint write that filled the disk was written a second
+    time under `.partial-<pid>-last.ckpt`, which then kept the space, so the run's record of
+    the failure could not be written either. The old file stays whole, and nothing is left."""
+    import errno
+
+    import posttrain.checkpoints as checkpoints
+
+    target = tmp_path / "last.ckpt"
+    write_atomically(b"old", target)
+    room = [1000]  # bytes the disk has left
+
+    def write_fd(fd: int, payload: bytes | memoryview) -> None:
+        os.write(fd, bytes(payload[: room[0]]))
+        room[0] = 0
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoints, "write_fd", write_fd)
+    if not unnamed_files:  # a filesystem without O_TMPFILE: the named file is the stage
+        monkeypatch.setattr(checkpoints, "stage_unnamed", lambda payload, staged: False)
+    with pytest.raises(OSError, match="No space left"):
+        write_atomically(b"new" * 1000, target)
+    assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
 
 

@@ -82,7 +82,7 @@ def wait_for(path: Path, process: subprocess.Popen, limit: float = 1800) -> None
     """Until `path` exists (a hang guard only: `limit` is never reached on a working run)."""
     deadline = time.monotonic() + limit
     while not path.exists():
-        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert process.poll() is None, (process.communicate()[1] or "")[-3000:]
         assert time.monotonic() < deadline, "the run never reached the point to interrupt"
         time.sleep(0.2)
 
@@ -143,6 +143,33 @@ def test_two_runs_started_together_get_two_folders(tmp_path: Path) -> None:
     for folder in folders:
         assert json.loads((folder / "metrics.json").read_text())["status"] == "completed"
         assert (folder / "checkpoints" / "last.ckpt").is_file()
+
+
+@pytest.mark.slow
+def test_a_resume_while_the_run_still_goes_is_refused(tmp_path: Path) -> None:
+    """Observed: `ckpt_path=last hydra.run.dir=<run>` while that run was still training was
+    accepted: two processes wrote the folder's checkpoints and metrics.json."""
+    marker, run_dir = tmp_path / "stalled", tmp_path / "run"
+    stall = [
+        "+callbacks.stall._target_=tests.test_signals.StallAtEpoch",
+        f"+callbacks.stall.marker={marker}",
+    ]
+    process = start(run_dir, *stall)
+    try:
+        wait_for(marker, process)  # epoch 0 done (last.ckpt written), asleep in epoch 1
+        kept = {p: p.read_bytes() for p in (run_dir / "checkpoints").iterdir()}
+        record = (run_dir / "metrics.json").read_text()
+        second = start(run_dir, "ckpt_path=last")
+        _, stderr = second.communicate(timeout=1800)
+        assert second.returncode == 2, stderr[-3000:]
+        assert f"is in use by a posttrain run that is still going (process {process.pid}" in stderr
+        assert (run_dir / "metrics.json").read_text() == record
+        assert {p: p.read_bytes() for p in (run_dir / "checkpoints").iterdir()} == kept
+        assert process.poll() is None  # the first run goes on
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=1800)
+    assert process.returncode == 143
 
 
 @pytest.mark.slow
@@ -335,3 +362,93 @@ def test_a_sweep_whose_terminal_pipe_closed_still_stops_on_a_signal(tmp_path: Pa
     assert process.returncode == 130
     assert json.loads((sweep / "0" / "metrics.json").read_text())["status"] == "interrupted"
     assert "1 interrupted" in (sweep / "report.md").read_text()
+
+
+class StallInItsFolder(Callback):
+    """Where `TEST_STALL` is set: marks `<run folder>/stalled` and sleeps in the first step
+    of epoch 1 (a re-run without it has the same config, and runs through)."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if os.environ.get("TEST_STALL") and trainer.current_epoch == 1 and batch_idx == 0:
+            (Path(trainer.default_root_dir) / "stalled").write_text("stalled")
+            time.sleep(600)
+
+
+def lock_is_free(lock: Path) -> bool:
+    import fcntl
+
+    fd = os.open(lock, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.slow
+def test_a_signal_to_a_joblib_sweep_stops_its_jobs_and_the_advice_finishes_it(
+    tmp_path: Path,
+) -> None:
+    """Observed: SIGTERM to the process of a `hydra/launcher=joblib` sweep alone (`kill`,
+    `docker stop`, a driver's `terminate()`) ended it at once with 143 while its workers
+    trained on as orphans: the jobs said `running`, later `completed`, and no report was
+    written. The jobs at work are stopped and recorded, the rest never start."""
+    sweep = tmp_path / "sweep"
+    command = [
+        sys.executable, str(ROOT / "train.py"), "-m", *TINY, "seed=0,1,2",
+        "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+        "+callbacks.stall._target_=tests.test_signals.StallInItsFolder",
+        f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${hydra.job.num}",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    log = tmp_path / "stderr"  # a file: orphaned workers would hold a pipe open
+    with log.open("w") as stderr:
+        process = subprocess.Popen(
+            command, cwd=ROOT, env={**env, "TEST_STALL": "1"}, stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )  # fmt: skip
+        for job in ("0", "1"):  # both workers asleep in epoch 1; job 2 waits for a worker
+            wait_for(sweep / job / "stalled", process)
+        process.send_signal(signal.SIGTERM)  # to the sweep's own process only
+        process.wait(timeout=1800)
+    assert process.returncode == 143, log.read_text()[-3000:]
+    for job in ("0", "1"):
+        record = json.loads((sweep / job / "metrics.json").read_text())
+        assert record["status"] == "interrupted" and record["epochs_completed"] == 1, record
+    # Job 2 never started, or started in a freed worker and was stopped with the others.
+    third = sweep / "2" / "metrics.json"
+    assert not third.exists() or json.loads(third.read_text())["status"] == "interrupted"
+    for lock in sweep.glob("*/.posttrain.lock"):
+        assert lock_is_free(lock), "a worker is still at work"
+    counts = (sweep / "report.md").read_text().split("\n")[2]
+    assert counts in ("3 jobs: 2 interrupted, 1 missing.", "3 jobs: 3 interrupted."), counts
+
+    advice = shlex.split(json.loads((sweep / "0" / "metrics.json").read_text())["resume"])
+    assert advice[:3] == ["python", "train.py", "-m"]
+    again = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *advice[2:]],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800,
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "3 jobs: 3 completed" in (sweep / "report.md").read_text()
+    assert again.stdout.count("resuming it from") == 2  # jobs 0 and 1 went on from last.ckpt
+
+
+def test_the_sweep_advice_keeps_the_sweeps_folders_and_values_as_typed(tmp_path: Path) -> None:
+    """Observed: the advice for a sweep with `hydra.sweep.subdir=${hydra.job.num}` left it out,
+    so the advised command put every job in a new folder and trained it from the start; and
+    a `${...}` value was resolved to one job's value (another job's config on the re-run)."""
+    from omegaconf import OmegaConf
+
+    from posttrain.runs import sweep_overrides
+
+    typed = {
+        "hydra": ["hydra/launcher=joblib", f"hydra.sweep.dir={tmp_path}",
+                  "hydra.sweep.subdir=${hydra.job.num}", "hydra.mode=MULTIRUN"],
+        "task": ["seed=0,1", "+callbacks.x.marker=${paths.output_dir}/m"],
+    }  # fmt: skip
+    OmegaConf.save({"paths": {"output_dir": "/job/0"}, "hydra": {"overrides": typed}},
+                   tmp_path / "multirun.yaml")  # fmt: skip
+    assert sweep_overrides(tmp_path) == [*typed["hydra"], *typed["task"]]

@@ -151,17 +151,19 @@ def link_unnamed(fd: int, name: Path) -> None:
 
 def stage_unnamed(payload: bytes | memoryview, staged: Path) -> bool:
     """Write to an unnamed file in the folder, named only once complete; False if the
-    filesystem cannot (no `O_TMPFILE`)."""
+    filesystem cannot (no `O_TMPFILE`, or no naming it). A failed write (a full disk) is
+    raised: writing it all again under a name would fail the same way, and leave the name."""
     try:
         fd = os.open(staged.parent, os.O_TMPFILE | os.O_WRONLY, 0o644)
     except (AttributeError, OSError):
         return False
     try:
         write_fd(fd, payload)
-        link_unnamed(fd, staged)
+        try:
+            link_unnamed(fd, staged)
+        except OSError:
+            return False
         return True
-    except OSError:
-        return False
     finally:
         os.close(fd)
 
@@ -180,6 +182,9 @@ def write_atomically(payload: bytes | memoryview, target: Path) -> None:
         fd = os.open(staged, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o644)
         try:
             write_fd(fd, payload)
+        except BaseException:  # a full disk: the part written must not keep the space
+            staged.unlink(missing_ok=True)
+            raise
         finally:
             os.close(fd)
     os.replace(staged, target)

@@ -105,3 +105,11 @@ class SweepJobChanged(PosttrainError):
     nothing is recorded and the sweep stops."""
 
     status = "refused"
+
+
+class FolderInUse(PosttrainError):
+    """Another live process is writing the run folder (two runs started at once with one
+    `hydra.run.dir`, a resume while the run still goes, a sweep re-run beside itself): the
+    folder's record is that process's, so nothing is recorded and a sweep stops."""
+
+    status = "refused"

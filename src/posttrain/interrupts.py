@@ -79,15 +79,25 @@ class ValidateWhenStoppingMidEpoch(Callback):
             trainer.should_stop = True
 
 
+# Where a checkpoint keeps the epoch-end metrics of the run so far (see `CompletedEpochs`).
+METRICS_KEY = "posttrain_epoch_metrics"
+
+
 class CompletedEpochs(Callback):
     """Counts the epochs that ran all their batches: a run stopped mid-epoch (`max_steps`,
     `max_time`) must not report the partial epoch as done, and Lightning's own epoch
-    counter counts it. Kept in checkpoints, so a resumed run counts on."""
+    counter counts it. Kept in checkpoints, so a resumed run counts on.
+
+    Checkpoints also keep the epoch-end metrics so far (`restored`): a resume records what
+    its own epochs did not compute again. Observed: a run stopped while testing after its
+    last epoch, resumed with `ckpt_path=last`, trained nothing and recorded `completed`
+    without `train/*`, `val/*` or `val/acc_best` (the sweep objective)."""
 
     def __init__(self) -> None:
         self.completed = 0
         self.batches = 0
         self.fitting = False
+        self.restored: dict[str, float] = {}
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self.fitting = stage == "fit"
@@ -111,8 +121,16 @@ class CompletedEpochs(Callback):
         if self.fitting:
             self.completed = state_dict["completed"]
 
+    def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        from posttrain.runs import epoch_metrics
+
+        checkpoint[METRICS_KEY] = epoch_metrics(trainer.callback_metrics)
+
     def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
-        if self.fitting and trainer.max_steps != -1:
+        if not self.fitting:
+            return
+        self.restored = dict(checkpoint.get(METRICS_KEY) or {})
+        if trainer.max_steps != -1:
             resume_at_next_epoch(checkpoint)
 
 

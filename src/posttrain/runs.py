@@ -24,7 +24,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from posttrain.checkpoints import CONFIG_KEY
-from posttrain.errors import PosttrainError, SweepJobChanged
+from posttrain.errors import FolderInUse, PosttrainError, SweepJobChanged
 from posttrain.run_names import shell_override
 
 log = logging.getLogger("posttrain")
@@ -171,6 +171,59 @@ def check_folder_is_free(output_dir: Path, what: str, resumable: bool = True) ->
     )
 
 
+LOCK_NAME = ".posttrain.lock"
+# Run folders this process holds the lock of (file descriptors), until its task ends.
+HELD: dict[Path, int] = {}
+
+
+def claim_folder(output_dir: Path) -> None:
+    """Hold an exclusive lock on the run folder for as long as this process works in it.
+
+    The folder checks read the record and the checkpoints, then the run records `running`
+    seconds later (after building data and model): two runs started at once with one
+    `hydra.run.dir` both passed and trained into the same files, and a resume started while
+    the run still went was accepted. The kernel drops the lock when its process ends, also
+    on kill -9, so a dead run never holds its folder.
+    """
+    import fcntl
+    import os
+    import socket
+
+    if not is_rank_zero() or output_dir in HELD:  # DDP's other ranks join rank 0's run
+        return
+    lock = output_dir / LOCK_NAME
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        return  # an unwritable folder is refused by what writes there
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        key = "hydra.sweep.dir" if is_multirun() else "hydra.run.dir"
+        raise FolderInUse(
+            f"Config key `{key}`: {output_dir} is in use by a posttrain run that is still "
+            f"going ({holder}, which holds {lock}); two processes in one folder would "
+            "overwrite each other's checkpoints and metrics.json. Nothing was done here. Wait "
+            "for that run to end, or stop it (SIGTERM records it as interrupted) and then "
+            "continue it with `ckpt_path=last`; or name another folder."
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode())
+    HELD[output_dir] = fd
+
+
+def release_folder(output_dir: Path) -> None:
+    """The run in `output_dir` is over (the next job of a sweep runs in this process)."""
+    import os
+
+    fd = HELD.pop(output_dir, None)
+    if fd is not None:
+        os.close(fd)
+
+
 def record_start(cfg: DictConfig) -> None:
     """metrics.json says `running` from the run's start, replacing what the folder held.
 
@@ -227,7 +280,8 @@ def resume_command(output_dir: Path, task_name: str, has_last: bool) -> str:
     sweep_dir = sweep_folder()
     if sweep_dir is not None:
         folder = shell_override("hydra.sweep.dir", sweep_dir)
-        words = typed_overrides(sweep_overrides(sweep_dir), drop=("hydra.sweep.dir",))
+        drop = ("hydra.sweep.dir", "hydra.mode")  # `-m` is the mode
+        words = typed_overrides(sweep_overrides(sweep_dir), drop=drop)
         return f"python {task_name}.py -m {words}{folder}"
     if task_name == "eval" or not has_last:
         return f"python {task_name}.py {typed_overrides(run_overrides(), drop=())}".rstrip()
@@ -247,9 +301,16 @@ def run_overrides() -> list[str] | None:
 
 def sweep_overrides(sweep_dir: Path) -> list[str] | None:
     """The sweep's own command-line overrides (with their comma lists), from the
-    `multirun.yaml` Hydra writes in the sweep folder; None when it cannot be read."""
+    `multirun.yaml` Hydra writes in the sweep folder; None when it cannot be read.
+
+    As typed (`${...}` unresolved: resolved, it was one job's value, another job's config),
+    and with the sweep's `hydra.*` overrides: without `hydra.sweep.subdir=...` the advised
+    command put every job in a new folder and trained it from the start.
+    """
     try:
-        return list(OmegaConf.load(sweep_dir / "multirun.yaml").hydra.overrides.task)
+        typed = OmegaConf.load(sweep_dir / "multirun.yaml").hydra.overrides
+        words = [*OmegaConf.to_container(typed.hydra), *OmegaConf.to_container(typed.task)]
+        return [str(word) for word in words]
     except Exception:  # advice only: a missing or odd file must not hide the interruption
         return None
 
@@ -304,13 +365,15 @@ def guarded(task: Callable[[DictConfig], dict[str, float]], cfg: DictConfig) -> 
     In a multirun every failure is recorded in the job's `metrics.json` and the sweep goes
     on (the sweeper gets NaN); in a single run a user error exits with status 2 and no
     traceback, while a bug keeps its traceback. A sweep job refused because its folder holds
-    another finished job (`SweepJobChanged`) records nothing, so the folder's record stays
-    that job's, and stops the sweep: every later job of the command would meet the same.
+    another finished job (`SweepJobChanged`) or is in use by a live process (`FolderInUse`)
+    records nothing, so the folder's record stays that job's, and stops the sweep: every
+    later job of the command would meet the same.
     """
     from posttrain.interrupts import RunInterrupted, stop_on_signals
 
     output_dir = Path(cfg.paths.output_dir)
     try:
+        claim_folder(output_dir)
         # The whole task, not only `fit`: elsewhere (building, testing, calibrating) Lightning's
         # SIGTERM handler only sets a flag, and a signalled sweep went on to its next job.
         with stop_on_signals():
@@ -328,7 +391,7 @@ def guarded(task: Callable[[DictConfig], dict[str, float]], cfg: DictConfig) -> 
             raise SystemExit(stop.exit_status) from None
     except Exception as error:
         user_error = find_user_error(error) or refused_during_the_run(error)
-        if isinstance(user_error, SweepJobChanged):  # the folder holds another job's record
+        if isinstance(user_error, SweepJobChanged | FolderInUse):  # another job's record
             print(f"\nposttrain: error: {user_error}\n", file=sys.stderr)
             raise SystemExit(2) from None
         detail = str(user_error) if user_error else "".join(traceback.format_exception(error))
@@ -344,6 +407,8 @@ def guarded(task: Callable[[DictConfig], dict[str, float]], cfg: DictConfig) -> 
             raise
         print(f"\nposttrain: error: {user_error}\n", file=sys.stderr)
         raise SystemExit(2) from None
+    finally:
+        release_folder(output_dir)
     return metrics.get(cfg.get("optimized_metric") or "", None)
 
 

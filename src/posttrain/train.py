@@ -78,8 +78,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
         check_training_state(resumed, ckpt_path)  # a soup holds weights, not a run
     if resumed is not None and isinstance(resumed.get(CONFIG_KEY), dict):
         refuse_unresumable_changes(resumed[CONFIG_KEY], config, ckpt_path)  # before any work
-    if resumed is None and not is_multirun():  # a sweep decides about its job folders
-        check_folder_is_free(Path(cfg.paths.output_dir), "a new run")
+    if not is_multirun() and not continues_in_place(ckpt_path, cfg.paths.output_dir):
+        # A sweep decides about its job folders; anything but the folder's own run continued
+        # in place would overwrite its record and checkpoints.
+        what = f"continuing {ckpt_path} there" if ckpt_path else "a new run"
+        check_folder_is_free(Path(cfg.paths.output_dir), what)
     remember_job_for_ddp_children(cfg.paths.output_dir)
     datamodule, method = build_components(cfg)
     calibration = calibration_for(cfg, method)  # refused here, before any training
@@ -123,7 +126,9 @@ def fit_and_test(
     from posttrain.runs import epoch_metrics
 
     trainer.fit(method, datamodule=datamodule, ckpt_path=ckpt_path)
-    metrics = epoch_metrics(trainer.callback_metrics)
+    # A resume's own epochs may have validated never, or not trained at all (stopped while
+    # testing): the checkpoint's metrics stand where this fit logged nothing newer.
+    metrics = {**epochs.restored, **epoch_metrics(trainer.callback_metrics)}
     # Read before testing: testing `best.ckpt` restores the callbacks' state of that epoch.
     metrics.update({"epoch": float(epochs.completed), "global_step": float(trainer.global_step)})
     best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
@@ -135,6 +140,15 @@ def fit_and_test(
     else:
         tested = "; ".join([tested, *weights_notes(trainer)])
     return metrics, tested
+
+
+def continues_in_place(ckpt_path: str | None, output_dir: str) -> bool:
+    """Whether `ckpt_path` is a checkpoint of the run in `output_dir` (`ckpt_path=last`, or
+    its file named by path): a resume from another run's checkpoint into a folder holding a
+    completed run replaced that run's checkpoints and metrics.json without a word."""
+    if ckpt_path is None:
+        return False
+    return Path(ckpt_path).resolve().parent == (Path(output_dir) / "checkpoints").resolve()
 
 
 def weights_notes(trainer: Any) -> list[str]:
