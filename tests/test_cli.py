@@ -158,7 +158,7 @@ def test_missing_data_root_names_the_key(tmp_path: Path) -> None:
 
 def test_non_positive_size_names_the_key(tmp_path: Path) -> None:
     result = run_cli("train.py", "data.batch_size=-4", f"hydra.run.dir={tmp_path}")
-    assert_clear_error(result, "`data.batch_size`", "positive")
+    assert_clear_error(result, "`data.batch_size`", "a whole number >= 1")
 
 
 def test_unreadable_checkpoint_names_the_key(tmp_path: Path) -> None:
