@@ -61,6 +61,16 @@ def test_a_folder_that_permission_bits_allow_but_mkdir_refuses_is_one_paragraph(
     assert check_output_folders(["hydra.run.dir=/tmp/posttrain-probe-test/run"]) is None
 
 
+def refusal_before_training(folder: Path, overrides: list[str], fast: bool = True) -> str:
+    """The paragraph `train` refuses `overrides` with (a PosttrainError, not a traceback)."""
+    quick = ["logger=none", "debug=fast"] if fast else []
+    with pytest.raises(Exception) as refused:
+        train(compose_config(folder / "run", [*quick, *overrides]))
+    error = find_user_error(refused.value)
+    assert isinstance(error, PosttrainError), refused.value
+    return str(error)
+
+
 @pytest.mark.parametrize(
     ("overrides", "valid"),
     [
@@ -73,12 +83,9 @@ def test_images_too_small_for_the_model_are_one_paragraph(
     tmp_path: Path, overrides: list[str], valid: int
 ) -> None:
     """Observed: a torch traceback at the first training step."""
-    with pytest.raises(Exception) as refused:
-        train(compose_config(tmp_path / "run", ["logger=none", "debug=fast", *overrides]))
-    error = find_user_error(refused.value)
-    assert isinstance(error, PosttrainError), refused.value
-    assert "`data.image_size=" in str(error) and "too small for `model=" in str(error)
-    assert f"Valid: `data.image_size={valid}` or larger" in str(error)
+    message = refusal_before_training(tmp_path, overrides)
+    assert "`data.image_size=" in message and "too small for `model=" in message
+    assert f"Valid: `data.image_size={valid}` or larger" in message
 
 
 @pytest.mark.parametrize(
@@ -103,22 +110,16 @@ def test_images_too_small_for_the_model_are_one_paragraph(
 def test_a_word_fraction_or_truthy_string_where_a_count_or_switch_goes_is_one_paragraph(
     tmp_path: Path, overrides: list[str], named: str
 ) -> None:
-    with pytest.raises(Exception) as refused:
-        train(compose_config(tmp_path / "run", ["logger=none", "debug=fast", *overrides]))
-    error = find_user_error(refused.value)
-    assert isinstance(error, PosttrainError), refused.value
-    assert f"Config key `{named}`" in str(error)
+    assert f"Config key `{named}`" in refusal_before_training(tmp_path, overrides)
 
 
 def test_resuming_with_another_architecture_is_one_paragraph(tmp_path: Path) -> None:
     train(compose_config(tmp_path / "run", [*QUICK, "debug=limit"]))
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    cfg = compose_config(tmp_path / "other", [*QUICK, "model.width=8", f"ckpt_path={last}"])
-    with pytest.raises(Exception) as refused:
-        train(cfg)
-    error = find_user_error(refused.value)
-    assert isinstance(error, PosttrainError), refused.value
-    assert "ckpt_path" in str(error) and "`model.width` 4 → 8" in str(error)
+    message = refusal_before_training(
+        tmp_path / "other", [*QUICK, "model.width=8", f"ckpt_path={last}"], fast=False
+    )
+    assert "ckpt_path" in message and "`model.width` 4 → 8" in message
 
 
 @pytest.mark.slow
