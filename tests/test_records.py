@@ -203,6 +203,25 @@ def test_a_folder_a_live_run_works_in_is_refused_and_left_alone(
     assert read_metrics(run_dir)["status"] == "completed"
 
 
+def test_a_file_system_without_locks_still_runs_with_a_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Some NFS and Lustre mounts refuse flock (ENOLCK, EOPNOTSUPP): every run there was
+    refused as 'in use by a posttrain run that is still going'."""
+    import errno
+    import fcntl
+
+    from posttrain.runs import guarded
+
+    def no_locks(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    guarded(train, compose_config(tmp_path / "run", [*TINY, "trainer.max_epochs=1"]))
+    assert read_metrics(tmp_path / "run")["status"] == "completed"
+    assert "cannot lock" in caplog.text and "No locks available" in caplog.text
+
+
 def sweep_job(sweep: Path, *overrides: str) -> DictConfig:
     """The config of job 0 of a sweep into `sweep`, as the job itself sees it."""
     multirun = ["hydra.mode=MULTIRUN", f"hydra.sweep.dir={sweep}"]

@@ -199,7 +199,7 @@ def claim_folder(output_dir: Path) -> None:
         return  # an unwritable folder is refused by what writes there
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:
         holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
         os.close(fd)
         key = "hydra.sweep.dir" if is_multirun() else "hydra.run.dir"
@@ -210,6 +210,15 @@ def claim_folder(output_dir: Path) -> None:
             "for that run to end, or stop it (SIGTERM records it as interrupted) and then "
             "continue it with `ckpt_path=last`; or name another folder."
         ) from None
+    except OSError as error:  # a file system without flock (some NFS and Lustre mounts)
+        os.close(fd)
+        log.warning(
+            "posttrain: cannot lock %s (%s), so a second run started in this folder while "
+            "this one goes would not be refused; give each run its own folder.",
+            lock,
+            error.strerror or error,
+        )
+        return
     os.ftruncate(fd, 0)
     os.write(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode())
     HELD[output_dir] = fd
