@@ -222,6 +222,20 @@ def test_a_file_system_without_locks_still_runs_with_a_warning(
     assert "cannot lock" in caplog.text and "No locks available" in caplog.text
 
 
+@pytest.mark.slow
+def test_a_refused_command_leaves_the_runs_hydra_config_as_it_was(tmp_path: Path) -> None:
+    """Observed: `train.py model.width=8 hydra.run.dir=<a completed run of width 4>` was
+    refused, but Hydra had already written its config into the run's `.hydra/`, which then
+    said the run trained width 8."""
+    run = [*TINY, "trainer.max_epochs=1", f"hydra.run.dir={tmp_path}"]
+    assert run_cli("train.py", *run).returncode == 0
+    hydra = {p.name: p.read_bytes() for p in (tmp_path / ".hydra").iterdir()}
+    refused = run_cli("train.py", *run, "model.width=16")
+    assert refused.returncode == 2 and "holds a completed run" in refused.stderr
+    assert {p.name: p.read_bytes() for p in (tmp_path / ".hydra").iterdir()} == hydra
+    assert read_metrics(tmp_path)["status"] == "completed"
+
+
 def sweep_job(sweep: Path, *overrides: str) -> DictConfig:
     """The config of job 0 of a sweep into `sweep`, as the job itself sees it."""
     multirun = ["hydra.mode=MULTIRUN", f"hydra.sweep.dir={sweep}"]

@@ -263,6 +263,19 @@ def record_start(cfg: DictConfig) -> None:
             "resume": resume_command(output_dir, str(cfg.get("task_name", "train")), True),
         },
     )
+    from posttrain.sweep_jobs import copy_files, job_copies
+
+    copy_files(job_copies(cfg))  # what `put_back_hydra_files` restores after a refusal
+
+
+def put_back_hydra_files(cfg: DictConfig) -> None:
+    """A command refused in a folder holding a run: Hydra had already written that command's
+    `.hydra/config.yaml` and `overrides.yaml` there, so the completed run's folder described
+    the refused command (`model.width=8` for a run that trained 4). The run's own files,
+    copied at its start (`record_start`), go back."""
+    from posttrain.sweep_jobs import job_copies, restore_files
+
+    restore_files(job_copies(cfg))
 
 
 def write_sweep_report_now() -> None:
@@ -392,6 +405,7 @@ def guarded(task: Callable[[DictConfig], dict[str, float]], cfg: DictConfig) -> 
             if may_replace_record(output_dir):
                 record_interruption(output_dir, stop, str(cfg.get("task_name", "train")))
             else:
+                put_back_hydra_files(cfg)
                 say(f"interrupted by {stop.signal_name} before the run started; "
                     f"{output_dir / 'metrics.json'} keeps the earlier run's record")  # fmt: skip
             if is_multirun():
@@ -401,6 +415,7 @@ def guarded(task: Callable[[DictConfig], dict[str, float]], cfg: DictConfig) -> 
     except Exception as error:
         user_error = find_user_error(error) or refused_during_the_run(error)
         if isinstance(user_error, SweepJobChanged | FolderInUse):  # another job's record
+            put_back_hydra_files(cfg)
             print(f"\nposttrain: error: {user_error}\n", file=sys.stderr)
             raise SystemExit(2) from None
         detail = str(user_error) if user_error else "".join(traceback.format_exception(error))
@@ -408,6 +423,7 @@ def guarded(task: Callable[[DictConfig], dict[str, float]], cfg: DictConfig) -> 
         if may_replace_record(output_dir):
             write_json(output_dir / "metrics.json", {"status": status, "error": detail})
         else:
+            put_back_hydra_files(cfg)
             log.info("kept %s: this run stopped before it started", output_dir / "metrics.json")
         if is_multirun():
             log.error("job %s (the sweep continues): %s", status, detail)

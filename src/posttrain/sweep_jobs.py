@@ -122,13 +122,12 @@ def restore_files(pairs: list[tuple[Path, Path]]) -> None:
 
 
 def keep_job_record(cfg: DictConfig, config: dict[str, Any]) -> None:
-    """At a sweep job's start: its resolved config and copies of the files Hydra wrote for
-    it, so a later re-run can tell whether it asks for the same job and put them back."""
+    """At a sweep job's start: its resolved config and a copy of the sweep's multirun.yaml,
+    so a later re-run can tell whether it asks for the same job and put them back."""
     if not is_multirun():
         return
     write_json(Path(cfg.paths.output_dir) / RECORD_DIR / "config.json", plain(config))
-    copy_files(job_copies(cfg))
-    copy_files(sweep_copies(cfg))
+    copy_files(sweep_copies(cfg))  # the job's `.hydra` files: `runs.record_start` copies them
 
 
 def plain(config: dict[str, Any]) -> dict[str, Any]:
