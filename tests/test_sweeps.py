@@ -6,6 +6,7 @@ import csv
 import itertools
 import json
 import math
+import re
 import statistics
 from pathlib import Path
 
@@ -46,6 +47,20 @@ def test_report_tables_and_plot(tmp_path: Path) -> None:
     report = (tmp_path / "report.md").read_text()
     assert "5 jobs: 3 completed, 1 failed, 1 missing" in report
     assert (tmp_path / "report.png").stat().st_size > 1000
+
+
+def test_a_pipe_in_a_swept_value_keeps_the_numbers_under_their_headers(tmp_path: Path) -> None:
+    """A `|` in a value started a new markdown column, shifting the numbers after it."""
+    for index, tag in enumerate(["a|b", "c"]):
+        metrics = {"status": "completed", "test/acc": 0.5 + index / 10}
+        fake_job(tmp_path, f"{index}_tag", ["reg=l2", f"+data.options.tag={tag}"], metrics)
+    write_report(tmp_path)
+    table = [line for line in (tmp_path / "report.md").read_text().splitlines() if "a\\|b" in line]
+    cells = [cell.strip() for cell in re.split(r"(?<!\\)\|", table[0])[1:-1]]
+    header = next(line for line in (tmp_path / "report.md").read_text().splitlines()
+                  if line.startswith("| "))  # fmt: skip
+    names = [cell.strip() for cell in header.split("|")[1:-1]]
+    assert len(cells) == len(names) and cells[names.index("test/acc")] == "0.5000"
 
 
 def test_report_shows_why_each_job_did_not_complete(tmp_path: Path) -> None:

@@ -268,9 +268,9 @@ def write_tables(
         f"{len(rows)} jobs: {status_counts(rows)}."
         + (f" {len(soups)} soup(s) of their weights." if soups else ""),
         "",
-        "| " + " | ".join(header[:shown]) + " |",
+        table_row(header[:shown]),
         "|" + "---|" * shown,
-        *("| " + " | ".join(record[:shown]) + " |" for record in records),
+        *(table_row(record[:shown]) for record in records),
         *soup_lines(soups),
     ]
     unfinished = [row for row in rows if row.status != "completed"]
@@ -284,6 +284,12 @@ def write_tables(
             ),
         ]
     (sweep_dir / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def table_row(cells: list[str]) -> str:
+    """One markdown table row; a `|` inside a swept value (`+data.options.tag=a|b`) started
+    a new column, moving every number after it under the wrong header."""
+    return "| " + " | ".join(str(cell).replace("|", "\\|") for cell in cells) + " |"
 
 
 REPEAT_KEY = "seed"  # the one swept key whose jobs are repeats of one setting
