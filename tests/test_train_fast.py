@@ -235,6 +235,19 @@ def test_divergence_guard_flags_a_nonfinite_loss_once_per_epoch() -> None:
     guard.check(epoch=2)  # the flag is per epoch
 
 
+def test_divergence_guard_compares_the_loss_without_the_penalty() -> None:
+    """The reference was the first step's loss with the penalty (1e8 under a huge L2 weight),
+    while each epoch's `train/loss` has none: a blow-up of the loss to 1e3 stayed under the
+    limit. A NaN/inf of the total still stops the run."""
+    guard = DivergenceGuard()
+    guard.observe(torch.tensor(2.3), total=torch.tensor(1e8))
+    with pytest.raises(PosttrainError, match="mean training loss of epoch 0 is 1000"):
+        guard.check(epoch=0, epoch_loss=torch.tensor(1e3))
+    guard.observe(torch.tensor(2.3), total=torch.tensor(float("inf")))
+    with pytest.raises(PosttrainError, match="NaN/inf in epoch 1"):
+        guard.check(epoch=1)
+
+
 def test_a_diverging_run_stops_with_a_clear_error(make_config) -> None:
     cfg = make_config(
         "reg=l2", "reg.l2.weight=1e39", "trainer.max_epochs=2",  # penalty overflows to inf

@@ -142,7 +142,7 @@ class MethodCore(L.LightningModule):
         if penalty is not None:
             self.means.update("train/penalty", penalty)
             loss = loss + penalty
-        self.divergence.observe(loss)
+        self.divergence.observe(output.loss, total=loss)
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:

@@ -273,9 +273,14 @@ class DivergenceGuard:
         self.nonfinite: Tensor | None = None
         self.start: Tensor | None = None  # the first step's loss: the reference
 
-    def observe(self, loss: Tensor) -> None:
-        bad = ~torch.isfinite(loss.detach())
-        self.nonfinite = bad if self.nonfinite is None else self.nonfinite | bad
+    def observe(self, loss: Tensor, total: Tensor | None = None) -> None:
+        """`loss`: the method's loss, what `train/loss` averages (the epoch check compares it
+        with the first step's); `total`: with the penalty, what backpropagates, whose NaN/inf
+        stops the run too. A reference with the penalty (1e8 under `reg.l2.weight=1e6`)
+        hid a blow-up of the loss itself below its limit."""
+        for value in (loss, loss if total is None else total):
+            bad = ~torch.isfinite(value.detach())
+            self.nonfinite = bad if self.nonfinite is None else self.nonfinite | bad
         if self.start is None:
             self.start = loss.detach().clone()
 
