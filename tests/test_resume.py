@@ -355,3 +355,29 @@ def test_each_ddp_rank_resumes_its_own_random_state() -> None:
         callback.on_load_checkpoint(SimpleNamespace(global_rank=rank), None, checkpoint)
         assert (callback.pending or {}).get("torch") == expected  # rank 2: keeps its own seed
     assert process_seed(0, 0) == 0 and len({process_seed(0, 1), process_seed(1, 0)}) == 2
+
+
+def test_trimming_the_csv_log_is_whole_or_not_at_all(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The resume's trim of `metrics.csv` rewrote the file in place: an error (or a kill)
+    mid-write left the run's log truncated to what had been written."""
+    import csv
+
+    from posttrain.loggers import HistoryKeepingWriter
+
+    log = tmp_path / "metrics.csv"
+    log.write_text("epoch,step,train/loss\n0,1,2.0\n0,2,1.5\n1,3,1.0\n")
+    kept = log.read_text()
+    writer = HistoryKeepingWriter(log_dir=str(tmp_path))
+
+    def fail(self: object, rows: object) -> None:
+        raise OSError("No space left on device")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(csv.DictWriter, "writerows", fail)
+        with pytest.raises(OSError):
+            writer.drop_from_step(3)
+    assert log.read_text() == kept
+    writer.drop_from_step(3)
+    assert [row["step"] for row in csv.DictReader(log.open())] == ["1", "2"]

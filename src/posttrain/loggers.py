@@ -14,6 +14,8 @@ abandoned part showed twice. A session-start event at the restored step (what
 from __future__ import annotations
 
 import csv
+import io
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.callbacks import Callback
@@ -44,10 +46,15 @@ class HistoryKeepingWriter(ExperimentWriter):
         kept = [row for row in rows if row.get("step") and int(row["step"]) < step]
         if len(kept) == len(rows):
             return
-        with self._fs.open(self.metrics_file_path, "w", newline="") as file:
-            writer = csv.DictWriter(file, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(kept)
+        from posttrain.checkpoints import write_atomically
+
+        # Whole or not at all: rewritten in place, a kill (or an error) mid-write truncated
+        # the run's log to what had been written so far.
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(kept)
+        write_atomically(text.getvalue().encode(), Path(self.metrics_file_path))
 
 
 class ResumableCSVLogger(CSVLogger):
