@@ -167,8 +167,8 @@ def forward_problem(features: Any, channels: int, height: int, width: int) -> st
     modes = {module: module.training for module in features.modules()}
     features.eval()
     try:
-        with torch.no_grad():
-            features(torch.zeros(2, channels, height, width))
+        with torch.no_grad():  # `forward`, not `__call__`: `model.compile=true` compiled that
+            features.forward(torch.zeros(2, channels, height, width))
     except RuntimeError as error:
         return str(error).splitlines()[0]
     finally:
