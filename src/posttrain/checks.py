@@ -145,17 +145,18 @@ class RefuseInputsTheModelCannotTake(Callback):
              if forward_problem(features, channels, side, side) is None),
             None,
         )  # fmt: skip
+        if smallest is None:
+            return  # not the size (no larger one helps): the run shows what it is
         from posttrain.console import hydra_choices
 
         model = hydra_choices().get("model")
         named = f"`model={model}`" if model else "the model"
-        valid = f"`data.image_size={smallest}` or larger" if smallest else "a larger one"
         size = datamodule.image_size or "null"
         raise PosttrainError(
             f"Config key `data.image_size={size}` gives the model images of "
             f"{height}x{width} pixels, too small for {named}: its layers shrink them to "
             f"nothing (torch: {problem}). Refused before any training. Valid: "
-            f"{valid}, or another `model=`."
+            f"`data.image_size={smallest}` or larger, or another `model=`."
         )
 
 
