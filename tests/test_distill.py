@@ -371,7 +371,7 @@ def test_a_resume_refuses_a_teacher_file_that_changed_since_the_start(
 ) -> None:
     """The teacher is read again when a run resumes: a teacher run trained on in its folder
     rewrites `best.ckpt`, and the resumed student silently learned from that other teacher."""
-    from posttrain.models.teacher import file_digest
+    from posttrain.checkpoints import file_sha256
 
     teacher, run = tmp_path / "teacher.ckpt", tmp_path / "run"
     shutil.copy(teacher_file, teacher)
@@ -379,7 +379,7 @@ def test_a_resume_refuses_a_teacher_file_that_changed_since_the_start(
     train(compose_config(run, [*overrides, "trainer.max_epochs=1"]))
     last = run / "checkpoints" / "last.ckpt"
     saved = torch.load(last, weights_only=True)["posttrain_teacher"]
-    assert saved == {"file": str(teacher), "sha256": file_digest(teacher_file)}
+    assert saved == {"file": str(teacher), "sha256": file_sha256(teacher_file)}
     retrained = torch.load(teacher_file, weights_only=True)
     retrained["state_dict"] = {k: v * 0.5 for k, v in retrained["state_dict"].items()}
     torch.save(retrained, teacher)

@@ -65,6 +65,17 @@ def describe_unreadable(file: Path, error: Exception) -> str:
     )
 
 
+def file_sha256(path: Path) -> str:
+    """A file's sha256, read in 1 MiB chunks (a weights file may be gigabytes)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def plain_data_globals() -> list[Any]:
     """What `weights_only` may rebuild beyond tensors: numpy arrays and scalars (as the
     CIFAR reader allows) and `argparse.Namespace`, plain data that training scripts store

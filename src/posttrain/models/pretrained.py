@@ -129,25 +129,17 @@ def torchvision_state_dict(arch: str, name: str) -> tuple[dict[str, Tensor], str
     return state, f"torchvision {arch} {name} ({weights.name}, {cache.name})"
 
 
-def sha256_of(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def check_cached_weights(cache: Path, url: str, what: str) -> None:
     """The torch hub cache file is the one published at `url`: its sha256 begins with the
     hash in its name. torch checks that only when it downloads; a file already there (placed
     by hand offline, copied half-way, another file under that name) was loaded unchecked and
     recorded as torchvision's weights."""
+    from posttrain.checkpoints import file_sha256
+
     match = torch.hub.HASH_REGEX.search(cache.name)
     if not cache.is_file() or match is None:
         return
-    expected, actual = match.group(1), sha256_of(cache)
+    expected, actual = match.group(1), file_sha256(cache)
     require(
         actual.startswith(expected),
         f"{what}: the torch hub cache file {cache} is not the file published at {url}: its "

@@ -15,7 +15,6 @@ statistics the teacher's checkpoint carries.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import logging
 from dataclasses import dataclass
@@ -281,18 +280,13 @@ def input_stats(checkpoint: dict[str, Any]) -> Stats | None:
     return torch.tensor(state["mean"]), torch.tensor(state["std"])
 
 
-def file_digest(file: Path) -> str:
-    """The teacher file's sha256: a teacher run that trained on (or was re-run) rewrites its
-    `best.ckpt` under the same name, and only the contents tell the two teachers apart."""
-    with file.open("rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
 def check_same_teacher(saved: Any, path: str | Path) -> None:
     """A resumed student distills from the teacher its run started with (`saved`: what its
     checkpoint recorded, None in checkpoints written before it did). Refused before any work
     (the folder keeps its record) when the file at `method.teacher` is gone or now holds other
     contents."""
+    from posttrain.checkpoints import file_sha256
+
     if not isinstance(saved, dict):
         return
     file = Path(str(path))
@@ -302,7 +296,7 @@ def check_same_teacher(saved: Any, path: str | Path) -> None:
         f"distilling from it (sha256 {str(saved.get('sha256'))[:12]}...). Put the teacher's "
         "file back at that path to resume, or start a new run with another teacher.",
     )
-    now = file_digest(file)
+    now = file_sha256(file)
     require(
         now == saved.get("sha256"),
         f"Config key `{KEY}`: {file} is not the teacher this run started with: the run read "
@@ -325,7 +319,7 @@ def load_teacher(
     """Read, check and rebuild the teacher of `method.teacher`; each refusal one paragraph.
     `data`: the student's `data.*` settings (`ImageClassificationDataModule.settings`);
     `listing`: the images its splits were drawn from (`ImageClassificationDataModule.listing`)."""
-    from posttrain.checkpoints import load_checkpoint, stored_config
+    from posttrain.checkpoints import file_sha256, load_checkpoint, stored_config
 
     file = Path(str(path))
     checkpoint = load_checkpoint(file, key=KEY)
@@ -348,7 +342,7 @@ def load_teacher(
     size = (config.get("data") or {}).get("image_size")
     arch = config["model"].get("arch", "model")
     source = f"{arch} from {file}"
-    teacher = Teacher(network, input_stats(checkpoint), size, source, file_digest(file))
+    teacher = Teacher(network, input_stats(checkpoint), size, source, file_sha256(file))
     if teacher.stats is None:
         log.warning("%s carries no normalization statistics: the student's are used", file)
     return teacher
