@@ -277,10 +277,10 @@ class DivergenceGuard:
         """`loss`: the method's loss, what `train/loss` averages (the epoch check compares it
         with the first step's); `total`: with the penalty, what backpropagates, whose NaN/inf
         stops the run too. A reference with the penalty (1e8 under `reg.l2.weight=1e6`)
-        hid a blow-up of the loss itself below its limit."""
-        for value in (loss, loss if total is None else total):
-            bad = ~torch.isfinite(value.detach())
-            self.nonfinite = bad if self.nonfinite is None else self.nonfinite | bad
+        hid a blow-up of the loss itself below its limit. A NaN/inf of `loss` is one of the
+        total too (the penalty is finite or itself NaN/inf), so the total alone is checked."""
+        bad = ~torch.isfinite((loss if total is None else total).detach())
+        self.nonfinite = bad if self.nonfinite is None else self.nonfinite | bad
         if self.start is None:
             self.start = loss.detach().clone()
 
