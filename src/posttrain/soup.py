@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import sys
 import time
@@ -44,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from posttrain.errors import PosttrainError, require
+from posttrain.errors import PosttrainError, is_number, require
 
 if TYPE_CHECKING:
     from posttrain.report import JobRow
@@ -510,14 +509,15 @@ def write_soup(folder: Path, checkpoint: dict, record: dict[str, Any]) -> None:
 def check_soup_folder_is_free(folder: Path, replace: bool) -> None:
     """A made soup is kept: evaluations and runs started from its soup.ckpt name that file,
     and a second soup of a sweep that has changed since would replace it without a word."""
+    from posttrain.report import read_record
+
     record = folder / "metrics.json"
     if replace or not record.is_file():
         return  # nothing there, or a soup stopped before its record (it holds no result)
-    try:
-        made = json.loads(record.read_text())
-        what = f"of {len(made['ingredients'])} job(s), val/acc {made['val/acc']:.4f}"
-    except (OSError, ValueError, KeyError, TypeError):
-        what = "(its metrics.json is unreadable)"
+    made, what = read_record(record), "(its metrics.json is unreadable)"
+    ingredients = made.get("ingredients") if isinstance(made, dict) else None
+    if isinstance(made, dict) and isinstance(ingredients, list) and is_number(made.get("val/acc")):
+        what = f"of {len(ingredients)} job(s), val/acc {made['val/acc']:.4f}"
     raise PosttrainError(
         f"{folder} already holds a soup {what}; making it again would replace its soup.ckpt "
         "and metrics.json, which evaluations and runs started from that file name. Pass "
