@@ -358,6 +358,34 @@ def test_a_soup_made_before_is_replaced_only_when_asked(
     assert make_soup(tmp_path, "uniform")["ingredients"] == first["ingredients"]
 
 
+def test_jobs_trained_before_the_images_changed_are_refused(tmp_path: Path) -> None:
+    """Observed: with one image more per class in the sweep's image folder, the soup re-drew
+    the validation and test splits from the same config and chose and scored the soup on
+    images its jobs had trained on, without a word (eval.py and a resume refused the same
+    checkpoints). Restored files make the soup again."""
+    from posttrain.errors import PosttrainError
+    from posttrain.train import train
+    from tests.fixtures import write_image_folder
+
+    data = write_image_folder(tmp_path / "images", classes=2, per_class=15, size=8)
+    overrides = ["trainer=cpu", "logger=none", "callbacks.progress_bar=null", "data=imagefolder",
+                 f"data.root={data}", "data.options.cache_dir=null", "model.width=4",
+                 "trainer.max_epochs=1"]  # fmt: skip
+    train(compose_config(tmp_path / "run", overrides))
+    sweep = tmp_path / "sweep"
+    for job, val in (("0_a", 0.9), ("1_b", 0.8)):
+        copy_job(tmp_path / "run", sweep, job, val=val)
+    shutil.copy(data / "class_0" / "0.png", data / "class_0" / "added.png")
+    with pytest.raises(PosttrainError) as refused:
+        make_soup(sweep, "uniform")
+    message = str(refused.value)
+    assert "the data changed since 2 of the 2 compatible jobs" in message
+    assert "0_a: `data.dataset=imagefolder`" in message and "31 images now, 30 then" in message
+    assert "\n" not in message and not (sweep / "soup_uniform" / "metrics.json").exists()
+    (data / "class_0" / "added.png").unlink()
+    assert make_soup(sweep, "uniform")["ingredients"] == ["0_a", "1_b"]
+
+
 def test_resuming_from_a_soup_is_refused_in_one_paragraph(
     soups: tuple[Path, dict, dict], tmp_path: Path
 ) -> None:

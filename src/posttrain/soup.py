@@ -81,6 +81,8 @@ class Candidate:
     config: dict[str, Any]
     shapes: dict[str, tuple[int, ...]]
     val_acc_best: float
+    # The images its splits were drawn from (`posttrain.data.splits.data_listing`).
+    listing: dict[str, Any] | None = None
 
     def state(self) -> dict[str, Any]:
         """The weights, read again when needed: a sweep of big models does not fit in memory."""
@@ -206,6 +208,7 @@ def sweep_rows(sweep: Path) -> list[JobRow]:
 def read_candidate(sweep: Path, row: JobRow) -> Candidate | str:
     """A completed job's best checkpoint as a candidate, or why it cannot be one."""
     from posttrain.checkpoints import load_checkpoint, stored_config
+    from posttrain.data.splits import stored_listing
 
     if row.status != "completed":
         reason = f": {row.error}" if row.error else ""
@@ -221,7 +224,7 @@ def read_candidate(sweep: Path, row: JobRow) -> Candidate | str:
     state = checkpoint.get("state_dict") or {}
     shapes = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, Tensor)}
     val = row.metrics.get("val/acc_best", -math.inf)
-    return Candidate(row.folder, file, config, shapes, val)
+    return Candidate(row.folder, file, config, shapes, val, stored_listing(checkpoint))
 
 
 def compatibility(candidate: Candidate) -> tuple[str, tuple[str, str], str, str]:
@@ -323,6 +326,29 @@ def require_soupable(selection: Selection, sweep: Path) -> None:
         "Ingredients must share the architecture (`model.*`), the starting point "
         "(`model.pretrained`, or `seed` when trained from scratch), the method, the data "
         "split and classes (`data.seed`, `data.classes`, ...) and `data.image_size`.",
+    )
+
+
+def check_same_images(candidates: list[Candidate], listing: dict[str, Any], sweep: Path) -> None:
+    """Every ingredient was trained on the images the soup is chosen and scored on: an image
+    folder whose files changed since draws other validation and test splits from the same
+    config, which would then hold images the jobs trained on."""
+    from posttrain.data.splits import listing_change
+
+    changed = [
+        f"{candidate.folder}: {change}"
+        for candidate in candidates
+        if (change := listing_change(candidate.listing, listing)) is not None
+    ]
+    shown = "; ".join(changed[:3]) + (f"; and {len(changed) - 3} more" if len(changed) > 3 else "")
+    require(
+        not changed,
+        f"posttrain.soup: the data changed since {len(changed)} of the {len(candidates)} "
+        f"compatible jobs in {sweep} trained ({shown}). Their validation and test splits were "
+        "drawn from the images then, so a soup chosen and scored on the splits drawn now "
+        "would be judged on images they trained on, and its numbers would not be true. "
+        "Restore the files as they were, or run the sweep again on the data as it is (another "
+        "`hydra.sweep.dir`).",
     )
 
 
@@ -577,6 +603,7 @@ def make_soup(
     check_soup_folder_is_free(folder, replace)
     reference = selection.candidates[0]
     judge = SoupJudge(reference, folder)
+    check_same_images(selection.candidates, judge.datamodule.listing, sweep)
     cook = greedy_soup if recipe == "greedy" else uniform_soup
     soup, steps = cook(judge, selection.candidates)
     ingredients = [step.job for step in steps if step.kept]

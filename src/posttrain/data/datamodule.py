@@ -23,7 +23,7 @@ from posttrain.data.sources import (
     load_listed,
     make_source,
 )
-from posttrain.data.splits import LISTING_KEY, data_listing, listing_change
+from posttrain.data.splits import LISTING_KEY, data_listing, listing_change, stored_listing
 from posttrain.data.targets import ClassIds, check_tasks_vary, derive_targets, parse_tasks
 from posttrain.data.transforms import channel_stats, normalize, to_model_input
 from posttrain.errors import require, require_count, require_fraction
@@ -237,8 +237,7 @@ class SourceDataModule(L.LightningDataModule):
         `data.root`; an evaluation on another root is other data (`eval.py` says so)."""
         self.setup("fit" if resuming else "test")
         assert self.listing is not None, "setup() lists the data"
-        stored = (checkpoint.get(type(self).__qualname__) or {}).get(LISTING_KEY)
-        change = listing_change(stored, self.listing, root_may_move=resuming)
+        change = listing_change(stored_listing(checkpoint), self.listing, root_may_move=resuming)
         require(
             change is None,
             f"Config key `ckpt_path`: the data changed since the checkpoint was written: "

@@ -108,6 +108,15 @@ def data_listing(loaded: Any, settings: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def stored_listing(checkpoint: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The listing a checkpoint's splits were drawn from (`data_listing`, kept in its
+    DataModule's state, whichever DataModule wrote it), or None when it predates listings."""
+    for state in checkpoint.values():
+        if isinstance(state, Mapping) and isinstance(state.get(LISTING_KEY), Mapping):
+            return dict(state[LISTING_KEY])
+    return None
+
+
 def listing_change(
     stored: Mapping[str, Any] | None, current: Mapping[str, Any], root_may_move: bool = False
 ) -> str | None:
@@ -151,4 +160,5 @@ __all__ = [
     "listing_change",
     "split_difference",
     "split_settings",
+    "stored_listing",
 ]

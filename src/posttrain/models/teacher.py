@@ -229,11 +229,9 @@ def check_same_images(checkpoint: dict[str, Any], listing: dict[str, Any], path:
     """The teacher's split was drawn from the images the student's is drawn from: the same
     config over an image folder whose files changed since draws another split
     (`posttrain.data.splits.data_listing`)."""
-    from posttrain.data.datamodule import ImageClassificationDataModule
-    from posttrain.data.splits import LISTING_KEY, listing_change
+    from posttrain.data.splits import listing_change, stored_listing
 
-    state = checkpoint.get(ImageClassificationDataModule.__qualname__) or {}
-    change = listing_change(state.get(LISTING_KEY), listing)
+    change = listing_change(stored_listing(checkpoint), listing)
     require(
         change is None,
         f"Config key `{KEY}`: {path} was trained before the data changed: {change}. Its "
