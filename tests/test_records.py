@@ -286,6 +286,40 @@ def test_a_completed_sweep_job_with_another_data_root_is_refused(tmp_path: Path)
     assert str(roots["A"]) in (sweep / "multirun.yaml").read_text()
 
 
+def test_a_completed_sweep_job_trained_before_its_images_changed_is_refused(
+    tmp_path: Path,
+) -> None:
+    """Observed: a sweep re-run after one image was added to its folder kept the completed
+    job ("already completed, kept"), whose validation and test splits were drawn from the
+    images then, beside new jobs scored on the splits drawn now (a resume of an unfinished
+    job refused the same change). Restored files keep it again."""
+    import shutil
+
+    data = write_image_folder(tmp_path / "images", classes=2, per_class=15, size=8)
+    sweep = tmp_path / "sweep"
+    common = ["data=imagefolder", f"data.root={data}", "data.options.cache_dir=null", "seed=0",
+              *TINY, "trainer.max_epochs=1"]  # fmt: skip
+    first = sweep_job(sweep, *common)
+    job = Path(first.paths.output_dir)
+    write_hydra_files(job, first, common)
+    (sweep / "multirun.yaml").write_text("first: true\n")
+    train(first)
+    kept = {path: path.read_text() for path in [job / "metrics.json", *job.glob(".hydra/*")]}
+    kept[sweep / "multirun.yaml"] = (sweep / "multirun.yaml").read_text()
+    shutil.copy(data / "class_0" / "0.png", data / "class_0" / "added.png")
+
+    again = sweep_job(sweep, *common)
+    (sweep / "multirun.yaml").write_text("second: true\n")  # Hydra rewrites it
+    with pytest.raises(SweepJobChanged) as refused:
+        train(again)
+    message = str(refused.value)
+    assert "trained before the data changed" in message and "31 images now, 30 then" in message
+    assert "hydra.sweep.dir" in message and "\n" not in message
+    assert {path: path.read_text() for path in kept} == kept  # the job's files, as they were
+    (data / "class_0" / "added.png").unlink()
+    assert completed_sweep_job(sweep_job(sweep, *common)) is not None
+
+
 def test_a_completed_sweep_job_with_the_same_config_is_kept(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     common = ["seed=0", *TINY, "trainer.max_epochs=1"]

@@ -19,7 +19,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from posttrain.errors import SweepJobChanged
+from posttrain.errors import PosttrainError, SweepJobChanged
 from posttrain.report import numbers_of
 from posttrain.resume import flat_leaves
 from posttrain.runs import is_multirun, resolved_config, write_json
@@ -68,6 +68,7 @@ def completed_sweep_job(cfg: DictConfig) -> dict[str, float] | None:
     if previous.get("status") != "completed":
         return None
     check_same_job(cfg, "completed")
+    check_same_images(cfg)
     restore_files(job_copies(cfg))  # Hydra rewrote them for this (identical) job
     log.info("job already completed in %s: kept, not re-run", cfg.paths.output_dir)
     return numbers_of(previous)
@@ -170,10 +171,51 @@ def check_same_job(cfg: DictConfig, status: str) -> None:
         refuse_changed_job(cfg, status, changes)
 
 
-def refuse_changed_job(cfg: DictConfig, status: str, changes: list[str]) -> None:
-    """Put back the files Hydra rewrote for the new job, then stop with one paragraph."""
+def check_same_images(cfg: DictConfig) -> None:
+    """Refuse to keep a completed job trained before its image folder changed: the same
+    config now draws other validation and test splits, so its numbers would stand beside
+    jobs scored on other images (an unfinished job's resume refuses the same,
+    `check_checkpoint_data`). Its checkpoint says what it trained on; one kept without a
+    checkpoint, or written before listings were stored, cannot be checked."""
+    from hydra.utils import instantiate
+
+    from posttrain.checkpoints import load_checkpoint
+    from posttrain.data.splits import listing_change, stored_listing
+
+    folder = Path(cfg.paths.output_dir) / "checkpoints"
+    kept = [folder / name for name in ("best.ckpt", "last.ckpt") if (folder / name).is_file()]
+    if not kept:
+        return
+    try:
+        stored = stored_listing(load_checkpoint(kept[0], key="ckpt_path"))
+    except PosttrainError as error:
+        log.warning("whether the data changed since %s cannot be checked: %s", kept[0], error)
+        return
+    change = listing_change(stored, instantiate(cfg.data).read_listing()[1])
+    if change is None:
+        return
+    put_back_sweep_files(cfg)
+    raise SweepJobChanged(
+        f"The job folder {cfg.paths.output_dir} holds a completed job trained before the "
+        f"data changed: {change}. The same config now draws other validation and test "
+        "splits, so its numbers would stand beside jobs scored on other images, and the "
+        "sweep's report and soup would compare them as one. Nothing was run and that job's "
+        "metrics.json, checkpoints and .hydra/ config are kept as they were. Restore the "
+        "files as they were to finish this sweep, or run the sweep on the data as it is "
+        "with another `hydra.sweep.dir=...`."
+    )
+
+
+def put_back_sweep_files(cfg: DictConfig) -> None:
+    """The job's `.hydra` files and the sweep's multirun.yaml, which Hydra rewrote for a job
+    that is refused, as they were."""
     restore_files(job_copies(cfg))
     restore_files(sweep_copies(cfg))
+
+
+def refuse_changed_job(cfg: DictConfig, status: str, changes: list[str]) -> None:
+    """Put back the files Hydra rewrote for the new job, then stop with one paragraph."""
+    put_back_sweep_files(cfg)
     shown = "; ".join(changes[:SHOWN_CHANGES])
     more = f" (and {len(changes) - SHOWN_CHANGES} more)" if len(changes) > SHOWN_CHANGES else ""
     raise SweepJobChanged(

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from posttrain.data.sources import (
     LabelledImages,
     Source,
+    SourceData,
     SourceInfo,
     decode_kept,
     load_listed,
@@ -211,6 +212,14 @@ class SourceDataModule(L.LightningDataModule):
     _stats: tuple[Tensor, Tensor] | None = None  # per-channel mean/std the inputs are normalized by
     image_size: int | None = None  # the side images are resized to; None keeps the source's
     listing: dict[str, Any] | None = None  # what the splits were drawn from (set up by `setup`)
+    dataset: str | None = None  # `data.dataset`
+    root: str | None = None  # `data.root`
+
+    def read_listing(self) -> tuple[SourceData, dict[str, Any]]:
+        """The source's images as listed (file images not decoded yet) and what they are
+        (`data_listing`): cheap enough to tell whether the images changed without setting up."""
+        listed = load_listed(self.source)
+        return listed, data_listing(listed, {"dataset": self.dataset, "root": self.root})
 
     def train_generator(self) -> torch.Generator:
         """The generator behind the training batches' order (and loader seeds).
@@ -319,6 +328,7 @@ class ImageClassificationDataModule(SourceDataModule):
         super().__init__()
         # The config values it was built from (`data.*`), for comparing runs' data
         # (`posttrain.data.splits`): e.g. a distillation teacher's stored config with this run's.
+        self.dataset, self.root = dataset, root
         self.settings: dict[str, Any] = {
             "dataset": dataset, "root": root, "options": options, "image_size": image_size,
             "classes": classes, "seed": seed, "val_fraction": val_fraction,
@@ -383,8 +393,7 @@ class ImageClassificationDataModule(SourceDataModule):
         those the splits keep (`data.classes`, `data.samples_per_class` decode less)."""
         if self.splits:
             return
-        loaded = load_listed(self.source)
-        self.listing = data_listing(loaded, self.settings)
+        loaded, self.listing = self.read_listing()
         generator = torch.Generator().manual_seed(self.seed)
         pool, val, test = loaded.train, loaded.val, loaded.test
         class_names = loaded.class_names

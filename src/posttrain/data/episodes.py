@@ -24,8 +24,7 @@ from posttrain.data.datamodule import (
     process_group,
     process_seed,
 )
-from posttrain.data.sources import SOURCES, LabelledImages, SourceData, load_listed, make_source
-from posttrain.data.splits import data_listing
+from posttrain.data.sources import SOURCES, LabelledImages, SourceData, make_source
 from posttrain.data.transforms import channel_stats, normalize, to_model_input
 from posttrain.errors import (
     require,
@@ -222,8 +221,7 @@ class EpisodicDataModule(SourceDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if not self.pools:
-            listed = load_listed(self.source)
-            self.listing = data_listing(listed, {"dataset": self.dataset, "root": self.root})
+            listed, self.listing = self.read_listing()
             loaded = listed.decoded()
             generator = torch.Generator().manual_seed(self.seed)
             pool = self.build_pools(loaded, generator)
