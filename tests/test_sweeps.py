@@ -63,6 +63,29 @@ def test_a_pipe_in_a_swept_value_keeps_the_numbers_under_their_headers(tmp_path:
     assert len(cells) == len(names) and cells[names.index("test/acc")] == "0.5000"
 
 
+def test_an_override_holding_an_interpolation_makes_no_phantom_job(tmp_path: Path) -> None:
+    """Observed: `python train.py -m 'task_name=${data.dataset}_x' seed=0,1` ran its 2 jobs,
+    and the report said "4 jobs: 2 completed, 2 missing": the sweep's overrides were read
+    from multirun.yaml resolved (`digits_x`), while Hydra hands the jobs the override as
+    typed (escaped in their overrides.yaml), so no job matched them. The files as Hydra wrote
+    them:"""
+    multirun = {
+        "hydra": {
+            "sweeper": {"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"},
+            "overrides": {"task": ["task_name=${data.dataset}_x", "seed=0,1"]},
+        },
+        "data": {"dataset": "digits"},
+        "task_name": "${data.dataset}_x",
+    }
+    (tmp_path / "multirun.yaml").write_text(yaml.safe_dump(multirun))
+    for seed in (0, 1):
+        overrides = ["task_name=$\\{data.dataset\\}_x", f"seed={seed}"]
+        fake_job(tmp_path, f"{seed}_seed={seed}", overrides, {"status": "completed"})
+    rows = collect(tmp_path)
+    assert [row.folder for row in rows] == ["0_seed=0", "1_seed=1"]
+    assert [row.status for row in rows] == ["completed", "completed"]
+
+
 def test_report_shows_why_each_job_did_not_complete(tmp_path: Path) -> None:
     """Observed: an interrupted job was listed under "Failed jobs" as "no metrics.json",
     though its metrics.json said `interrupted` and `stopped by SIGTERM`."""

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from posttrain.errors import PosttrainError, is_number
 
@@ -96,7 +96,6 @@ def normalized(overrides: list[str]) -> dict[str, str]:
 def expected_jobs(sweep_dir: Path) -> list[list[str]] | None:
     """Every job a basic-sweeper sweep asked for, in Hydra's order (its job numbers), from
     `multirun.yaml`; None for other sweepers (Optuna decides its trials as it goes)."""
-    from omegaconf import OmegaConf
 
     file = sweep_dir / "multirun.yaml"
     if not file.is_file():
@@ -112,9 +111,13 @@ def basic_sweep_jobs(config: DictConfig) -> list[list[str]] | None:
 
     if not str(config.hydra.sweeper.get("_target_", "")).endswith("BasicSweeper"):
         return None
-    params = config.hydra.sweeper.get("params") or {}
+    # As typed, not resolved: an override holding `${...}` was handed to the jobs as such (a
+    # resolved copy matched no job, and the report counted it as a job never started).
+    hydra = OmegaConf.to_container(config.hydra, resolve=False)
+    assert isinstance(hydra, dict)
+    params = hydra["sweeper"].get("params") or {}
     arguments = [f"{key}={value}" for key, value in params.items()]
-    parsed = OverridesParser.create().parse_overrides([*arguments, *config.hydra.overrides.task])
+    parsed = OverridesParser.create().parse_overrides([*arguments, *hydra["overrides"]["task"]])
     return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
 
 
