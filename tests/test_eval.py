@@ -213,6 +213,25 @@ def test_an_episodic_class_split_override_is_refused(tmp_path: Path) -> None:
     evaluation_config(digits, asked("data.rotations=false", "data.shots=5"))
 
 
+def test_a_home_relative_data_root_and_checkpoint_are_the_users_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Observed: `root: ~/images` in a config file (or quoted on the command line) looked for
+    a folder named `~` in the working directory ("is not a folder"; CIFAR and Omniglot would
+    download into one), and `ckpt_path='~/run/checkpoints/best.ckpt'` "does not exist" while
+    Lightning, given the same string, expands it to the user's file."""
+    from tests.fixtures import write_image_folder
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    write_image_folder(tmp_path / "images", classes=2, per_class=15, size=8)
+    setup = ["data=imagefolder", "data.root='~/images'", "data.options.cache_dir=null",
+             "model.width=4", "trainer.max_epochs=1"]  # fmt: skip
+    trained(tmp_path / "run", *setup)
+    checkpoint = "'~/run/checkpoints/best.ckpt'"
+    assert evaluated(tmp_path / "eval", checkpoint)["test/images"] == 6  # type: ignore[arg-type]
+    assert not (Path.cwd() / "~").exists()
+
+
 def test_a_folder_whose_files_changed_since_training_is_refused(tmp_path: Path) -> None:
     """Observed: one image more per class, the same config, and `eval.py` re-drew the split:
     6 of the 12 test images were images the checkpoint had trained on. A resume re-drew it

@@ -108,7 +108,7 @@ def load_checkpoint(path: str | Path, key: str) -> dict[str, Any]:
     """
     import torch
 
-    file = Path(str(path))
+    file = Path(str(path)).expanduser()  # `~/runs/...` from a config file: Lightning expands it too
     require(
         not file.is_dir(),
         f"Config key `{key}`: {file} is a folder, not a checkpoint file; name the file in it, "

@@ -321,7 +321,9 @@ class ImageFiles:
 
     def _entry(self, listing: list[tuple[str, int, int]], rows: list[int] | None = None) -> Path:
         options = {"channels": self.channels, "size": self.size}
-        return entry_path(Path(str(self.cache_dir)), self.name, self.root, options, listing, rows)
+        return entry_path(
+            Path(str(self.cache_dir)).expanduser(), self.name, self.root, options, listing, rows
+        )
 
     def _decode(self, rows: list[int] | None) -> tuple[Tensor, str]:
         """The files at `rows` (None: all), at the size a decode of all of them would pick."""

@@ -350,7 +350,7 @@ class CifarSource:
     def __init__(self, root: str | None, download: bool = True, classes: int = 10) -> None:
         require_choice("data.options.classes", classes, self.LAYOUTS)
         require(root is not None, "Config key `data.root` must name a folder for CIFAR data.")
-        self.root, self.download, self.classes = Path(str(root)), download, classes
+        self.root, self.download, self.classes = Path(str(root)).expanduser(), download, classes
         self.layout = self.LAYOUTS[classes]
 
     @property
@@ -665,7 +665,7 @@ class ImageFolderSource:
             "Config key `data.root` is not set: `data=imagefolder` needs the folder that holds "
             "one sub-folder of images per class, e.g. `data.root=/path/to/images`.",
         )
-        self.root = Path(str(root))
+        self.root = Path(str(root)).expanduser()
         require(
             self.root.is_dir(),
             f"`data.root`={self.root} is not a folder: it must hold one sub-folder of images "
@@ -822,7 +822,12 @@ class OmniglotSource:
         require(root is not None, "Config key `data.root` must name a folder for Omniglot.")
         require_count("data.options.size", size, 1)
         require_choice("data.split", split, PROTOCOLS)
-        self.root, self.download, self.size, self.split = Path(str(root)), download, size, split
+        self.root, self.download, self.size, self.split = (
+            Path(str(root)).expanduser(),
+            download,
+            size,
+            split,
+        )
         self.cache_dir = cache_dir
 
     def info(self) -> SourceInfo:

@@ -287,7 +287,7 @@ def check_same_teacher(saved: Any, path: str | Path) -> None:
 
     if not isinstance(saved, dict):
         return
-    file = Path(str(path))
+    file = Path(str(path)).expanduser()
     require(
         file.is_file(),
         f"Config key `{KEY}`: {file} does not exist (or is not a file), and this run started "
@@ -319,7 +319,7 @@ def load_teacher(
     `listing`: the images its splits were drawn from (`ImageClassificationDataModule.listing`)."""
     from posttrain.checkpoints import file_sha256, load_checkpoint, stored_config
 
-    file = Path(str(path))
+    file = Path(str(path)).expanduser()
     checkpoint = load_checkpoint(file, key=KEY)
     config = stored_config(checkpoint, file, key=KEY)
     target = method_target(config)
