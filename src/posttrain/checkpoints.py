@@ -372,7 +372,7 @@ def resume_path(value: str | None, output_dir: str | Path) -> str | None:
     """`ckpt_path`: a file, or `last` for this run folder's own `checkpoints/last.ckpt`
     (`python train.py ckpt_path=last hydra.run.dir=<run>` continues a run in place)."""
     if value != "last":
-        return value
+        return str(Path(value).expanduser()) if value else value
     last = Path(output_dir) / "checkpoints" / "last.ckpt"
     require(
         last.is_file(),
