@@ -113,6 +113,30 @@ def test_a_word_fraction_or_truthy_string_where_a_count_or_switch_goes_is_one_pa
     assert f"Config key `{named}`" in refusal_before_training(tmp_path, overrides)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "named", "unknown"),
+    [
+        (["+data.foo=1"], "data", "foo"),
+        (["experiment=digits_protonet", "+data.batch_size=8"], "data", "batch_size"),
+        (["+method.foo=1"], "method", "foo"),
+        (["+method.model=x"], "method", "model"),  # posttrain passes it: would be overwritten
+        (["reg=[l2,dropout]", "+reg.l2.foo=1"], "reg.l2", "foo"),
+        (["calibration=temperature", "+calibration.foo=1"], "calibration", "foo"),
+        (["+trainer.foo=1"], "trainer", "foo"),
+        (["+callbacks.model_checkpoint.foo=1"], "callbacks.model_checkpoint", "foo"),
+    ],
+)
+def test_a_key_nothing_reads_inside_a_group_is_one_paragraph(
+    tmp_path: Path, overrides: list[str], named: str, unknown: str
+) -> None:
+    """Observed: Hydra's "Error executing job ... TypeError: __init__() got an unexpected
+    keyword argument 'foo'", exit status 1 and a traceback in metrics.json, where the README
+    promises one paragraph for "a top-level key nothing reads such as `train.py +tta=flip`"."""
+    message = refusal_before_training(tmp_path, overrides)
+    assert f"Config key `{named}` has unknown option(s) {unknown}; valid: " in message
+    assert "model, " not in message and "logger, " not in message  # passed by posttrain
+
+
 def test_resuming_with_another_architecture_is_one_paragraph(tmp_path: Path) -> None:
     train(compose_config(tmp_path / "run", [*QUICK, "debug=limit"]))
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"

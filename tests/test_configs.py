@@ -340,7 +340,7 @@ def test_trainer_option_instantiates_its_trainer(tmp_path: Path, option: str) ->
 def test_logger_option_writes_into_the_run_folder(tmp_path: Path, option: str) -> None:
     from posttrain.runs import instantiate_named
 
-    loggers = instantiate_named(compose_config(tmp_path, [f"logger={option}"]).logger)
+    loggers = instantiate_named(compose_config(tmp_path, [f"logger={option}"]).logger, "logger")
     names = {"csv": ["ResumableCSVLogger"], "tensorboard": ["TensorBoardLogger"], "none": []}
     assert [type(logger).__name__ for logger in loggers] == names[option]
     for logger in loggers:
@@ -354,7 +354,7 @@ def test_callbacks_option_instantiates_callbacks(tmp_path: Path, option: str) ->
     from posttrain.runs import instantiate_named
 
     cfg = compose_config(tmp_path, [f"callbacks={option}"])
-    callbacks = instantiate_named(cfg.callbacks)
+    callbacks = instantiate_named(cfg.callbacks, "callbacks")
     assert len(callbacks) == len([v for v in cfg.callbacks.values() if v])
     assert all(isinstance(callback, Callback) for callback in callbacks)
     checkpoints = [c for c in callbacks if isinstance(c, ModelCheckpoint)]

@@ -111,6 +111,43 @@ def test_data_keys_that_only_choose_training_images_are_refused(
     assert f"`{key}` changes nothing in eval.py" in refusal(tmp_path, protonet, override)
 
 
+@pytest.fixture(scope="module")
+def supervised(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("supervised") / "run"
+    return trained(folder, "model.width=4", "trainer.max_epochs=1", "trainer.limit_train_batches=2")
+
+
+def test_data_keys_the_test_does_not_read_are_refused(
+    protonet: Path, supervised: Path, tmp_path: Path
+) -> None:
+    """Observed: `eval.py data.batch_size=7 trainer.limit_test_batches=1` tested all 359
+    images, one batch of `data.eval_batch_size` (512), and the refusal of other data keys
+    named `data.batch_size` a test-time key; `data.val_episodes=7` changed nothing either
+    (eval.py runs no validation but to calibrate, which episodic methods refuse)."""
+    message = refusal(tmp_path / "b", supervised, "data.batch_size=7")
+    assert "`data.batch_size` changes nothing in eval.py" in message
+    assert "Test-time data keys: `data.eval_batch_size`" in message
+    message = refusal(tmp_path / "v", protonet, "data.val_episodes=7")
+    assert "`data.val_episodes` changes nothing in eval.py" in message
+    limit = "trainer.limit_test_batches=1"
+    tested = evaluated(tmp_path / "e", supervised, "data.eval_batch_size=7", limit)
+    assert tested["test/images"] == 7
+    # Without `data.eval_batch_size` the test's batches are `data.batch_size`'s: it applies.
+    unset = "data.eval_batch_size=null"
+    assert (
+        evaluated(tmp_path / "n", supervised, "data.batch_size=7", unset, limit)["test/images"] == 7
+    )
+
+
+def test_a_data_key_the_data_does_not_take_is_one_paragraph(protonet: Path, tmp_path: Path) -> None:
+    """Observed: eval.py adds the `+` to every `data.*` override, so the typo `data.shot=5`
+    reached the DataModule as a keyword: Hydra's "Error executing job ... TypeError",
+    exit status 1."""
+    message = refusal(tmp_path, protonet, "data.shot=5")
+    assert "Config key `data` has unknown option(s) shot; valid: " in message
+    assert "shots" in message
+
+
 def test_too_few_test_classes_advises_only_what_eval_may_change(
     protonet: Path, tmp_path: Path
 ) -> None:

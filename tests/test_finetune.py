@@ -226,6 +226,28 @@ def test_a_finetune_setting_that_cannot_apply_is_refused_before_training(
     assert refusal in str(find_user_error(caught.value))
 
 
+@pytest.mark.parametrize(
+    ("policy", "override"),
+    [("full", "unfreeze_groups=3"), ("linear_probe", "unfreeze_at_epoch=0")],
+)
+def test_a_gradual_key_with_another_policy_is_refused(
+    make_config, pretrained_digits: Path, policy: str, override: str
+) -> None:
+    """Observed: `method.finetune.unfreeze_groups=3` with the default `policy=full` was
+    accepted and trained exactly as without it: only the gradual schedule reads it."""
+    recipe = ["experiment=digits_transfer", f"model.pretrained={pretrained_digits}", *CPU]
+    cfg = make_config(*recipe, "debug=fast", f"method.finetune.policy={policy}",
+                      f"method.finetune.{override}")  # fmt: skip
+    key = override.split("=")[0]
+    with pytest.raises(PosttrainError, match=f"`method.finetune.{key}`=.* read only by"):
+        train(cfg)
+    from posttrain.methods.finetune import check_gradual_keys
+
+    check_gradual_keys(make_config(*recipe, "method.finetune.policy=gradual",
+                                   f"method.finetune.{override}"))  # fmt: skip
+    check_gradual_keys(make_config(*recipe, f"method.finetune.policy={policy}"))  # defaults
+
+
 def test_model_switches_are_type_checked() -> None:
     with pytest.raises(PosttrainError, match=r"`model.pretrained_head` must be true or false"):
         build_classifier("small_cnn", 5, 1, pretrained_head="yes")

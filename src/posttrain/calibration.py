@@ -132,13 +132,13 @@ class TemperatureScaling:
 def calibration_for(cfg: Any, method: L.LightningModule) -> TemperatureScaling | None:
     """The selected `calibration=` option (None for `calibration=none`), refused in one
     paragraph, before any work, where it cannot apply."""
-    from hydra.utils import instantiate
+    from posttrain.runs import instantiate_checked
 
     config = cfg.get("calibration")
     if not config or "_target_" not in config:
         return None
     check_calibrated_method(method)
-    return instantiate(config)
+    return instantiate_checked(config, "calibration")
 
 
 def splits_needed(calibration: TemperatureScaling | None) -> dict[str, str]:

@@ -81,16 +81,24 @@ def require_choice(key: str, value: object, choices: Iterable[object]) -> None:
     )
 
 
-def require_known_options(function: object, options: dict[str, object], key: str) -> None:
+def require_known_options(
+    function: object, options: dict[str, object], key: str, supplied: Iterable[str] = ()
+) -> None:
     """Check `options` against `function`'s keyword parameters before calling it.
 
     A typo such as `model.widht=64` then names the key and the valid spellings instead of
-    surfacing as a TypeError from deep inside a constructor.
+    surfacing as a TypeError from deep inside a constructor. A function that takes
+    `**options` accepts any name here. `supplied`: parameters the caller passes itself
+    (the method's `model`), which a config key would only be overwritten by, so not valid.
     """
     import inspect
 
     parameters = inspect.signature(function).parameters  # type: ignore[arg-type]
-    accepted = [n for n, p in parameters.items() if p.kind is not p.VAR_POSITIONAL]
+    if any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        return  # `**options`: the function checks (or passes on) what it takes itself
+    accepted = [
+        n for n, p in parameters.items() if p.kind is not p.VAR_POSITIONAL and n not in supplied
+    ]
     unknown = sorted(set(options) - set(accepted))
     require(
         not unknown,

@@ -31,21 +31,38 @@ TRAINING_ONLY_TRAINER_KEYS = (
 TRAINING_ONLY_DATA_KEYS = ("samples_per_class", "train_episodes")
 
 
-def check_data_overrides(data: DictConfig) -> None:
-    """`eval.py data.samples_per_class=5` was accepted and changed nothing: the per-class
-    subset is drawn from the training pool only (as are training episodes, and the targets
-    a multi-task run hides with `missing`), and the test split stays the checkpoint's."""
-    from posttrain.errors import PosttrainError
+def ignored_data_keys(data: DictConfig, trained: DictConfig, calibrating: bool) -> dict[str, str]:
+    """The `data.*` overrides an evaluation would accept and not read, each with why.
 
+    `eval.py data.samples_per_class=5` changed nothing: the per-class subset is drawn from
+    the training pool only (as are training episodes, and the targets a multi-task run
+    hides with `missing`). Nor did `data.batch_size=7` where the run sets
+    `data.eval_batch_size`, or `data.val_episodes` without `calibration=temperature`.
+    """
+    chooses = "it chooses training images (or episodes)"
     hidden = [f"targets.{task}.missing" for task, spec in (data.get("targets") or {}).items()
               if isinstance(spec, DictConfig) and "missing" in spec]  # fmt: skip
-    for key in [*(k for k in TRAINING_ONLY_DATA_KEYS if k in data), *hidden]:
+    ignored = {key: chooses for key in TRAINING_ONLY_DATA_KEYS if key in data}
+    ignored.update({key: chooses for key in hidden})
+    if "batch_size" in data and data.get("eval_batch_size", trained.get("eval_batch_size")):
+        ignored["batch_size"] = "it sizes the training batches (`data.eval_batch_size` the test's)"
+    if "val_episodes" in data and not calibrating:
+        ignored["val_episodes"] = "only validation reads it, which eval.py runs only to calibrate"
+    return ignored
+
+
+def check_data_overrides(data: DictConfig, trained: DictConfig, calibrating: bool) -> None:
+    """One paragraph for a `data.*` override the evaluation would not read
+    (`ignored_data_keys`); the test split stays the checkpoint's."""
+    from posttrain.errors import PosttrainError
+
+    for key, why in ignored_data_keys(data, trained, calibrating).items():
         raise PosttrainError(
-            f"Config key `data.{key}` changes nothing in eval.py: it chooses training images "
-            "(or episodes), and eval.py tests the checkpoint on its test split. Drop it. "
-            "Test-time data keys: `data.batch_size`, `data.num_workers`, and for episodes "
-            "`data.ways`, `data.shots`, `data.queries`, `data.test_episodes`; another "
-            "`data.dataset` or image folder's `data.root` tests on other data."
+            f"Config key `data.{key}` changes nothing in eval.py: {why}, and eval.py tests "
+            "the checkpoint on its test split. Drop it. Test-time data keys: "
+            "`data.eval_batch_size` (`data.meta_batch_size` for episodes), `data.num_workers`, "
+            "and for episodes `data.ways`, `data.shots`, `data.queries`, `data.test_episodes`; "
+            "another `data.dataset` or image folder's `data.root` tests on other data."
         )
 
 
@@ -100,7 +117,8 @@ def evaluation_config(trained: DictConfig, cfg: DictConfig) -> DictConfig:
             f"Config key `method.{key}` cannot change at evaluation: training fixed it. "
             f"Test-time keys of this checkpoint's method: {', '.join(applicable) or 'none'}.",
         )
-    check_data_overrides(cfg.data)
+    calibrating = "_target_" in (cfg.get("calibration") or {})
+    check_data_overrides(cfg.data, trained.data, calibrating)
     evaluated = OmegaConf.merge(trained, {"data": cfg.data, "method": cfg.method})
     check_same_test_split(trained.data, evaluated.data)
     with open_dict(evaluated):

@@ -24,7 +24,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from posttrain.checkpoints import CONFIG_KEY
-from posttrain.errors import FolderInUse, PosttrainError, SweepJobChanged
+from posttrain.errors import FolderInUse, PosttrainError, SweepJobChanged, require_known_options
 from posttrain.run_names import shell_override
 
 log = logging.getLogger("posttrain")
@@ -437,13 +437,39 @@ def guarded(task: Callable[[DictConfig], dict[str, float]], cfg: DictConfig) -> 
     return metrics.get(cfg.get("optimized_metric") or "", None)
 
 
-def instantiate_named(group: DictConfig | None) -> list[Any]:
-    """Instantiate every entry with a `_target_` in a name-keyed config dict (skips nulls)."""
+def instantiate_checked(
+    node: DictConfig, key: str, supplied: tuple[str, ...] | None = None, **given: Any
+) -> Any:
+    """`instantiate(node, **given)` once the node's keys are known to its `_target_`.
+
+    `train.py +data.foo=1`, `+reg.l2.foo=1` and `eval.py data.shot=5` (eval adds the `+`
+    itself) ended in Hydra's "Error executing job ... TypeError: unexpected keyword argument",
+    exit status 1 and a traceback in metrics.json; now one paragraph names the key and the
+    valid ones. `supplied` (default: every `given` name) are the arguments posttrain passes
+    itself: a config key naming one (`+method.model=...`) would be overwritten, so it is
+    refused too. A target that cannot be imported is left to `instantiate`'s own error.
+    """
+    from hydra.utils import get_object
+
+    try:
+        target = get_object(str(node._target_))
+    except Exception:  # `instantiate` reports it in its own words
+        target = None
+    if target is not None:
+        options = {name: None for name in node if not str(name).startswith("_")}  # `_target_`
+        owned = tuple(given) if supplied is None else supplied
+        require_known_options(target, options, key, supplied=owned)
+    return instantiate(node, **given)
+
+
+def instantiate_named(group: DictConfig | None, key: str) -> list[Any]:
+    """Instantiate every entry with a `_target_` in a name-keyed config dict (skips nulls);
+    `key` is the group's (`reg`), naming an entry's unknown keys as `reg.<name>`."""
     if not group:
         return []
     return [
-        instantiate(entry)
-        for entry in group.values()
+        instantiate_checked(entry, f"{key}.{name}")
+        for name, entry in group.items()
         if isinstance(entry, DictConfig) and "_target_" in entry
     ]
 
@@ -472,12 +498,14 @@ def build_components(cfg: DictConfig) -> tuple[L.LightningDataModule, L.Lightnin
     """
     from posttrain.regularizers import RegularizerSet
 
-    datamodule = instantiate(cfg.data)
+    datamodule = instantiate_checked(cfg.data, "data")
     sized = {"num_classes": datamodule.num_classes, "in_channels": datamodule.in_channels}
     check_model_not_sized(cfg.model, sized)
     model = instantiate(cfg.model, **sized)
-    regularizers = RegularizerSet(instantiate_named(cfg.get("reg")))
-    method = instantiate(cfg.method, model=model, regularizers=regularizers, _convert_="all")
+    regularizers = RegularizerSet(instantiate_named(cfg.get("reg"), "reg"))
+    method = instantiate_checked(
+        cfg.method, "method", model=model, regularizers=regularizers, _convert_="all"
+    )
     check_targets_fit_method(datamodule, method)
     regularizers.attach(method, datamodule)
     return datamodule, method
@@ -525,8 +553,8 @@ def build_trainer(cfg: DictConfig, extra_callbacks: list[Callback]) -> L.Trainer
     from posttrain.console import console_flags, quiet_console
 
     quiet_console()
-    loggers = instantiate_named(cfg.get("logger"))
-    callbacks = instantiate_named(cfg.get("callbacks")) + extra_callbacks
+    loggers = instantiate_named(cfg.get("logger"), "logger")
+    callbacks = instantiate_named(cfg.get("callbacks"), "callbacks") + extra_callbacks
     if not loggers:
         # The LR monitor writes only to loggers; with `logger=none` it has nowhere to write.
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
@@ -536,7 +564,14 @@ def build_trainer(cfg: DictConfig, extra_callbacks: list[Callback]) -> L.Trainer
     ):  # `callbacks=console`/`none` mean no checkpoints, not Lightning's own epoch=N file
         flags["enable_checkpointing"] = False
     try:
-        return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **flags)
+        return instantiate_checked(  # the console flags are read from `cfg.trainer` above
+            cfg.trainer,
+            "trainer",
+            supplied=("callbacks", "logger"),
+            callbacks=callbacks,
+            logger=loggers or False,
+            **flags,
+        )
     except Exception as error:
         refusal = lightning_refusal(error)
         if refusal is None:

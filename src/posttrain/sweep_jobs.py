@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 from posttrain.errors import PosttrainError, SweepJobChanged
 from posttrain.report import numbers_of
 from posttrain.resume import flat_leaves
-from posttrain.runs import is_multirun, resolved_config, write_json
+from posttrain.runs import instantiate_checked, is_multirun, resolved_config, write_json
 
 log = logging.getLogger("posttrain")
 
@@ -177,8 +177,6 @@ def check_same_images(cfg: DictConfig) -> None:
     jobs scored on other images (an unfinished job's resume refuses the same,
     `check_checkpoint_data`). Its checkpoint says what it trained on; one kept without a
     checkpoint, or written before listings were stored, cannot be checked."""
-    from hydra.utils import instantiate
-
     from posttrain.checkpoints import load_checkpoint
     from posttrain.data.splits import listing_change, stored_listing
 
@@ -191,7 +189,7 @@ def check_same_images(cfg: DictConfig) -> None:
     except PosttrainError as error:
         log.warning("whether the data changed since %s cannot be checked: %s", kept[0], error)
         return
-    change = listing_change(stored, instantiate(cfg.data).read_listing()[1])
+    change = listing_change(stored, instantiate_checked(cfg.data, "data").read_listing()[1])
     if change is None:
         return
     put_back_sweep_files(cfg)

@@ -47,6 +47,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         stop_on_signals,
     )
     from posttrain.loggers import TrimLogsToRestoredStep
+    from posttrain.methods.finetune import check_gradual_keys
     from posttrain.regularizers.penalties import check_l2sp_start
     from posttrain.resume import refuse_unresumable_changes
     from posttrain.runs import (
@@ -68,6 +69,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         return done
     check_train_keys(cfg)
     check_l2sp_start(cfg)
+    check_gradual_keys(cfg)
     check_run_config(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # the start statement says it
     ckpt_path = cfg.get("ckpt_path") or unfinished_sweep_job(cfg)

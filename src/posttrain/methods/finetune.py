@@ -19,7 +19,7 @@ task, the lower ones the most general.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from lightning.pytorch.callbacks import Callback
@@ -37,7 +37,7 @@ class FinetuneSettings:
     """`method.finetune.*`, validated."""
 
     policy: str = "full"
-    unfreeze_at_epoch: int = 0
+    unfreeze_at_epoch: int = 2  # as conf/method/finetune.yaml ships it
     unfreeze_groups: int = 1
     backbone_lr_factor: float = 1.0
     freeze_bn_stats: bool = False
@@ -103,6 +103,30 @@ class FinetuneSettings:
     @property
     def starts_frozen(self) -> bool:
         return self.policy in ("linear_probe", "gradual")
+
+
+# Keys only `policy=gradual` reads; changed with another policy they would change nothing.
+GRADUAL_KEYS = ("unfreeze_at_epoch", "unfreeze_groups")
+
+
+def check_gradual_keys(cfg: Any) -> None:
+    """`method.finetune.unfreeze_groups=3` with `policy=full` (or `linear_probe`) was accepted
+    and trained exactly as the default: only the gradual schedule reads these keys, and a
+    sweep over them compared identical runs. Checked when training starts (a checkpoint
+    stored with such a value still evaluates)."""
+    finetune = (cfg.get("method") or {}).get("finetune")
+    if finetune is None or finetune.get("policy") == "gradual":
+        return
+    defaults = {field.name: field.default for field in fields(FinetuneSettings)}
+    for key in GRADUAL_KEYS:
+        value, default = finetune.get(key, defaults[key]), defaults[key]
+        require(
+            value == default,
+            f"Config key `method.finetune.{key}`={value!r} is read only by "
+            f"`method.finetune.policy=gradual`, and the policy is {finetune.get('policy')!r}, "
+            f"which ignores it: set `method.finetune.policy=gradual`, or leave "
+            f"`method.finetune.{key}` at its default ({default}).",
+        )
 
 
 def named_layers(backbone: nn.Module) -> list[tuple[str, nn.Module]]:
