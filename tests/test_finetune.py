@@ -248,6 +248,22 @@ def test_a_gradual_key_with_another_policy_is_refused(
     check_gradual_keys(make_config(*recipe, f"method.finetune.policy={policy}"))  # defaults
 
 
+def test_a_gradual_run_that_would_never_unfreeze_is_refused(
+    make_config, pretrained_digits: Path
+) -> None:
+    """Observed: `policy=gradual unfreeze_at_epoch=3 trainer.max_epochs=3` was accepted and
+    trained the head alone all run (epochs 0-2), recorded as gradual fine-tuning."""
+    from posttrain.methods.finetune import check_gradual_keys
+
+    recipe = ["experiment=digits_transfer", f"model.pretrained={pretrained_digits}", *CPU,
+              "method.finetune.policy=gradual", "method.finetune.unfreeze_at_epoch=3"]  # fmt: skip
+    with pytest.raises(PosttrainError, match="would never unfreeze") as refused:
+        train(make_config(*recipe, "trainer.max_epochs=3"))
+    assert "`trainer.max_epochs`=3" in str(refused.value) and "\n" not in str(refused.value)
+    check_gradual_keys(make_config(*recipe, "trainer.max_epochs=4"))  # unfreezes in the last
+    check_gradual_keys(make_config(*recipe, "trainer.max_epochs=-1", "trainer.max_steps=50"))
+
+
 def test_model_switches_are_type_checked() -> None:
     with pytest.raises(PosttrainError, match=r"`model.pretrained_head` must be true or false"):
         build_classifier("small_cnn", 5, 1, pretrained_head="yes")

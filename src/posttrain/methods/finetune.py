@@ -115,7 +115,10 @@ def check_gradual_keys(cfg: Any) -> None:
     sweep over them compared identical runs. Checked when training starts (a checkpoint
     stored with such a value still evaluates)."""
     finetune = (cfg.get("method") or {}).get("finetune")
-    if finetune is None or finetune.get("policy") == "gradual":
+    if finetune is None:
+        return
+    if finetune.get("policy") == "gradual":
+        check_gradual_unfreezes(finetune, (cfg.get("trainer") or {}).get("max_epochs"))
         return
     defaults = {field.name: field.default for field in fields(FinetuneSettings)}
     for key in GRADUAL_KEYS:
@@ -127,6 +130,23 @@ def check_gradual_keys(cfg: Any) -> None:
             f"which ignores it: set `method.finetune.policy=gradual`, or leave "
             f"`method.finetune.{key}` at its default ({default}).",
         )
+
+
+def check_gradual_unfreezes(finetune: Any, max_epochs: Any) -> None:
+    """`policy=gradual` with `unfreeze_at_epoch` at or past the last epoch trained a linear
+    probe recorded as gradual fine-tuning: the backbone never unfroze (epochs count from 0)."""
+    start = finetune.get("unfreeze_at_epoch")
+    if not isinstance(max_epochs, int) or max_epochs < 0 or not isinstance(start, int):
+        return  # no epoch limit (`max_steps` decides), or a type its own check refuses
+    require(
+        start < max_epochs,
+        f"Config key `method.finetune.unfreeze_at_epoch`={start} with "
+        f"`trainer.max_epochs`={max_epochs}: epochs count from 0, so the last one is "
+        f"{max_epochs - 1} and the backbone would never unfreeze: the run would be a linear "
+        "probe recorded as `policy=gradual`. Set `unfreeze_at_epoch` below "
+        f"{max_epochs}, raise `trainer.max_epochs`, or use "
+        "`method.finetune.policy=linear_probe`.",
+    )
 
 
 def named_layers(backbone: nn.Module) -> list[tuple[str, nn.Module]]:
