@@ -50,13 +50,25 @@ def setting_name(family: str, overrides: dict[str, str]) -> str:
     return " ".join([overrides.get("reg", "none"), *knobs])
 
 
+def delta_to_none(
+    acc_mean: float, none: list[dict[str, float]]
+) -> tuple[float | None, float | None]:
+    """The difference to `reg=none`'s mean, and in units of its std; None where there is no
+    such number: no `none` jobs (`--only augment mixup`), or a std of 0 (one seed)."""
+    if not none:
+        return None, None
+    base_mean, base_std = mean_std([m["test/acc"] for m in none])
+    delta = acc_mean - base_mean
+    return delta, (delta / base_std if base_std else None)
+
+
 def summarize(results: dict[str, list[dict[str, float]]]) -> list[dict[str, float | str]]:
     """Mean ± std per setting and the difference to `none` in units of none's std."""
-    base_mean, base_std = mean_std([m["test/acc"] for m in results.get("none", [])] or [0.0])
     rows = []
     for name, runs in results.items():
         acc_mean, acc_std = mean_std([m["test/acc"] for m in runs])
         gap_mean, gap_std = mean_std([m["val/acc_gap"] for m in runs])
+        delta, delta_in_std = delta_to_none(acc_mean, results.get("none", []))
         rows.append(
             {
                 "setting": name,
@@ -65,8 +77,8 @@ def summarize(results: dict[str, list[dict[str, float]]]) -> list[dict[str, floa
                 "test_acc_std": acc_std,
                 "gap_mean": gap_mean,
                 "gap_std": gap_std,
-                "delta_vs_none": acc_mean - base_mean,
-                "delta_in_none_std": (acc_mean - base_mean) / base_std if base_std else 0.0,
+                "delta_vs_none": delta,
+                "delta_in_none_std": delta_in_std,
                 "per_seed": [
                     {"seed": m.get("seed"), "test_acc": m["test/acc"], "gap": m["val/acc_gap"]}
                     for m in runs
@@ -84,16 +96,23 @@ def markdown_table(result: dict) -> str:
     lines = ["| setting | test acc % | train − val gap % | Δ vs none |", "|---|---|---|---|"]
     for r in result["rows"]:
         acc = f"{100 * r['test_acc_mean']:.1f} ± {100 * r['test_acc_std']:.1f}"
-        delta = (
-            "—"
-            if r["setting"] == "none"
-            else f"{100 * r['delta_vs_none']:+.1f} ({r['delta_in_none_std']:+.1f} σ of none)"
-        )
         lines.append(
             f"| `{r['setting']}` | {f'**{acc}**' if r['test_acc_mean'] == best else acc} | "
-            f"{100 * r['gap_mean']:.1f} ± {100 * r['gap_std']:.1f} | {delta} |"
+            f"{100 * r['gap_mean']:.1f} ± {100 * r['gap_std']:.1f} | {delta_cell(r)} |"
         )
     return "\n".join(lines)
+
+
+def delta_cell(row: dict) -> str:
+    """`+3.8 (+2.3 σ of none)`, or what is missing: a number here is never a stand-in."""
+    if row["setting"] == "none":
+        return "—"
+    if row["delta_vs_none"] is None:
+        return "no `reg=none` run to compare with"
+    points = f"{100 * row['delta_vs_none']:+.1f}"
+    if row["delta_in_none_std"] is None:
+        return f"{points} (σ of none is 0)"
+    return f"{points} ({row['delta_in_none_std']:+.1f} σ of none)"
 
 
 def print_table(rows: list[dict[str, float | str]]) -> None:
@@ -105,7 +124,7 @@ def print_table(rows: list[dict[str, float | str]]) -> None:
             f"{r['setting']:<34} {r['seeds']:>2} "
             f"{100 * r['test_acc_mean']:>7.1f} ± {100 * r['test_acc_std']:<4.1f} "
             f"{100 * r['gap_mean']:>8.1f} ± {100 * r['gap_std']:<5.1f} "
-            f"{100 * r['delta_vs_none']:>+6.1f} ({r['delta_in_none_std']:+.1f}σ)"
+            f"{delta_cell(r)}"
         )
 
 

@@ -1,0 +1,47 @@
+"""The benchmarks' README tables say only what their result dict holds: small synthetic
+results, no benchmark run. A comparison with no baseline or no spread behind it is named as
+such, never printed as a number."""
+
+from __future__ import annotations
+
+import statistics
+
+
+def regularization_runs(accs: list[float]) -> list[dict[str, float]]:
+    return [{"seed": i, "test/acc": a, "val/acc_gap": 0.05} for i, a in enumerate(accs)]
+
+
+def test_regularization_without_a_none_run_claims_no_difference_to_it() -> None:
+    """`--only augment mixup`: there is no `reg=none` mean to subtract (it was taken as 0:
+    `+95.5 (+0.0 σ of none)`)."""
+    from benchmarks.regularization import markdown_table, summarize
+
+    rows = summarize({"augment policy=basic": regularization_runs([0.95, 0.96])})
+    assert rows[0]["delta_vs_none"] is None and rows[0]["delta_in_none_std"] is None
+    table = markdown_table({"rows": rows})
+    assert "| no `reg=none` run to compare with |" in table
+    assert "σ of none" not in table and "+95.5" not in table
+
+
+def test_regularization_with_one_none_seed_gives_the_difference_but_no_sigma() -> None:
+    """One seed of `reg=none` has a mean but std 0: the difference is real, a ratio to 0 is
+    not (it was printed as `+0.0 σ of none`)."""
+    from benchmarks.regularization import markdown_table, summarize
+
+    rows = summarize(
+        {"none": regularization_runs([0.90]), "mixup alpha=0.2": regularization_runs([0.95])}
+    )
+    mixup = next(r for r in rows if r["setting"] != "none")
+    assert mixup["delta_in_none_std"] is None
+    assert "| +5.0 (σ of none is 0) |" in markdown_table({"rows": rows})
+
+
+def test_regularization_delta_in_none_stds() -> None:
+    from benchmarks.regularization import markdown_table, summarize
+
+    rows = summarize(
+        {"none": regularization_runs([0.90, 0.92]), "augment": regularization_runs([0.95, 0.95])}
+    )
+    augment = next(r for r in rows if r["setting"] == "augment")
+    assert abs(augment["delta_in_none_std"] - 0.04 / statistics.stdev([0.90, 0.92])) < 1e-9
+    assert "| +4.0 (+2.8 σ of none) |" in markdown_table({"rows": rows})
