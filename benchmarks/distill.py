@@ -35,7 +35,15 @@ import statistics
 import time
 from pathlib import Path
 
-from benchmarks.common import OUT, QUIET, bench_command, mean_std, run_train, write_result
+from benchmarks.common import (
+    OUT,
+    QUIET,
+    bench_command,
+    comparable,
+    mean_std,
+    run_train,
+    write_result,
+)
 
 RECIPE = ["experiment=digits_lowdata", "callbacks.last_checkpoint=null", *QUIET]
 STUDENT = ["model=small_cnn"]
@@ -101,7 +109,8 @@ def override_grid(options: list[str]) -> list[list[str]]:
 
 def best_on_validation(candidates: list[dict]) -> dict:
     """The candidate with the highest mean `val/acc_best`; the first listed among equals."""
-    return max(candidates, key=lambda c: c["val_acc_best_mean"])  # max keeps the first of ties
+    # max keeps the first of ties
+    return max(candidates, key=lambda c: comparable(c["val_acc_best_mean"]))
 
 
 def choose_on_validation(

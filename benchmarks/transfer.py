@@ -24,6 +24,7 @@ from benchmarks.common import (
     OUT,
     QUIET,
     bench_command,
+    comparable,
     grouped_metrics,
     mean_std,
     run_train,
@@ -111,11 +112,12 @@ def grid(groups: dict[str, list[dict[str, float]]]) -> list[dict]:
 
 
 def summarize(cells: list[dict]) -> list[dict]:
-    """Per (setting, K) the cell at the setting's best lr by mean val/acc_best (never test)."""
+    """Per (setting, K) the cell at the setting's best lr by mean val/acc_best (never test;
+    the first in job order among equals)."""
     rows: dict[tuple[str, int], dict] = {}
     for row in cells:
         best = rows.get((row["setting"], row["shots"]))
-        if best is None or row["val_acc_mean"] > best["val_acc_mean"]:
+        if best is None or comparable(row["val_acc_mean"]) > comparable(best["val_acc_mean"]):
             rows[(row["setting"], row["shots"])] = row
     return sorted(
         rows.values(), key=lambda r: (r["shots"], r["setting"] != "scratch", r["setting"])

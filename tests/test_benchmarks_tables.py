@@ -89,3 +89,28 @@ def test_distill_weaker_teacher_is_a_sentence_of_its_own_not_the_verdicts_reason
     assert "target (more than one std of alone): not met. Wall time" in missed
     assert "teacher scores below" not in missed
     assert "time ratio: mean ± std and median of the per-seed distilled / alone ratios" in met
+
+
+# val/acc_best of 143 validation images as float32 (what metrics.json holds): 140, 141, 142.
+VAL_140, VAL_141, VAL_142 = 0.9790209531784058, 0.9860140085220337, 0.9930070042610168
+
+
+def test_distill_choice_on_validation_keeps_the_first_of_equal_image_counts() -> None:
+    """(140 + 142) / 2 and (141 + 141) / 2 right are a tie, yet their float means differ in
+    the 8th digit: the later candidate won by rounding, not by validation."""
+    from benchmarks.distill import best_on_validation
+
+    first = {"overrides": ["method.alpha=0.9"], "val_acc_best_mean": (VAL_140 + VAL_142) / 2}
+    later = {"overrides": ["method.alpha=0.6"], "val_acc_best_mean": (VAL_141 + VAL_141) / 2}
+    assert first["val_acc_best_mean"] < later["val_acc_best_mean"]  # the rounding
+    assert best_on_validation([first, later]) is first
+
+
+def test_transfer_keeps_the_first_lr_among_equal_validation_scores() -> None:
+    from benchmarks.transfer import summarize
+
+    def cell(lr: str, val: float) -> dict:
+        return {"setting": "full", "shots": 1, "lr": lr, "val_acc_mean": val}
+
+    chosen = summarize([cell("0.001", (VAL_140 + VAL_142) / 2), cell("0.003", VAL_141)])
+    assert [row["lr"] for row in chosen] == ["0.001"]
