@@ -14,9 +14,10 @@ with an empty cache (first start: decode + store) and then again (second start: 
 median of `--repeats` processes).
 
 Subsampling: on the JPEG folder, a fresh process sets up the DataModule as `data=imagefolder`
-builds it (`conf/data/imagefolder.yaml`: val/test held out as 10%/20%) with an empty cache,
-per seed (`--seeds`) once with all images and once with `data.samples_per_class=10`, which
-decodes only the kept training images and the val/test images it uses (wall and CPU time).
+builds it (`conf/data/imagefolder.yaml`: 20% held out for test, then 10% of the rest for
+validation) with an empty cache, per seed (`--seeds`) once with all images and once with
+`data.samples_per_class=10`, which decodes only the kept training images and the val/test
+images it uses (wall and CPU time).
 
 `--scale` shrinks both datasets (Omniglot: drawings per character; recorded in the JSON).
 Writes benchmarks/results/decode_cache.json.
@@ -206,11 +207,12 @@ def subsampling_table(row: dict) -> list[str]:
             for m in ("seconds", "cpu_seconds")
         )
 
+    splits = row["subsampled_splits"]
     return [
         "",
         "First start of `data=imagefolder` on the JPEG folder (DataModule set-up, empty cache, "
-        f"data.seed=0..{row['seeds'] - 1}, mean ± std; val/test held out as 10%/20% are "
-        "decoded too, they are used):",
+        f"data.seed=0..{row['seeds'] - 1}, mean ± std; the {splits['val']:,} validation and "
+        f"{splits['test']:,} test images are decoded too, they are used):",
         "",
         "| run | images decoded | first start (s) | CPU (s) |",
         "|---|---|---|---|",

@@ -114,3 +114,18 @@ def test_transfer_keeps_the_first_lr_among_equal_validation_scores() -> None:
 
     chosen = summarize([cell("0.001", (VAL_140 + VAL_142) / 2), cell("0.003", VAL_141)])
     assert [row["lr"] for row in chosen] == ["0.001"]
+
+
+def test_decode_cache_subsampling_note_gives_the_split_sizes_it_measured() -> None:
+    """The note said 'val/test held out as 10%/20%' whatever the run held out (validation is
+    10% of what the 20% test split leaves: 4,000 of 50,000 images, not 5,000)."""
+    from benchmarks.decode_cache import subsampling_table
+
+    row = {"samples_per_class": 10, "seeds": 2, "all_decoded": 500, "subsampled_decoded": 190,
+           "subsampled_splits": {"train": 100, "val": 30, "test": 60}}  # fmt: skip
+    for kind in ("all", "subsampled"):
+        for measure in ("seconds", "cpu_seconds"):
+            row[f"{kind}_{measure}_mean"], row[f"{kind}_{measure}_std"] = 1.0, 0.1
+    note = "\n".join(subsampling_table(row))
+    assert "the 30 validation and 60 test images are decoded too" in note
+    assert "10%/20%" not in note
