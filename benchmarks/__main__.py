@@ -21,6 +21,7 @@ BENCHMARKS = (
     "distill",
     "averaging",
     "calibration",
+    "tta",
 )
 
 

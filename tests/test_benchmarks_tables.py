@@ -129,3 +129,30 @@ def test_decode_cache_subsampling_note_gives_the_split_sizes_it_measured() -> No
     note = "\n".join(subsampling_table(row))
     assert "the 30 validation and 60 test images are decoded too" in note
     assert "10%/20%" not in note
+
+
+def tta_seed(seed: int, none: float, shift: float, flip: float) -> dict:
+    view = {"views": 1.0, "test_images": 359.0}
+    return {
+        "seed": seed,
+        "none": {**view, "test_acc": none, "wall_seconds": 10.0},
+        "shift": {**view, "views": 5.0, "test_acc": shift, "wall_seconds": 15.0},
+        "flip": {**view, "views": 2.0, "test_acc": flip, "wall_seconds": 12.0},
+    }
+
+
+def test_tta_differences_are_per_seed_on_the_same_checkpoints() -> None:
+    """Each view is compared with the same checkpoint evaluated plainly: the mean and spread
+    of the per-seed differences, and how many seeds it helped or hurt."""
+    from benchmarks.tta import markdown_table, summarize
+
+    row = summarize("augment", [tta_seed(0, 0.90, 0.92, 0.80), tta_seed(1, 0.96, 0.96, 0.86)])
+    assert row["shift"]["better"] == 1 and row["shift"]["worse"] == 0
+    assert abs(row["shift"]["delta"][0] - 0.01) < 1e-9
+    assert abs(row["shift"]["delta"][1] - statistics.stdev([0.02, 0.0])) < 1e-9
+    assert row["flip"]["worse"] == 2 and row["shift"]["wall_ratio_median"] == 1.5
+    table = markdown_table({"rows": [row], "epochs": None})
+    assert "| `shift` | 5 | 94.0 ± 2.8 | +1.0 ± 1.4 | 1 / 0 | 1.50 |" in table
+    assert "| `flip` | 2 | 83.0 ± 4.2 | -10.0 ± 0.0 | 0 / 2 | 1.20 |" in table
+    assert "`experiment=digits_lowdata model=small_cnn reg=augment`" in table
+    assert "2 seeds; the recipe's 150 epochs" in table
