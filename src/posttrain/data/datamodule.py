@@ -84,6 +84,16 @@ def process_seed(seed: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
 
 
+def evaluation_generator() -> torch.Generator:
+    """A fresh generator of its own for a validation or test loader. Every DataLoader
+    iterator draws its workers' base seed from its loader's generator, the seeded global one
+    when none is given: each validation then took a draw from the stream dropout and
+    augmentation draw from, so `trainer.check_val_every_n_epoch` or `val_check_interval`
+    (which a resume may change) moved the training that followed. Evaluation draws nothing
+    random, so the seed this gives its workers does not matter."""
+    return torch.Generator()
+
+
 def by_rank(value: Any) -> list[Any]:
     """`value` of every process of the DDP group, in rank order ([value] outside one).
 
@@ -466,7 +476,7 @@ class ImageClassificationDataModule(SourceDataModule):
             batch_size=self.batch_size if split == "train" else self.eval_batch_size,
             shuffle=shuffle,
             sampler=None if split == "train" else evaluation_sampler(dataset, split),
-            generator=self.train_generator() if split == "train" else None,
+            generator=self.train_generator() if split == "train" else evaluation_generator(),
             collate_fn=keep_batch,
             num_workers=self.num_workers,
             # Not persistent: a persistent iterator draws its workers' base seed from the

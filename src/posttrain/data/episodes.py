@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from posttrain.data.datamodule import (
     SourceDataModule,
     by_rank,
+    evaluation_generator,
     evaluation_sampler,
     process_group,
     process_seed,
@@ -350,7 +351,7 @@ class EpisodicDataModule(SourceDataModule):
             fixed=split != "train",
             rank=process_group()[0],
         )
-        generator = None
+        generator = evaluation_generator()
         if split == "train":
             # One stream of training episodes per run, however many loaders are asked for (a
             # set-up check builds one before Lightning does; a resume restored the first).
