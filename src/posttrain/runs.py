@@ -13,7 +13,7 @@ import logging
 import math
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -767,7 +767,7 @@ def flat_hparams(
     return {k: v for k, v in ordered.items() if not is_plumbing(k) or within(k, swept)}
 
 
-def within(key: str, names: frozenset[str]) -> bool:
+def within(key: str, names: Iterable[str]) -> bool:
     """True when `key` is one of `names` or a leaf under one (`a.b` under `a`)."""
     return any(key == name or key.startswith(f"{name}.") for name in names)
 

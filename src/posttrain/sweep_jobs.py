@@ -22,7 +22,13 @@ from omegaconf import DictConfig
 from posttrain.errors import PosttrainError, SweepJobChanged
 from posttrain.report import numbers_of
 from posttrain.resume import flat_leaves
-from posttrain.runs import instantiate_checked, is_multirun, resolved_config, write_json
+from posttrain.runs import (
+    instantiate_checked,
+    is_multirun,
+    resolved_config,
+    within,
+    write_json,
+)
 
 log = logging.getLogger("posttrain")
 
@@ -138,8 +144,7 @@ def plain(config: dict[str, Any]) -> dict[str, Any]:
 
 def compared(key: str) -> bool:
     """False for keys that cannot change a job's numbers (`UNCOMPARED`, `UNCOMPARED_LEAVES`)."""
-    outside = any(key == name or key.startswith(f"{name}.") for name in UNCOMPARED)
-    return not outside and key.rsplit(".", 1)[-1] not in UNCOMPARED_LEAVES
+    return not within(key, UNCOMPARED) and key.rsplit(".", 1)[-1] not in UNCOMPARED_LEAVES
 
 
 def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
